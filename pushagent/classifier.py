@@ -1,0 +1,39 @@
+"""Sort bulk answers into outcomes (SPEC section 4, item classes)."""
+
+INDEXED = "indexed"
+CURRENT = "current"
+RETRYABLE = "retryable"
+PERMANENT = "permanent"
+
+RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+REJECTED_EXECUTION = ("es_rejected_execution_exception", "opensearch_rejected_execution_exception",
+                      "rejected_execution_exception")
+AUTH_STATUSES = frozenset({401, 403})
+
+
+def classify_item(item: dict) -> tuple[str, str | None]:
+    """(outcome, reason) for one entry of a bulk response's `items`."""
+    op, result = next(iter(item.items()))
+    status = result.get("status", 0)
+    if 200 <= status < 300 or (op == "delete" and status == 404):
+        return INDEXED, None
+    if status == 409:
+        return CURRENT, None
+    error = result.get("error") or {}
+    reason = f"{status} {error.get('type', 'error')}: {error.get('reason', '')}".strip()
+    if status in RETRYABLE_STATUSES or error.get("type") in REJECTED_EXECUTION:
+        return RETRYABLE, reason
+    return PERMANENT, reason
+
+
+def request_outcome(status: int) -> str:
+    """What a whole-request HTTP status means: ok, auth, too_large, retryable or fatal."""
+    if status == 200:
+        return "ok"
+    if status in AUTH_STATUSES:
+        return "auth"
+    if status == 413:
+        return "too_large"
+    if status in RETRYABLE_STATUSES:
+        return "retryable"
+    return "fatal"

@@ -1,0 +1,152 @@
+"""The click CLI: parse, call one library function, map errors to exit codes.
+
+Human progress and logs go to stderr; `--json` puts the final report on stdout.
+"""
+
+import functools
+import json
+import logging
+import signal
+import sys
+import threading
+
+import click
+
+from . import __version__
+from .config import load_config
+from .errors import EXIT_FAILURE, EXIT_USAGE, PushAgentError
+from .push import PushOptions, PushRun
+
+log = logging.getLogger("pushagent")
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+
+
+def config_options(command):
+    """--config, --json and --debug, shared by every command."""
+    @click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                  help="YAML configuration [./pushagent.yaml, then ~/.config/pushagent/config.yaml].")
+    @click.option("--json", "as_json", is_flag=True, help="Print the final report as one JSON object on stdout.")
+    @click.option("--debug", is_flag=True, help="Verbose logs and tracebacks on stderr.")
+    @functools.wraps(command)
+    def wrapper(*args, debug, **kwargs):
+        logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(message)s")
+        try:
+            return command(*args, **kwargs)
+        except PushAgentError as error:
+            _fail(str(error), error.exit_code, debug)
+        except OSError as error:
+            _fail(f"{error.filename or ''}: {error.strerror or error}", EXIT_FAILURE, debug)
+    return wrapper
+
+
+def connection_options(command):
+    """Flags for the most used keys; each overrides PUSHAGENT_<KEY> and the config file."""
+    options = [
+        click.option("--url", help="Cluster base URL, e.g. https://search.example.org:9200."),
+        click.option("--index", help="Target index when records do not name one."),
+        click.option("--state-dir", help="Checkpoints, queue.db, sync-state and audit log."),
+        click.option("--insecure", is_flag=True, default=None, help="Allow plain http:// to a non-loopback host."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _fail(message: str, exit_code: int, debug: bool) -> None:
+    if debug:
+        log.exception("failed")
+    click.echo(f"pushagent: error: {message}", err=True)
+    sys.exit(exit_code)
+
+
+def _flags(**values) -> dict:
+    return {key: value for key, value in values.items() if value is not None}
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="pushagent")
+def cli():
+    """Push JSONL batches from a firewalled cluster into Elasticsearch/OpenSearch, nothing lost."""
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1, required=True)
+@config_options
+@connection_options
+@click.option("--embedding-version", help="Value stamped into each document's embedding_version field.")
+@click.option("--batch-id", help="Name of the batch (resume a named batch) [derived from the inputs].")
+@click.option("--batch-time", help="Generation time of the batch, ISO 8601 [newest input mtime].")
+@click.option("--id-field", help="Record field holding the document id [id].")
+@click.option("--chunk-docs", type=int, help="Documents per bulk request [5000].")
+@click.option("--concurrency", type=int, help="Bulk requests in flight [2].")
+@click.option("--restart", is_flag=True, help="Ignore saved progress and push the batch from the start.")
+@click.option("--from-line", type=click.IntRange(min=1), help="Start at this line of the first input.")
+@click.option("--on-error", type=click.Choice(["continue", "stop"]), default="continue", show_default=True,
+              help="Stop at the first dead-lettered or quarantined record.")
+@click.option("--dry-run", "dry_run", type=click.Path(file_okay=False),
+              help="Write the NDJSON request bodies to this directory; send nothing.")
+def push(inputs, config_file, as_json, url, index, state_dir, insecure, embedding_version, batch_id,
+         batch_time, id_field, chunk_docs, concurrency, restart, from_line, on_error, dry_run):
+    """Push INPUT files (JSONL, .jsonl.gz, globs) into the cluster.
+
+    Resumes by itself when a checkpoint for the same inputs exists.
+
+    Example:
+
+        pushagent push --index words --id-field ipa_id data/*.jsonl.gz
+    """
+    config = load_config(config_file, _flags(url=url, index=index, state_dir=state_dir, insecure=insecure,
+                                             embedding_version=embedding_version, batch_time=batch_time,
+                                             id_field=id_field, chunk_docs=chunk_docs, concurrency=concurrency))
+    options = PushOptions(list(inputs), batch_id=batch_id, restart=restart, from_line=from_line,
+                          on_error=on_error, dry_run=dry_run)
+    run = PushRun(config, options)
+    with _stop_on_signals(run):
+        result = run.run()
+    _print_report(result.report(), as_json)
+    sys.exit(result.exit_code)
+
+
+class _stop_on_signals:
+    """SIGUSR1/SIGTERM/SIGINT: stop taking chunks, finish in-flight ones, checkpoint, exit 75."""
+
+    def __init__(self, run):
+        self.run = run
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for number in STOP_SIGNALS:
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def _handle(self, number, frame):
+        name = signal.Signals(number).name
+        log.warning("%s received: finishing requests in flight, then saving the checkpoint", name)
+        self.run.request_stop(name)
+
+    def __exit__(self, *exc):
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+
+def _print_report(report: dict, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(report, sort_keys=True))
+        return
+    lines = [f"batch {report['batch_id']}: {report['status']}",
+             "  read {read}  indexed {indexed}  current {current}  queued {queued}  dead {dead}"
+             "  quarantined {quarantined}".format(**report),
+             f"  {report['requests']} requests, {report['retries']} retries, {report['bytes_sent']} bytes sent,"
+             f" {report['duration_s']} s"]
+    if report.get("error"):
+        lines.append(f"  error: {report['error']}")
+    click.echo("\n".join(lines), err=True)
+
+
+def main():
+    try:
+        cli(standalone_mode=True)
+    except KeyboardInterrupt:
+        sys.exit(EXIT_USAGE)

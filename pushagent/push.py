@@ -1,0 +1,350 @@
+"""The push run: read -> build -> chunk -> send -> classify -> queue -> checkpoint.
+
+The main thread reads, builds and chunks; `concurrency` worker threads each
+resolve one chunk at a time. Results come back to the main thread, which
+writes the retry queue and commits the checkpoint for the contiguous prefix
+of resolved chunks. Memory holds at most `concurrency` chunks in flight plus
+the one being filled.
+"""
+
+import dataclasses
+import hashlib
+import queue
+import re
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .builder import Builder, BuildSettings, Rejected, iso_utc_from_ms
+from .checkpoint import BatchLock, CheckpointStore, CommitTracker, RunState
+from .chunker import Chunker, Position
+from .errors import EXIT_FAILURE, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK, ConfigError
+from .ledger import Ledger
+from .ratelimit import TokenBucket
+from .reader import InputReadError, expand_inputs, read_lines
+from .retry_queue import QueueItem, open_queue
+from .sender import ChunkAborted, ChunkSender, DryRunTransport, HttpTransport, TransferStats
+from .auth import authorization_header
+
+DONE_STATUSES = ("pushed", "verified", "verification_failed")
+
+
+@dataclasses.dataclass
+class PushOptions:
+    inputs: list
+    batch_id: str | None = None
+    restart: bool = False
+    from_line: int | None = None
+    on_error: str = "continue"
+    dry_run: str | None = None
+
+
+@dataclasses.dataclass
+class PushResult:
+    """What the CLI reports; `exit_code` follows SPEC section 3."""
+
+    batch_id: str
+    status: str
+    exit_code: int
+    batch: Ledger
+    this_run: Ledger
+    stats: TransferStats
+    duration_s: float
+    position: Position
+    error: Exception | None = None
+
+    def report(self) -> dict:
+        report = {"batch_id": self.batch_id, "status": self.status, **self.batch.as_dict(),
+                  "this_run": self.this_run.as_dict(), "requests": self.stats.requests,
+                  "retries": self.stats.retries, "bytes_raw": self.stats.bytes_raw,
+                  "bytes_sent": self.stats.bytes_sent, "duration_s": round(self.duration_s, 3),
+                  "docs_per_s": round(self.this_run.read / self.duration_s, 1) if self.duration_s else 0.0,
+                  "position": self.position._asdict(), "statuses": self.stats.statuses}
+        if self.error:
+            report["error"] = str(self.error)
+        return report
+
+
+def batch_generation_ms(config, files) -> int:
+    """The batch's version: batch_time when given, else the newest input mtime, in ms."""
+    if config.batch_time:
+        try:
+            moment = datetime.fromisoformat(config.batch_time.replace("Z", "+00:00"))
+        except ValueError:
+            raise ConfigError(f"batch_time must be ISO 8601, got {config.batch_time!r}") from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=timezone.utc)
+        return int(moment.timestamp() * 1000)
+    return max(f.mtime_ns for f in files) // 1_000_000
+
+
+def default_batch_id(files, settings: dict) -> str:
+    digest = hashlib.sha256(repr(([f.fingerprint() for f in files], sorted(settings.items()))).encode())
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "-", Path(files[0].path).name.split(".")[0])[:40] or "batch"
+    return f"{stem}-{digest.hexdigest()[:10]}"
+
+
+def build_settings(config, batch_ms: int) -> BuildSettings:
+    if config.index is None and config.index_field is None:
+        raise ConfigError("no target index: set --index or index_field")
+    if config.index is not None and config.index not in config.allowed:
+        raise ConfigError(f"index {config.index!r} is not in allowed_indices {sorted(config.allowed)}")
+    return BuildSettings(
+        id_field=config.id_field, default_index=config.index, index_field=config.index_field,
+        allowed_indices=frozenset(config.allowed), batch_version=batch_ms,
+        batch_time_iso=iso_utc_from_ms(batch_ms), version_field=config.version_field,
+        op_field=config.op_field, allow_delete=config.allow_delete,
+        embedding_version=config.embedding_version, embedding_version_field=config.embedding_version_field,
+        timestamp_field=config.timestamp_field, checksum_field=config.checksum_field)
+
+
+class PushRun:
+    """One `pushagent push`: call run() once."""
+
+    def __init__(self, config, options: PushOptions, stop_event: threading.Event | None = None):
+        self.config = config
+        self.options = options
+        self.stop_event = stop_event or threading.Event()
+        self.stats = TransferStats()
+        self.files = expand_inputs(options.inputs)
+        batch_ms = batch_generation_ms(config, self.files)
+        self.build_settings = build_settings(config, batch_ms)
+        self.settings = {"index": config.index, "index_field": config.index_field, "batch_version": batch_ms,
+                         "embedding_version": config.embedding_version, "id_field": config.id_field}
+        self.batch_id = options.batch_id or default_batch_id(self.files, self.settings)
+        self.store = CheckpointStore(config.state_path)
+        self._stop_reason = None
+        self._fatal = None
+        self._sender = None
+
+    def run(self) -> PushResult:
+        if self.options.dry_run:
+            return self._execute(RunState(self.batch_id, self._fingerprints(), self.settings), queue=None)
+        with BatchLock(self.config.state_path, self.batch_id):
+            state = self._initial_state()
+            retry_queue = open_queue(self.config.resolved_queue_url, self.config.max_attempts,
+                                     self.config.max_retry_delay)
+            try:
+                return self._execute(state, retry_queue)
+            finally:
+                retry_queue.close()
+
+    def _fingerprints(self) -> list:
+        return [f.fingerprint() for f in self.files]
+
+    def _initial_state(self) -> RunState:
+        state = self.store.load(self.batch_id)
+        fresh = RunState(self.batch_id, self._fingerprints(), self.settings, started_at=_now_iso())
+        if state is None or self.options.restart or self.options.from_line or state.status in DONE_STATUSES:
+            return fresh
+        if state.inputs != fresh.inputs or state.settings != fresh.settings:
+            raise ConfigError(f"batch {self.batch_id} has a checkpoint for other inputs or settings",
+                              file=str(self.store.path(self.batch_id)),
+                              hint="push the original files, use another --batch-id, or --restart")
+        state.status = "pushing"
+        return state
+
+    def _execute(self, state: RunState, queue) -> PushResult:
+        started = time.monotonic()
+        this_run = Ledger()
+        transport = (DryRunTransport(self.options.dry_run, self.stats) if self.options.dry_run
+                     else HttpTransport(self.config, authorization_header(self.config), self.stats))
+        limiter = TokenBucket(self.config.requests_per_minute, burst=self.config.concurrency)
+        sender = self._sender = ChunkSender(transport, self.config, self.stats, limiter, self.stop_event)
+        pump = _ChunkPump(sender, self.config.concurrency)
+        committer = _Committer(self, state, queue, this_run)
+        start = state.position
+        try:
+            self._read_and_send(start, pump, committer)
+            self._finish_in_flight(pump, committer)
+        finally:
+            pump.close()
+        return self._result(state, this_run, sender, time.monotonic() - started)
+
+    def _read_and_send(self, start: Position, pump, committer) -> None:
+        builder = Builder(self.build_settings)
+        chunker = Chunker(self.config.chunk_docs, self.config.chunk_bytes, first_seq=committer.tracker.next_seq)
+        from_line = self.options.from_line or 0
+        for file_index in range(start.file_index, len(self.files)):
+            input_file = self.files[file_index]
+            offset, line = (start.offset, start.line) if file_index == start.file_index else (0, 0)
+            try:
+                for entry in read_lines(input_file, offset, line):
+                    if file_index == 0 and entry.number < from_line:
+                        continue
+                    item = builder.build(entry.data, input_file.path, entry.number)
+                    chunk = chunker.feed(item, Position(file_index, entry.end_offset, entry.number))
+                    if chunk and not self._submit(chunk, pump, committer):
+                        return
+            except InputReadError as error:
+                rejected = Rejected(error.message, b"", input_file.path, error.line)
+                chunk = chunker.feed(rejected, Position(file_index + 1, 0, 0))
+                if chunk and not self._submit(chunk, pump, committer):
+                    return
+        chunk = chunker.flush()
+        if chunk:
+            self._submit(chunk, pump, committer)
+
+    def _submit(self, chunk, pump, committer) -> bool:
+        """Hand a chunk to a worker once one is free; False when the run is stopping."""
+        while not self._stopping() and pump.full():
+            committer.handle(*pump.next_result(timeout=0.5))
+        if self._stopping():
+            return False
+        pump.submit(chunk)
+        return True
+
+    def _finish_in_flight(self, pump, committer) -> None:
+        deadline = time.monotonic() + self.config.grace_seconds if self._stopping() else None
+        while pump.in_flight:
+            if self.stop_event.is_set() and deadline is None:
+                deadline = time.monotonic() + self.config.grace_seconds
+            if deadline is not None and time.monotonic() > deadline:
+                return
+            committer.handle(*pump.next_result(timeout=0.5))
+
+    def request_stop(self, reason: str) -> None:
+        self._stop_reason = self._stop_reason or reason
+        self.stop_event.set()
+
+    def fail(self, error: Exception) -> None:
+        """Stop taking chunks; the first error decides the exit code."""
+        self._fatal = self._fatal or error
+
+    def _stopping(self) -> bool:
+        return (self.stop_event.is_set() or self._fatal is not None or self._stop_reason is not None
+                or self._sender.failures.tripped.is_set())
+
+    def _result(self, state, this_run, sender, duration) -> PushResult:
+        error, status, exit_code = self._fatal, "pushed", EXIT_OK
+        if sender.failures.tripped.is_set() and error is None:
+            error = sender.failures.error()
+        finished = error is None and not self.stop_event.is_set() and self._stop_reason is None
+        if error is not None:
+            status, exit_code = "failed", getattr(error, "exit_code", EXIT_FAILURE)
+        elif not finished:
+            status, exit_code = "interrupted", EXIT_INTERRUPTED
+            if self._stop_reason == "on_error":
+                status, exit_code = "stopped", EXIT_INCOMPLETE
+        batch = Ledger(**state.counters)
+        if finished:
+            this_run.check("this run's")
+            batch.check("the batch's")
+            if batch.unfinished:
+                exit_code = EXIT_INCOMPLETE
+        if self.options.dry_run:
+            status = "dry_run" if finished else status
+        else:
+            state.status = status
+            state.updated_at = _now_iso()
+            self.store.save(state)
+        return PushResult(self.batch_id, status, exit_code, batch, this_run, self.stats, duration,
+                          state.position, error)
+
+
+class _ChunkPump:
+    """`concurrency` daemon workers resolving chunks; results come back in completion order.
+
+    Daemon threads, so that a request still hanging when the grace period
+    ends cannot keep the process from exiting with its checkpoint saved.
+    """
+
+    def __init__(self, sender: ChunkSender, concurrency: int):
+        self.concurrency = concurrency
+        self.in_flight = 0
+        self._work = queue.Queue()
+        self._results = queue.Queue()
+        self._threads = [threading.Thread(target=self._work_loop, args=(sender,), daemon=True,
+                                          name=f"pushagent-sender-{n}") for n in range(concurrency)]
+        for thread in self._threads:
+            thread.start()
+
+    def _work_loop(self, sender: ChunkSender) -> None:
+        for chunk in iter(self._work.get, None):
+            try:
+                self._results.put((chunk, sender.resolve(chunk.docs) if chunk.docs else None, None))
+            except BaseException as error:  # handed to the main thread, which decides
+                self._results.put((chunk, None, error))
+
+    def full(self) -> bool:
+        return self.in_flight >= self.concurrency
+
+    def submit(self, chunk) -> None:
+        self.in_flight += 1
+        self._work.put(chunk)
+
+    def next_result(self, timeout: float):
+        try:
+            result = self._results.get(timeout=timeout)
+        except queue.Empty:
+            return None, None, None
+        self.in_flight -= 1
+        return result
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self._work.put(None)
+
+
+class _Committer:
+    """Turns resolved chunks into queue entries, counters and checkpoint commits."""
+
+    def __init__(self, run: PushRun, state: RunState, queue, this_run: Ledger):
+        self.run = run
+        self.state = state
+        self.queue = queue
+        self.this_run = this_run
+        self.tracker = CommitTracker(next_seq=0)
+
+    def handle(self, chunk, outcome, error) -> None:
+        if chunk is None:
+            return
+        if error is not None:
+            self._failed(error)
+            return
+        ledger = self._record(chunk, outcome)
+        for position, committed in self.tracker.resolved(chunk.seq, (chunk.end, ledger)):
+            self._commit(position, committed)
+        if ledger.dead + ledger.quarantined and self.run.options.on_error == "stop":
+            self.run.request_stop("on_error")
+
+    def _failed(self, error) -> None:
+        if not isinstance(error, ChunkAborted):
+            self.run.fail(error)
+
+    def _record(self, chunk, outcome) -> Ledger:
+        ledger = Ledger(read=chunk.records, quarantined=len(chunk.rejected))
+        batch_id = self.run.batch_id
+        quarantined = [QueueItem(QueueItem.line_key(batch_id, r.file, r.line), batch_id, None, None, None, None,
+                                 r.raw, r.file, r.line, "quarantined", r.reason) for r in chunk.rejected]
+        if outcome is not None:
+            ledger.indexed, ledger.current = len(outcome.indexed), len(outcome.current)
+            ledger.queued, ledger.dead = len(outcome.retry), len(outcome.dead)
+            retry = [_document_item(batch_id, doc, reason, "retryable") for doc, reason in outcome.retry]
+            dead = [_document_item(batch_id, doc, reason, "permanent") for doc, reason in outcome.dead]
+            if self.queue is not None:
+                self.queue.put(retry)
+                self.queue.dead_letter(dead)
+        if self.queue is not None:
+            self.queue.dead_letter(quarantined)
+        return ledger
+
+    def _commit(self, position: Position, ledger: Ledger) -> None:
+        self.this_run.add(ledger)
+        batch = Ledger(**self.state.counters)
+        batch.add(ledger)
+        self.state.counters = batch.as_dict()
+        self.state.position = position
+        self.state.updated_at = _now_iso()
+        if not self.run.options.dry_run:
+            self.run.store.save(self.state)
+
+
+def _document_item(batch_id: str, doc, reason: str, kind: str) -> QueueItem:
+    return QueueItem(QueueItem.document_key(doc.index, doc.doc_id), batch_id, doc.index, doc.doc_id, doc.version,
+                     doc.op, doc.source, doc.file, doc.line, kind, reason or "")
+
+
+def _now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")

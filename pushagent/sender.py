@@ -1,0 +1,307 @@
+"""Send bulk requests and resolve every document of a chunk.
+
+HttpTransport speaks HTTP (gzip, auth header, TLS, timeouts, one session per
+worker). ChunkSender turns a list of documents into outcomes: it retries only
+the failed subset with exponential backoff and full jitter, honours
+Retry-After, splits a chunk answered with 413, and stops the whole run when
+too many requests in a row fail (the cluster is down: do not spin).
+"""
+
+import dataclasses
+import email.utils
+import gzip
+import itertools
+import queue
+import threading
+import time
+from pathlib import Path
+
+import backoff
+import orjson
+import requests
+
+from . import __version__
+from .chunker import bulk_body
+from .classifier import CURRENT, INDEXED, PERMANENT, RETRYABLE, classify_item, request_outcome
+from .errors import AuthError, ClusterUnavailableError, PushAgentError
+
+# Only what the classifier reads: a 5000-item answer stays small.
+BULK_FILTER = "errors,items.*.status,items.*.error.type,items.*.error.reason"
+CONNECT_TIMEOUT = 10
+
+
+class TransportFailure(Exception):
+    """No usable HTTP answer: connection refused or reset, timeout, unreadable body."""
+
+
+@dataclasses.dataclass
+class BulkResponse:
+    status: int
+    items: list | None = None
+    retry_after: float | None = None
+    text: str = ""
+
+
+class ChunkAborted(Exception):
+    """The run is stopping (signal or cluster down): the chunk stays unresolved."""
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What became of a list of documents."""
+
+    indexed: list = dataclasses.field(default_factory=list)
+    current: list = dataclasses.field(default_factory=list)
+    retry: list = dataclasses.field(default_factory=list)   # (doc, last error)
+    dead: list = dataclasses.field(default_factory=list)    # (doc, reason)
+
+    def merge(self, other: "Outcome") -> None:
+        for name in ("indexed", "current", "retry", "dead"):
+            getattr(self, name).extend(getattr(other, name))
+
+
+class TransferStats:
+    """Counters shared by all workers."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.requests = self.retries = self.bytes_raw = self.bytes_sent = 0
+        self.statuses = {}
+        self.latencies = []
+
+    def record_request(self, status, raw, sent, seconds):
+        with self._lock:
+            self.requests += 1
+            self.bytes_raw += raw
+            self.bytes_sent += sent
+            self.statuses[str(status)] = self.statuses.get(str(status), 0) + 1
+            self.latencies.append(seconds)
+
+    def record_retry(self):
+        with self._lock:
+            self.retries += 1
+
+
+class HttpTransport:
+    """POSTs _bulk bodies; one requests.Session per worker for connection reuse."""
+
+    def __init__(self, config, auth_header: dict, stats: TransferStats):
+        self.url = config.url.rstrip("/") + "/_bulk"
+        self.config = config
+        self.stats = stats
+        self._headers = {"Content-Type": "application/x-ndjson", "User-Agent": f"pushagent/{__version__}",
+                         **auth_header}
+        if config.compress:
+            self._headers["Content-Encoding"] = "gzip"
+        self._sessions = queue.LifoQueue()
+        self._verify = config.ca_bundle or True
+
+    def post(self, body: bytes) -> BulkResponse:
+        payload = gzip.compress(body, self.config.compress_level) if self.config.compress else body
+        session = self._session()
+        started = time.monotonic()
+        try:
+            reply = session.post(self.url, params={"filter_path": BULK_FILTER}, data=payload,
+                                 headers=self._headers, verify=self._verify,
+                                 timeout=(CONNECT_TIMEOUT, self.config.timeout_seconds))
+            response = _parse_reply(reply)
+        except requests.exceptions.SSLError as error:
+            raise PushAgentError(f"TLS handshake with {self.config.url} failed: {_first_line(error)}",
+                                 hint="check ca_bundle and the host name in url; run `pushagent doctor`") from None
+        except (requests.RequestException, OSError) as error:
+            session.close()
+            raise TransportFailure(f"{type(error).__name__}: {_first_line(error)}") from None
+        finally:
+            self._sessions.put(session)
+        self.stats.record_request(response.status, len(body), len(payload), time.monotonic() - started)
+        return response
+
+    def _session(self) -> requests.Session:
+        try:
+            return self._sessions.get_nowait()
+        except queue.Empty:
+            session = requests.Session()
+            session.trust_env = False  # never pick up a .netrc or proxy the user did not configure
+            return session
+
+
+class DryRunTransport:
+    """Writes each request body to DIR instead of sending it, and answers success."""
+
+    def __init__(self, directory: str, stats: TransferStats):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.stats = stats
+        self._numbers = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def post(self, body: bytes) -> BulkResponse:
+        with self._lock:
+            number = next(self._numbers)
+        (self.directory / f"request-{number:06d}.ndjson").write_bytes(body)
+        self.stats.record_request(200, len(body), 0, 0.0)
+        return BulkResponse(200, [{next(iter(orjson.loads(action))): {"status": 201}}
+                                  for action in _action_lines(body)])
+
+
+def _action_lines(body: bytes):
+    lines = body.split(b"\n")
+    index = 0
+    while index < len(lines) and lines[index]:
+        action = lines[index]
+        yield action
+        index += 1 if b'"delete"' in action[:12] else 2
+
+
+def _parse_reply(reply: requests.Response) -> BulkResponse:
+    retry_after = parse_retry_after(reply.headers.get("Retry-After"))
+    if reply.status_code != 200:
+        return BulkResponse(reply.status_code, None, retry_after, reply.text[:500])
+    try:
+        data = orjson.loads(reply.content)
+    except orjson.JSONDecodeError:
+        raise TransportFailure(f"unreadable bulk answer: {reply.content[:200]!r}") from None
+    return BulkResponse(200, data.get("items", []), retry_after)
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta seconds or HTTP date)."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def _first_line(error) -> str:
+    return str(error).splitlines()[0][:300] if str(error) else type(error).__name__
+
+
+class FailureTracker:
+    """Counts whole-request failures in a row across workers; trips at the limit."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._count = 0
+        self._lock = threading.Lock()
+        self.tripped = threading.Event()
+        self.last_error = None
+
+    def failure(self, reason: str) -> None:
+        with self._lock:
+            self._count += 1
+            self.last_error = reason
+            if self._count >= self.limit:
+                self.tripped.set()
+
+    def success(self) -> None:
+        with self._lock:
+            self._count = 0
+
+    def error(self) -> ClusterUnavailableError:
+        return ClusterUnavailableError(
+            f"{self.limit} bulk requests in a row failed; last error: {self.last_error}",
+            hint="the checkpoint is kept: run the same command again when the cluster answers")
+
+
+class ChunkSender:
+    """Resolves documents to an Outcome through a transport (HTTP or dry run)."""
+
+    def __init__(self, transport, config, stats: TransferStats, rate_limiter, stop_event: threading.Event):
+        self.transport = transport
+        self.config = config
+        self.stats = stats
+        self.rate_limiter = rate_limiter
+        self.stop_event = stop_event
+        self.failures = FailureTracker(config.max_consecutive_failures)
+
+    def resolve(self, docs: list) -> Outcome:
+        """Send `docs` until each is indexed, current, dead, or out of in-run retries.
+
+        Raises AuthError on 401/403 and ChunkAborted when the run is stopping.
+        """
+        outcome = Outcome()
+        pending, last_error = docs, None
+        for attempt in range(self.config.max_retries + 1):
+            if attempt:
+                self.stats.record_retry()
+                self._pause(attempt, retry_after)
+            retry_after = None
+            try:
+                response = self._post(bulk_body(pending))
+            except TransportFailure as error:
+                last_error = self._whole_failure(str(error))
+                continue
+            kind = request_outcome(response.status)
+            if kind == "fatal":
+                raise PushAgentError(f"the cluster answered _bulk with {self._describe(response, len(pending))}",
+                                     hint="check url: it must be the cluster's base URL")
+            if kind == "too_large":
+                return self._split(pending, outcome)
+            if kind == "auth":
+                raise AuthError(f"the cluster refused the request with HTTP {response.status}: {response.text[:200]}",
+                                hint="check the API key and its privileges with `pushagent doctor`")
+            if kind != "ok" or len(response.items) != len(pending):
+                last_error = self._whole_failure(self._describe(response, len(pending)))
+                retry_after = response.retry_after
+                continue
+            self.failures.success()
+            pending, last_error = self._classify(pending, response.items, outcome)
+            if not pending:
+                return outcome
+        outcome.retry.extend((doc, last_error) for doc in pending)
+        return outcome
+
+    def _post(self, body: bytes) -> BulkResponse:
+        if self.failures.tripped.is_set() or not self.rate_limiter.acquire(self.stop_event):
+            raise ChunkAborted()
+        return self.transport.post(body)
+
+    def _whole_failure(self, reason: str) -> str:
+        self.failures.failure(reason)
+        if self.failures.tripped.is_set():
+            raise ChunkAborted()
+        return reason
+
+    @staticmethod
+    def _describe(response: BulkResponse, expected: int) -> str:
+        if response.status != 200:
+            return f"HTTP {response.status} {response.text[:200]}".strip()
+        return f"answer has {len(response.items)} items for {expected} documents"
+
+    def _classify(self, pending, items, outcome: Outcome):
+        retry, last_error = [], None
+        for doc, item in zip(pending, items):
+            kind, reason = classify_item(item)
+            if kind == INDEXED:
+                outcome.indexed.append(doc)
+            elif kind == CURRENT:
+                outcome.current.append(doc)
+            elif kind == RETRYABLE:
+                retry.append(doc)
+                last_error = reason
+            else:
+                outcome.dead.append((doc, reason))
+        return retry, last_error
+
+    def _split(self, docs, outcome: Outcome) -> Outcome:
+        if len(docs) == 1:
+            outcome.dead.append((docs[0], f"413 request too large: the document is {docs[0].size} bytes"))
+            return outcome
+        middle = len(docs) // 2
+        for half in (docs[:middle], docs[middle:]):
+            outcome.merge(self.resolve(half))
+        return outcome
+
+    def _pause(self, attempt: int, retry_after: float | None) -> None:
+        ceiling = min(self.config.max_backoff_seconds, self.config.retry_backoff_seconds * 2 ** (attempt - 1))
+        delay = backoff.full_jitter(ceiling)
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, self.config.max_backoff_seconds))
+        if self.stop_event.wait(delay) or self.failures.tripped.is_set():
+            raise ChunkAborted()

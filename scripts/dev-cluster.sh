@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Start and stop a local single-node OpenSearch for tests, the demo and the benchmarks.
+#
+#   scripts/dev-cluster.sh start [DIR] [PORT]   start (DIR default $TMPDIR/pushagent-dev-cluster,
+#                                                PORT default a free one);
+#                                                prints the URL on stdout when the node answers
+#   scripts/dev-cluster.sh stop [DIR]            stop the node started in DIR (by its PID file)
+#   scripts/dev-cluster.sh url [DIR]             print the URL of the node running in DIR
+#   scripts/dev-cluster.sh fetch                 only download and unpack the distribution
+#
+# The integ-test zip comes from Maven Central through Maven (cached in ~/.m2) and is
+# unpacked once (~/.cache/pushagent, or /var/cache/pushagent for root). OpenSearch
+# refuses to run as root, so as root the node runs as the system user
+# `pushagent-search`, created on first use; DIR must then be reachable by that user.
+set -euo pipefail
+
+OPENSEARCH_VERSION="${PUSHAGENT_OPENSEARCH_VERSION:-2.19.1}"
+ARTIFACT="org.opensearch.distribution.integ-test-zip:opensearch:${OPENSEARCH_VERSION}:zip"
+ZIP="$HOME/.m2/repository/org/opensearch/distribution/integ-test-zip/opensearch/${OPENSEARCH_VERSION}/opensearch-${OPENSEARCH_VERSION}.zip"
+if [ "$(id -u)" -eq 0 ]; then CACHE="${PUSHAGENT_CACHE:-/var/cache/pushagent}"; else CACHE="${PUSHAGENT_CACHE:-$HOME/.cache/pushagent}"; fi
+DEFAULT_DIR="${TMPDIR:-/tmp}/pushagent-dev-cluster"
+HOME_DIR="$CACHE/opensearch-${OPENSEARCH_VERSION}"
+RUN_USER="pushagent-search"
+HEAP="${PUSHAGENT_OPENSEARCH_HEAP:-512m}"
+
+log() { echo "dev-cluster: $*" >&2; }
+
+find_java_home() {
+  if [ -n "${OPENSEARCH_JAVA_HOME:-}" ]; then echo "$OPENSEARCH_JAVA_HOME"; return; fi
+  for candidate in /usr/lib/jvm/java-17-openjdk-amd64 /usr/lib/jvm/java-17-openjdk-arm64 /usr/lib/jvm/java-17-openjdk; do
+    [ -x "$candidate/bin/java" ] && { echo "$candidate"; return; }
+  done
+  local java; java=$(command -v java) || { log "no Java found: install openjdk-17-jre-headless"; exit 1; }
+  dirname "$(dirname "$(readlink -f "$java")")"
+}
+
+fetch() {
+  local attempt
+  for attempt in 1 2 3 4; do
+    [ -s "$ZIP" ] && break
+    log "downloading $ARTIFACT (attempt $attempt)"
+    mvn -q -B dependency:get -Dartifact="$ARTIFACT" -Dtransitive=false >&2 || sleep $((attempt * 5))
+  done
+  [ -s "$ZIP" ] || { log "could not download $ARTIFACT from Maven Central"; exit 1; }
+  if [ ! -x "$HOME_DIR/bin/opensearch" ]; then
+    mkdir -p "$CACHE"
+    local tmp; tmp=$(mktemp -d "$CACHE/unpack.XXXXXX")
+    unzip -q "$ZIP" -d "$tmp"
+    rm -rf "$HOME_DIR"; mv "$tmp/opensearch-${OPENSEARCH_VERSION}" "$HOME_DIR"; rm -rf "$tmp"
+  fi
+}
+
+ensure_run_user() {
+  [ "$(id -u)" -eq 0 ] || return 0
+  id "$RUN_USER" >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin "$RUN_USER"
+}
+
+as_run_user() {
+  if [ "$(id -u)" -eq 0 ]; then runuser -u "$RUN_USER" -- "$@"; else "$@"; fi
+}
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+start() {
+  local dir port java_home
+  dir=$(mkdir -p "${1:-$DEFAULT_DIR}" && cd "${1:-$DEFAULT_DIR}" && pwd)
+  port="${2:-$(free_port)}"
+  if [ -s "$dir/url" ] && [ -s "$dir/opensearch.pid" ] && kill -0 "$(cat "$dir/opensearch.pid")" 2>/dev/null; then
+    cat "$dir/url"; return
+  fi
+  fetch; ensure_run_user
+  java_home=$(find_java_home)
+  rm -rf "$dir/config" "$dir/data" "$dir/logs"
+  cp -r "$HOME_DIR/config" "$dir/config"
+  mkdir -p "$dir/data" "$dir/logs"
+  [ "$(id -u)" -eq 0 ] && chown -R "$RUN_USER" "$dir" "$HOME_DIR"
+  (cd "$dir" && as_run_user env OPENSEARCH_JAVA_HOME="$java_home" OPENSEARCH_PATH_CONF="$dir/config" \
+      OPENSEARCH_JAVA_OPTS="-Xms$HEAP -Xmx$HEAP" "$HOME_DIR/bin/opensearch" -d -p "$dir/opensearch.pid" \
+      -Ecluster.name=pushagent-dev -Enode.name=dev -Ediscovery.type=single-node \
+      -Enetwork.host=127.0.0.1 -Ehttp.port="$port" -Etransport.port=0 \
+      -Epath.data="$dir/data" -Epath.logs="$dir/logs" \
+      -Ecluster.routing.allocation.disk.threshold_enabled=false >"$dir/stdout.log" 2>&1) || {
+    log "OpenSearch did not start; see $dir/stdout.log"; tail -20 "$dir/stdout.log" >&2; exit 1; }
+  local url="http://127.0.0.1:$port"
+  for _ in $(seq 1 180); do
+    if curl -fsS "$url/_cluster/health?wait_for_status=yellow&timeout=1s" >/dev/null 2>&1; then
+      echo "$url" > "$dir/url"; echo "$url"; return
+    fi
+    sleep 1
+  done
+  log "OpenSearch did not answer on $url within 180 s; logs in $dir/logs"; stop "$dir"; exit 1
+}
+
+stop() {
+  local dir="${1:-$DEFAULT_DIR}" pid
+  [ -s "$dir/opensearch.pid" ] || { log "no node running in $dir"; return 0; }
+  pid=$(cat "$dir/opensearch.pid")
+  kill "$pid" 2>/dev/null || true
+  for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+  kill -9 "$pid" 2>/dev/null || true
+  rm -f "$dir/opensearch.pid" "$dir/url"
+}
+
+case "${1:-}" in
+  start) shift; start "$@" ;;
+  stop) shift; stop "$@" ;;
+  url) cat "${2:-$DEFAULT_DIR}/url" ;;
+  fetch) fetch ;;
+  *) echo "usage: $0 start [DIR] [PORT] | stop [DIR] | url [DIR] | fetch" >&2; exit 2 ;;
+esac
