@@ -104,7 +104,8 @@ class HttpTransport:
             reply = session.post(self.url, params={"filter_path": BULK_FILTER}, data=payload,
                                  headers=self._headers, verify=self._verify,
                                  timeout=(CONNECT_TIMEOUT, self.config.timeout_seconds))
-            response = _parse_reply(reply)
+            self.stats.record_request(reply.status_code, len(body), len(payload), time.monotonic() - started)
+            return _parse_reply(reply)
         except requests.exceptions.SSLError as error:
             raise PushAgentError(f"TLS handshake with {self.config.url} failed: {_first_line(error)}",
                                  hint="check ca_bundle and the host name in url; run `pushagent doctor`") from None
@@ -113,8 +114,6 @@ class HttpTransport:
             raise TransportFailure(f"{type(error).__name__}: {_first_line(error)}") from None
         finally:
             self._sessions.put(session)
-        self.stats.record_request(response.status, len(body), len(payload), time.monotonic() - started)
-        return response
 
     def _session(self) -> requests.Session:
         try:

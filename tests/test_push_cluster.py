@@ -1,0 +1,295 @@
+"""Push against the real OpenSearch, some through the fault-injecting proxy."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+
+import orjson
+import pytest
+import requests
+
+from conftest import count, generate, push_command, run_push, stored_checksums, agent_env
+from faultproxy import Fault, FaultProxy
+from pushagent.builder import canonical_checksum
+
+
+def source_checksums(path) -> dict:
+    with open(path, "rb") as handle:
+        return {record["ipa_id"]: canonical_checksum(record) for record in map(orjson.loads, handle)}
+
+
+def queue_rows(state_dir, status=None):
+    with sqlite3.connect(state_dir / "queue.db") as db:
+        sql = "SELECT key, kind, status, input_file, line, last_error FROM items"
+        rows = db.execute(sql + (" WHERE status = ?" if status else ""), (status,) if status else ()).fetchall()
+    return rows
+
+
+def test_100k_records_land_exact_with_matching_checksums(cluster_url, index, state_dir, tmp_path):
+    data = generate(tmp_path / "words.jsonl.gz", 100_000)
+    code, report, stderr = run_push(cluster_url, index, state_dir, data, extra=["--embedding-version", "v1"])
+    assert code == 0, stderr
+    assert report["read"] == report["indexed"] == 100_000
+    assert count(cluster_url, index) == 100_000
+    assert stored_checksums(cluster_url, index) == source_checksums_gz(data)
+
+
+def source_checksums_gz(path) -> dict:
+    import gzip
+    with gzip.open(path, "rb") as handle:
+        return {record["ipa_id"]: canonical_checksum(record) for record in map(orjson.loads, handle)}
+
+
+def test_requests_respect_chunk_docs_and_chunk_bytes(cluster_url, index, state_dir, tmp_path):
+    data = generate(tmp_path / "words.jsonl", 12_000, dims=4)
+    with FaultProxy(cluster_url) as proxy:
+        code, report, stderr = run_push(proxy.url, index, state_dir, data)
+        assert code == 0, stderr
+        assert max(len(r.ids) for r in proxy.bulk_requests()) == 5000
+    small = generate(tmp_path / "big.jsonl", 2_000, dims=64, start=12_000)
+    limit = 200_000
+    with FaultProxy(cluster_url) as proxy:
+        code, report, stderr = run_push(proxy.url, index, state_dir, small,
+                                        env={"PUSHAGENT_CHUNK_BYTES": str(limit)})
+        assert code == 0, stderr
+        sizes = [len(r.body) for r in proxy.bulk_requests()]
+        assert max(sizes) <= limit and len(sizes) > 2
+        assert proxy.bulk_requests()[0].headers["Content-Encoding"] == "gzip"
+    assert count(cluster_url, index) == 14_000
+
+
+def test_second_push_is_all_current_and_changes_nothing(cluster_url, index, state_dir, tmp_path):
+    data = generate(tmp_path / "words.jsonl", 3_000)
+    assert run_push(cluster_url, index, state_dir, data)[0] == 0
+    before = requests.get(f"{cluster_url}/{index}/_doc/w00000007", timeout=30).json()
+    code, report, stderr = run_push(cluster_url, index, state_dir, data)
+    assert code == 0, stderr
+    assert (report["indexed"], report["current"]) == (0, 3_000)
+    after = requests.get(f"{cluster_url}/{index}/_doc/w00000007", timeout=30).json()
+    assert (after["_version"], after["_seq_no"]) == (before["_version"], before["_seq_no"])
+
+
+def test_regenerated_batch_wins_and_older_never_regresses(cluster_url, index, state_dir, tmp_path):
+    data = generate(tmp_path / "words.jsonl", 100)
+    assert run_push(cluster_url, index, state_dir, data, extra=["--batch-time", "2026-01-02T00:00:00Z"])[0] == 0
+    code, report, _ = run_push(cluster_url, index, state_dir, data, extra=["--batch-time", "2026-01-01T00:00:00Z"])
+    assert (code, report["current"]) == (0, 100)
+    code, report, _ = run_push(cluster_url, index, state_dir, data, extra=["--batch-time", "2026-01-03T00:00:00Z"])
+    assert (code, report["indexed"]) == (0, 100)
+
+
+def test_sigkill_then_rerun_is_exact_and_resends_at_most_the_chunks_in_flight(cluster_url, index, state_dir,
+                                                                             tmp_path):
+    data = generate(tmp_path / "words.jsonl", 30_000)
+    chunk_docs, concurrency = 1000, 2
+    extra = ["--chunk-docs", str(chunk_docs), "--concurrency", str(concurrency)]
+    with FaultProxy(cluster_url) as proxy:
+        proxy.plan = lambda request: Fault.delay(0.05) if request.ids else None
+        process = subprocess.Popen(push_command(proxy.url, index, state_dir, data, extra=extra),
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=agent_env())
+        deadline = time.monotonic() + 120
+        while len(proxy.bulk_requests()) < 9 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+        sent_before = len(proxy.id_counts())
+        assert 0 < sent_before < 30_000
+        code, report, stderr = run_push(proxy.url, index, state_dir, data, extra=extra)
+        assert code == 0, stderr
+        assert 0 < report["this_run"]["read"] < 30_000
+        resent = proxy.resent()
+    assert count(cluster_url, index) == 30_000
+    assert resent <= concurrency * chunk_docs
+    print(f"re-sent after SIGKILL: {resent} records")
+
+
+def test_sigterm_exits_75_and_resume_does_not_reread_committed_lines(cluster_url, index, state_dir, tmp_path):
+    data = generate(tmp_path / "words.jsonl", 20_000)
+    extra = ["--chunk-docs", "500"]
+    with FaultProxy(cluster_url) as proxy:
+        proxy.plan = lambda request: Fault.delay(0.1) if request.ids else None
+        process = subprocess.Popen(push_command(proxy.url, index, state_dir, data, extra=extra),
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=agent_env())
+        deadline = time.monotonic() + 120
+        while len(proxy.bulk_requests()) < 5 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 75, stderr
+    first = json.loads(stdout)
+    assert first["status"] == "interrupted"
+    committed = first["position"]["line"]
+    assert 0 < committed < 20_000 and first["read"] == committed
+    checkpoint = json.loads((state_dir / "runs" / f"{first['batch_id']}.json").read_text())
+    assert checkpoint["status"] == "interrupted" and checkpoint["position"]["line"] == committed
+    code, second, stderr = run_push(cluster_url, index, state_dir, data, extra=extra)
+    assert code == 0, stderr
+    assert second["this_run"]["read"] == 20_000 - committed
+    assert second["read"] == 20_000
+    assert count(cluster_url, index) == 20_000
+
+
+def test_mapping_rejections_are_dead_lettered_with_lines(cluster_url, index, state_dir, tmp_path):
+    requests.put(f"{cluster_url}/{index}", json={"mappings": {"properties": {"frequency": {"type": "long"}}}},
+                 timeout=30).raise_for_status()
+    lines = [orjson.dumps({"ipa_id": f"m{n}", "frequency": "lots" if n in (3, 7) else n}) for n in range(10)]
+    data = tmp_path / "mixed.jsonl"
+    data.write_bytes(b"\n".join(lines) + b"\n")
+    code, report, stderr = run_push(cluster_url, index, state_dir, data)
+    assert code == 3, stderr
+    assert (report["indexed"], report["dead"]) == (8, 2)
+    dead = queue_rows(state_dir, "dead")
+    assert sorted(row[4] for row in dead) == [4, 8]
+    assert all("mapper_parsing_exception" in row[5] and row[3] == str(data) for row in dead)
+    assert count(cluster_url, index) == 8
+
+
+def test_malformed_lines_are_quarantined_with_line_numbers(cluster_url, index, state_dir, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_bytes(b'{"ipa_id": "a1"}\n{not json\n\n{"word": "no id"}\n[1, 2]\n{"ipa_id": ["x"]}\n'
+                     b'\xff\xfe\n{"ipa_id": "a2"}')
+    code, report, stderr = run_push(cluster_url, index, state_dir, data)
+    assert code == 3, stderr
+    assert (report["read"], report["indexed"], report["quarantined"]) == (7, 2, 5)
+    rows = {row[4]: row[5] for row in queue_rows(state_dir, "dead")}
+    assert sorted(rows) == [2, 4, 5, 6, 7]
+    assert "malformed JSON" in rows[2] and "missing id field 'ipa_id'" in rows[4]
+    assert all(row[1] == "quarantined" for row in queue_rows(state_dir))
+    assert count(cluster_url, index) == 2
+
+
+def test_faults_on_the_wire_are_absorbed(cluster_url, index, state_dir, tmp_path):
+    data = generate(tmp_path / "words.jsonl", 5_000)
+    faults = {0: Fault.reply(429, retry_after="0"), 1: Fault.reply(503), 2: Fault.reset(),
+              3: Fault.reset(after_forward=True), 4: Fault.truncate_items(), 5: Fault.item_status(429)}
+    with FaultProxy(cluster_url) as proxy:
+        proxy.plan = lambda request: faults.get(len(proxy.bulk_requests()) - 1) if request.ids else None
+        code, report, stderr = run_push(proxy.url, index, state_dir, data,
+                                        extra=["--chunk-docs", "1000", "--concurrency", "1"],
+                                        env={"PUSHAGENT_MAX_RETRIES": "6"})
+    assert code == 0, (json.dumps(report), stderr)
+    assert report["retries"] >= 5 and report["indexed"] + report["current"] == 5_000
+    assert count(cluster_url, index) == 5_000
+
+
+def test_exhausted_retries_go_to_the_retry_queue(cluster_url, index, state_dir, tmp_path):
+    data = generate(tmp_path / "words.jsonl", 300)
+    with FaultProxy(cluster_url) as proxy:
+        proxy.plan = lambda request: Fault.item_status(429, every=1) if request.ids else None
+        code, report, stderr = run_push(proxy.url, index, state_dir, data, env={"PUSHAGENT_MAX_RETRIES": "1"})
+        assert len(proxy.bulk_requests()) == 2
+    assert code == 3, stderr
+    assert (report["queued"], report["retries"]) == (300, 1)
+    pending = queue_rows(state_dir, "pending")
+    assert len(pending) == 300 and all("429" in row[5] for row in pending)
+
+
+def test_whole_request_413_splits_down_to_one_document(cluster_url, index, state_dir, tmp_path):
+    data = generate(tmp_path / "words.jsonl", 40, dims=4)
+    lines = data.read_bytes().splitlines()
+    lines[17] = orjson.dumps({"ipa_id": "huge", "blob": "x" * 50_000})
+    data.write_bytes(b"\n".join(lines) + b"\n")
+    with FaultProxy(cluster_url) as proxy:
+        proxy.plan = lambda request: Fault.reply(413) if len(request.body) > 20_000 else None
+        code, report, stderr = run_push(proxy.url, index, state_dir, data)
+    assert code == 3, stderr
+    assert (report["indexed"], report["dead"]) == (39, 1)
+    (dead,) = queue_rows(state_dir, "dead")
+    assert dead[4] == 18 and "413" in dead[5]
+
+
+def test_cluster_down_stops_after_max_consecutive_failures(cluster_url, index, state_dir, tmp_path):
+    data = generate(tmp_path / "words.jsonl", 5_000)
+    with FaultProxy(cluster_url) as proxy:
+        proxy.plan = lambda request: Fault.reply(503) if request.ids else None
+        code, report, stderr = run_push(proxy.url, index, state_dir, data, extra=["--chunk-docs", "500"],
+                                        env={"PUSHAGENT_MAX_CONSECUTIVE_FAILURES": "5"})
+        attempts = len(proxy.bulk_requests())
+    assert code == 1, stderr
+    assert "5 bulk requests in a row failed" in stderr + report["error"]
+    assert attempts <= 5 + 2
+    assert report["read"] == 0 and report["queued"] == 0
+    code, report, stderr = run_push(cluster_url, index, state_dir, data, extra=["--chunk-docs", "500"])
+    assert (code, report["indexed"]) == (0, 5_000), stderr
+
+
+def test_401_stops_with_exit_4_and_keeps_the_checkpoint(cluster_url, index, state_dir, tmp_path):
+    data = generate(tmp_path / "words.jsonl", 2_000)
+    with FaultProxy(cluster_url) as proxy:
+        proxy.plan = lambda request: Fault.reply(401) if len(proxy.bulk_requests()) > 1 else None
+        code, report, stderr = run_push(proxy.url, index, state_dir, data,
+                                        extra=["--chunk-docs", "500", "--concurrency", "1"])
+    assert code == 4, stderr
+    assert "doctor" in report["error"] and report["read"] == 500
+    code, report, stderr = run_push(cluster_url, index, state_dir, data, extra=["--chunk-docs", "500"])
+    assert (code, report["this_run"]["read"]) == (0, 1_500), stderr
+
+
+def test_dry_run_writes_the_exact_bodies_and_sends_nothing(index, state_dir, tmp_path):
+    data = generate(tmp_path / "words.jsonl", 1_200)
+    out = tmp_path / "dry"
+    code, report, stderr = run_push("http://127.0.0.1:9", index, state_dir, data,
+                                    extra=["--dry-run", str(out), "--chunk-docs", "500"])
+    assert code == 0, stderr
+    assert report["status"] == "dry_run"
+    bodies = sorted(out.iterdir())
+    assert len(bodies) == 3
+    first = bodies[0].read_bytes().splitlines()
+    action = orjson.loads(first[0])["index"]
+    assert action["_index"] == index and action["version_type"] == "external"
+    assert "sync_checksum" in orjson.loads(first[1])
+    assert not (state_dir / "runs").exists()
+
+
+def test_a_second_push_of_the_same_batch_is_refused_while_the_first_runs(cluster_url, index, state_dir, tmp_path):
+    data = generate(tmp_path / "words.jsonl", 5_000)
+    with FaultProxy(cluster_url) as proxy:
+        proxy.plan = lambda request: Fault.delay(0.5) if request.ids else None
+        first = subprocess.Popen(push_command(proxy.url, index, state_dir, data, extra=["--chunk-docs", "500"]),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=agent_env())
+        while not proxy.bulk_requests():
+            time.sleep(0.02)
+        code, report, stderr = run_push(proxy.url, index, state_dir, data, extra=["--chunk-docs", "500"])
+        first.wait(timeout=120)
+    assert code == 2 and "already being pushed" in stderr
+    assert first.returncode == 0
+
+
+@pytest.mark.parametrize("flag", ["--restart", "--from-line"])
+def test_restart_and_from_line(cluster_url, index, state_dir, tmp_path, flag):
+    data = generate(tmp_path / "words.jsonl", 1_000)
+    assert run_push(cluster_url, index, state_dir, data)[0] == 0
+    extra = [flag] if flag == "--restart" else [flag, "901"]
+    code, report, stderr = run_push(cluster_url, index, state_dir, data, extra=extra)
+    assert code == 0, stderr
+    assert report["this_run"]["read"] == (1_000 if flag == "--restart" else 100)
+
+
+def test_api_key_is_sent_and_never_printed(cluster_url, index, state_dir, tmp_path):
+    data = generate(tmp_path / "words.jsonl", 50)
+    secret = "c2VjcmV0LWtleS1mb3ItdGVzdHM="
+    with FaultProxy(cluster_url) as proxy:
+        code, report, stderr = run_push(proxy.url, index, state_dir, data, extra=["--debug"],
+                                        env={"PUSHAGENT_API_KEY": secret})
+        assert {r.headers.get("Authorization") for r in proxy.bulk_requests()} == {f"ApiKey {secret}"}
+    assert code == 0
+    written = json.dumps(report) + stderr + "".join(p.read_text(errors="replace")
+                                                     for p in state_dir.rglob("*") if p.is_file())
+    assert secret not in written
+
+
+def test_plain_http_to_a_remote_host_is_refused(index, state_dir, tmp_path):
+    data = generate(tmp_path / "words.jsonl", 5)
+    code, report, stderr = run_push("http://search.example.org:9200", index, state_dir, data)
+    assert code == 2 and "only loopback" in stderr
+
+
+def test_unknown_index_is_refused_before_sending(cluster_url, state_dir, tmp_path):
+    data = generate(tmp_path / "words.jsonl", 5)
+    env = {"PUSHAGENT_ALLOWED_INDICES": "words,words-v2"}
+    code, report, stderr = run_push(cluster_url, "other", state_dir, data, env=env)
+    assert code == 2 and "not in allowed_indices" in stderr
+    assert os.path.exists(str(tmp_path / "words.jsonl"))
