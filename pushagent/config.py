@@ -175,22 +175,21 @@ def _parse_bool(value) -> bool:
 
 def parse_size(value) -> int:
     """'50MiB', '1mb', '1048576' -> bytes."""
-    if isinstance(value, (int, float)):
-        return int(value)
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", str(value))
-    if not match or match.group(2).lower() not in _SIZE_UNITS:
-        raise ValueError("expected a size such as 50MiB")
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+    return int(_number_with_unit(value, _SIZE_UNITS, "a size such as 50MiB"))
 
 
 def parse_duration(value) -> float:
     """'6h', '90s', '2m', 30 -> seconds."""
+    return _number_with_unit(value, _DURATION_UNITS, "a duration such as 6h, 90s or 30")
+
+
+def _number_with_unit(value, units: dict, example: str) -> float:
     if isinstance(value, (int, float)):
         return float(value)
     match = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", str(value))
-    if not match or match.group(2).lower() not in _DURATION_UNITS:
-        raise ValueError("expected a duration such as 6h, 90s or 30")
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2).lower()]
+    if not match or match.group(2).lower() not in units:
+        raise ValueError(f"expected {example}")
+    return float(match.group(1)) * units[match.group(2).lower()]
 
 
 def validate(config: Config) -> None:

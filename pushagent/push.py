@@ -187,8 +187,13 @@ class PushRun:
             self._submit(chunk, pump, committer)
 
     def _submit(self, chunk, pump, committer) -> bool:
-        """Hand a chunk to a worker once one is free; False when the run is stopping."""
-        while not self._stopping() and pump.full():
+        """Hand a chunk to a worker once fewer than `concurrency` chunks are uncommitted.
+
+        Counting uncommitted chunks, not just requests in flight, bounds what a
+        crash re-sends: a chunk resolved behind a slow one is not committed yet.
+        Returns False when the run is stopping.
+        """
+        while not self._stopping() and chunk.seq - committer.tracker.next_seq >= self.config.concurrency:
             committer.handle(*pump.next_result(timeout=0.5))
         if self._stopping():
             return False
@@ -266,9 +271,6 @@ class _ChunkPump:
                 self._results.put((chunk, sender.resolve(chunk.docs) if chunk.docs else None, None))
             except BaseException as error:  # handed to the main thread, which decides
                 self._results.put((chunk, None, error))
-
-    def full(self) -> bool:
-        return self.in_flight >= self.concurrency
 
     def submit(self, chunk) -> None:
         self.in_flight += 1

@@ -1,5 +1,6 @@
 """Push against the real OpenSearch, some through the fault-injecting proxy."""
 
+import gzip
 import json
 import os
 import signal
@@ -16,11 +17,6 @@ from faultproxy import Fault, FaultProxy
 from pushagent.builder import canonical_checksum
 
 
-def source_checksums(path) -> dict:
-    with open(path, "rb") as handle:
-        return {record["ipa_id"]: canonical_checksum(record) for record in map(orjson.loads, handle)}
-
-
 def queue_rows(state_dir, status=None):
     with sqlite3.connect(state_dir / "queue.db") as db:
         sql = "SELECT key, kind, status, input_file, line, last_error FROM items"
@@ -34,13 +30,27 @@ def test_100k_records_land_exact_with_matching_checksums(cluster_url, index, sta
     assert code == 0, stderr
     assert report["read"] == report["indexed"] == 100_000
     assert count(cluster_url, index) == 100_000
-    assert stored_checksums(cluster_url, index) == source_checksums_gz(data)
+    assert stored_checksums(cluster_url, index) == source_checksums(data)
 
 
-def source_checksums_gz(path) -> dict:
-    import gzip
+def source_checksums(path) -> dict:
     with gzip.open(path, "rb") as handle:
         return {record["ipa_id"]: canonical_checksum(record) for record in map(orjson.loads, handle)}
+
+
+def start_slow_push(proxy, index, state_dir, data, extra, until_requests, delay, stdout=subprocess.DEVNULL):
+    """Start a push through `proxy` with each bulk request delayed; return once it sent `until_requests`.
+
+    `delay` is seconds, or a function of the request giving them (to make answers come back out of order).
+    """
+    delay_of = delay if callable(delay) else (lambda request: delay)
+    proxy.plan = lambda request: Fault.delay(delay_of(request)) if request.ids else None
+    process = subprocess.Popen(push_command(proxy.url, index, state_dir, data, extra=extra), stdout=stdout,
+                               stderr=stdout, env=agent_env())
+    deadline = time.monotonic() + 120
+    while len(proxy.bulk_requests()) < until_requests and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return process
 
 
 def test_requests_respect_chunk_docs_and_chunk_bytes(cluster_url, index, state_dir, tmp_path):
@@ -87,12 +97,9 @@ def test_sigkill_then_rerun_is_exact_and_resends_at_most_the_chunks_in_flight(cl
     chunk_docs, concurrency = 1000, 2
     extra = ["--chunk-docs", str(chunk_docs), "--concurrency", str(concurrency)]
     with FaultProxy(cluster_url) as proxy:
-        proxy.plan = lambda request: Fault.delay(0.05) if request.ids else None
-        process = subprocess.Popen(push_command(proxy.url, index, state_dir, data, extra=extra),
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=agent_env())
-        deadline = time.monotonic() + 120
-        while len(proxy.bulk_requests()) < 9 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        # Every third answer is slow, so later chunks resolve before earlier ones and wait uncommitted.
+        slow_every_third = lambda request: 0.3 if request.number % 3 == 0 else 0.02  # noqa: E731
+        process = start_slow_push(proxy, index, state_dir, data, extra, until_requests=9, delay=slow_every_third)
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
         sent_before = len(proxy.id_counts())
@@ -110,12 +117,8 @@ def test_sigterm_exits_75_and_resume_does_not_reread_committed_lines(cluster_url
     data = generate(tmp_path / "words.jsonl", 20_000)
     extra = ["--chunk-docs", "500"]
     with FaultProxy(cluster_url) as proxy:
-        proxy.plan = lambda request: Fault.delay(0.1) if request.ids else None
-        process = subprocess.Popen(push_command(proxy.url, index, state_dir, data, extra=extra),
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=agent_env())
-        deadline = time.monotonic() + 120
-        while len(proxy.bulk_requests()) < 5 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        process = start_slow_push(proxy, index, state_dir, data, extra, until_requests=5, delay=0.1,
+                                  stdout=subprocess.PIPE)
         process.send_signal(signal.SIGTERM)
         stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 75, stderr
@@ -247,11 +250,7 @@ def test_dry_run_writes_the_exact_bodies_and_sends_nothing(index, state_dir, tmp
 def test_a_second_push_of_the_same_batch_is_refused_while_the_first_runs(cluster_url, index, state_dir, tmp_path):
     data = generate(tmp_path / "words.jsonl", 5_000)
     with FaultProxy(cluster_url) as proxy:
-        proxy.plan = lambda request: Fault.delay(0.5) if request.ids else None
-        first = subprocess.Popen(push_command(proxy.url, index, state_dir, data, extra=["--chunk-docs", "500"]),
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=agent_env())
-        while not proxy.bulk_requests():
-            time.sleep(0.02)
+        first = start_slow_push(proxy, index, state_dir, data, ["--chunk-docs", "500"], until_requests=1, delay=0.5)
         code, report, stderr = run_push(proxy.url, index, state_dir, data, extra=["--chunk-docs", "500"])
         first.wait(timeout=120)
     assert code == 2 and "already being pushed" in stderr
