@@ -9,6 +9,7 @@ the one being filled.
 
 import dataclasses
 import hashlib
+import logging
 import queue
 import re
 import threading
@@ -28,6 +29,8 @@ from .sender import ChunkAborted, ChunkSender, DryRunTransport, HttpTransport, T
 from .auth import authorization_header
 
 DONE_STATUSES = ("pushed", "verified", "verification_failed")
+MAX_WARNINGS = 20
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -96,7 +99,8 @@ def build_settings(config, batch_ms: int) -> BuildSettings:
         batch_time_iso=iso_utc_from_ms(batch_ms), version_field=config.version_field,
         op_field=config.op_field, allow_delete=config.allow_delete,
         embedding_version=config.embedding_version, embedding_version_field=config.embedding_version_field,
-        timestamp_field=config.timestamp_field, checksum_field=config.checksum_field)
+        timestamp_field=config.timestamp_field, checksum_field=config.checksum_field,
+        max_record_bytes=config.chunk_bytes)
 
 
 class PushRun:
@@ -298,6 +302,7 @@ class _Committer:
         self.queue = queue
         self.this_run = this_run
         self.tracker = CommitTracker(next_seq=0)
+        self.warnings = 0
 
     def handle(self, chunk, outcome, error) -> None:
         if chunk is None:
@@ -330,7 +335,20 @@ class _Committer:
                 self.queue.dead_letter(dead)
         if self.queue is not None:
             self.queue.dead_letter(quarantined)
+        self._tell_user(chunk, outcome)
         return ledger
+
+    def _tell_user(self, chunk, outcome) -> None:
+        """One warning per unsendable record, file:line first, up to MAX_WARNINGS a run."""
+        problems = [(r.file, r.line, "quarantined", r.reason) for r in chunk.rejected]
+        if outcome is not None:
+            problems += [(doc.file, doc.line, "dead-lettered", reason) for doc, reason in outcome.dead]
+        for file, line, what, reason in problems:
+            self.warnings += 1
+            if self.warnings <= MAX_WARNINGS:
+                log.warning("%s:%s: %s: %s", file, line, what, reason)
+            elif self.warnings == MAX_WARNINGS + 1:
+                log.warning("more records were quarantined or dead-lettered: see `pushagent queue list`")
 
     def _commit(self, position: Position, ledger: Ledger) -> None:
         self.this_run.add(ledger)

@@ -76,9 +76,12 @@ class FaultProxy:
         self.plan = plan or (lambda request: None)
         self.requests = []
         self._lock = threading.Lock()
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self._server.daemon_threads = True
+        self._serve(0)
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def _serve(self, port: int) -> None:
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", port), self._handler_class())
+        self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     def __enter__(self):
@@ -86,8 +89,17 @@ class FaultProxy:
         return self
 
     def __exit__(self, *exc):
+        self.stop()
+
+    def stop(self) -> None:
+        """Close the listening socket: clients now get 'connection refused', as from a down cluster."""
         self._server.shutdown()
         self._server.server_close()
+
+    def restart(self) -> None:
+        """Listen again on the same port."""
+        self._serve(self._server.server_address[1])
+        self._thread.start()
 
     def bulk_requests(self) -> list:
         return [r for r in self.requests if r.path.split("?")[0].endswith("/_bulk")]

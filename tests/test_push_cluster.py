@@ -160,6 +160,7 @@ def test_malformed_lines_are_quarantined_with_line_numbers(cluster_url, index, s
     rows = {row[4]: row[5] for row in queue_rows(state_dir, "dead")}
     assert sorted(rows) == [2, 4, 5, 6, 7]
     assert "malformed JSON" in rows[2] and "missing id field 'ipa_id'" in rows[4]
+    assert f"{data}:2: quarantined: malformed JSON" in stderr
     assert all(row[1] == "quarantined" for row in queue_rows(state_dir))
     assert count(cluster_url, index) == 2
 
