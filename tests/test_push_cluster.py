@@ -12,7 +12,7 @@ import orjson
 import pytest
 import requests
 
-from conftest import count, generate, push_command, run_push, stored_checksums, agent_env
+from support import count, generate, push_command, run_push, stored_checksums, agent_env
 from faultproxy import Fault, FaultProxy
 from pushagent.builder import canonical_checksum
 
