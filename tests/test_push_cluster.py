@@ -293,3 +293,16 @@ def test_unknown_index_is_refused_before_sending(cluster_url, state_dir, tmp_pat
     code, report, stderr = run_push(cluster_url, "other", state_dir, data, env=env)
     assert code == 2 and "not in allowed_indices" in stderr
     assert os.path.exists(str(tmp_path / "words.jsonl"))
+
+
+def test_a_chunk_the_cluster_never_takes_stops_the_run_instead_of_filling_the_queue(cluster_url, index, state_dir,
+                                                                                   tmp_path):
+    data = generate(tmp_path / "words.jsonl", 1_000)
+    with FaultProxy(cluster_url) as proxy:
+        proxy.plan = lambda request: Fault.reply(503) if request.ids else None
+        code, report, stderr = run_push(proxy.url, index, state_dir, data, extra=["--concurrency", "1"],
+                                        env={"PUSHAGENT_MAX_RETRIES": "2",
+                                             "PUSHAGENT_MAX_CONSECUTIVE_FAILURES": "100"})
+        attempts = len(proxy.bulk_requests())
+    assert (code, attempts, report["queued"]) == (1, 3, 0), stderr
+    assert "3 bulk requests in a row failed; last error: HTTP 503" in stderr
