@@ -16,6 +16,7 @@ from . import __version__
 from .config import load_config
 from .errors import EXIT_FAILURE, EXIT_USAGE, PushAgentError
 from .push import PushOptions, PushRun
+from .shard import parse_shard
 
 log = logging.getLogger("pushagent")
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
@@ -60,6 +61,13 @@ def _fail(message: str, exit_code: int, debug: bool) -> None:
     sys.exit(exit_code)
 
 
+def _parse_shard(ctx, param, value):
+    try:
+        return parse_shard(value) if value else None
+    except PushAgentError as error:
+        raise click.BadParameter(error.message) from None
+
+
 def _flags(**values) -> dict:
     return {key: value for key, value in values.items() if value is not None}
 
@@ -86,8 +94,10 @@ def cli():
               help="Stop at the first dead-lettered or quarantined record.")
 @click.option("--dry-run", "dry_run", type=click.Path(file_okay=False),
               help="Write the NDJSON request bodies to this directory; send nothing.")
+@click.option("--shard", metavar="K/N", callback=_parse_shard,
+              help="Push only part K (0-based) of N of the inputs, for Slurm arrays; the parts share the batch id.")
 def push(inputs, config_file, as_json, url, index, state_dir, insecure, embedding_version, batch_id,
-         batch_time, id_field, chunk_docs, concurrency, restart, from_line, on_error, dry_run):
+         batch_time, id_field, chunk_docs, concurrency, restart, from_line, on_error, dry_run, shard):
     """Push INPUT files (JSONL, .jsonl.gz, globs) into the cluster.
 
     Resumes by itself when a checkpoint for the same inputs exists.
@@ -95,12 +105,14 @@ def push(inputs, config_file, as_json, url, index, state_dir, insecure, embeddin
     Example:
 
         pushagent push --index words --id-field ipa_id data/*.jsonl.gz
+
+        pushagent push --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT data/*.jsonl.gz
     """
     config = load_config(config_file, _flags(url=url, index=index, state_dir=state_dir, insecure=insecure,
                                              embedding_version=embedding_version, batch_time=batch_time,
                                              id_field=id_field, chunk_docs=chunk_docs, concurrency=concurrency))
     options = PushOptions(list(inputs), batch_id=batch_id, restart=restart, from_line=from_line,
-                          on_error=on_error, dry_run=dry_run)
+                          on_error=on_error, dry_run=dry_run, shard=shard)
     run = PushRun(config, options)
     with _stop_on_signals(run):
         result = run.run()

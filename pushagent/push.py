@@ -23,9 +23,11 @@ from .chunker import Chunker, Position
 from .errors import EXIT_FAILURE, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK, ConfigError
 from .ledger import Ledger
 from .ratelimit import TokenBucket
-from .reader import InputReadError, expand_inputs, read_lines
+from .reader import InputReadError, expand_inputs, next_line_start, read_lines
 from .retry_queue import QueueItem, open_queue
 from .sender import ChunkAborted, ChunkSender, DryRunTransport, HttpTransport, TransferStats
+from .shard import Shard, file_ranges, run_key
+from .slurm_env import slurm_facts
 from .auth import authorization_header
 
 DONE_STATUSES = ("pushed", "verified", "verification_failed")
@@ -41,6 +43,7 @@ class PushOptions:
     from_line: int | None = None
     on_error: str = "continue"
     dry_run: str | None = None
+    shard: Shard | None = None
 
 
 @dataclasses.dataclass
@@ -56,6 +59,8 @@ class PushResult:
     duration_s: float
     position: Position
     error: Exception | None = None
+    shard: str = ""
+    slurm: dict = dataclasses.field(default_factory=dict)
 
     def report(self) -> dict:
         report = {"batch_id": self.batch_id, "status": self.status, **self.batch.as_dict(),
@@ -64,6 +69,7 @@ class PushResult:
                   "bytes_sent": self.stats.bytes_sent, "duration_s": round(self.duration_s, 3),
                   "docs_per_s": round(self.this_run.read / self.duration_s, 1) if self.duration_s else 0.0,
                   "position": self.position._asdict(), "statuses": self.stats.statuses}
+        report.update({key: value for key, value in (("shard", self.shard), ("slurm", self.slurm)) if value})
         if self.error:
             report["error"] = str(self.error)
         return report
@@ -116,7 +122,10 @@ class PushRun:
         self.build_settings = build_settings(config, batch_ms)
         self.settings = {"index": config.index, "index_field": config.index_field, "batch_version": batch_ms,
                          "embedding_version": config.embedding_version, "id_field": config.id_field}
+        # Shards of one batch share its id (documents, queue, sync-state), not their run state.
         self.batch_id = options.batch_id or default_batch_id(self.files, self.settings)
+        self.ranges = file_ranges(self.files, options.shard)
+        self.run_key = run_key(self.batch_id, options.shard)
         self.store = CheckpointStore(config.state_path)
         self._stop_reason = None
         self._fatal = None
@@ -124,8 +133,8 @@ class PushRun:
 
     def run(self) -> PushResult:
         if self.options.dry_run:
-            return self._execute(RunState(self.batch_id, self._fingerprints(), self.settings), queue=None)
-        with BatchLock(self.config.state_path, self.batch_id):
+            return self._execute(self._fresh_state(), queue=None)
+        with BatchLock(self.config.state_path, self.run_key):
             state = self._initial_state()
             retry_queue = open_queue(self.config.resolved_queue_url, self.config.max_attempts,
                                      self.config.max_retry_delay)
@@ -138,16 +147,24 @@ class PushRun:
         return [f.fingerprint() for f in self.files]
 
     def _initial_state(self) -> RunState:
-        state = self.store.load(self.batch_id)
-        fresh = RunState(self.batch_id, self._fingerprints(), self.settings, started_at=_now_iso())
+        state = self.store.load(self.run_key)
         if state is None or self.options.restart or self.options.from_line or state.status in DONE_STATUSES:
-            return fresh
-        if state.inputs != fresh.inputs or state.settings != fresh.settings:
+            return self._fresh_state()
+        if state.inputs != self._fingerprints() or state.settings != self.settings:
             raise ConfigError(f"batch {self.batch_id} has a checkpoint for other inputs or settings",
-                              file=str(self.store.path(self.batch_id)),
+                              file=str(self.store.path(self.run_key)),
                               hint="push the original files, use another --batch-id, or --restart")
-        state.status = "pushing"
+        state.status, state.slurm = "pushing", slurm_facts()
         return state
+
+    def _fresh_state(self) -> RunState:
+        """Nothing read yet: the position is the start of this run's first range (of its shard)."""
+        position = Position(len(self.files), 0, 0)
+        if self.ranges:
+            first = self.ranges[0]
+            position = Position(first.file_index, *next_line_start(self.files[first.file_index], first.start))
+        return RunState(self.batch_id, self._fingerprints(), self.settings, position, started_at=_now_iso(),
+                        key=self.run_key, shard=str(self.options.shard or ""), slurm=slurm_facts())
 
     def _execute(self, state: RunState, queue) -> PushResult:
         started = time.monotonic()
@@ -170,11 +187,14 @@ class PushRun:
         builder = Builder(self.build_settings)
         chunker = Chunker(self.config.chunk_docs, self.config.chunk_bytes, first_seq=committer.tracker.next_seq)
         from_line = self.options.from_line or 0
-        for file_index in range(start.file_index, len(self.files)):
+        for file_index, _, end in self.ranges:
+            if file_index < start.file_index:
+                continue
             input_file = self.files[file_index]
+            # Only a run's first range starts inside a file, and the start position already points there.
             offset, line = (start.offset, start.line) if file_index == start.file_index else (0, 0)
             try:
-                for entry in read_lines(input_file, offset, line):
+                for entry in read_lines(input_file, offset, line, end):
                     if file_index == 0 and entry.number < from_line:
                         continue
                     item = builder.build(entry.data, input_file.path, entry.number)
@@ -249,7 +269,7 @@ class PushRun:
             state.updated_at = _now_iso()
             self.store.save(state)
         return PushResult(self.batch_id, status, exit_code, batch, this_run, self.stats, duration,
-                          state.position, error)
+                          state.position, error, state.shard, state.slurm)
 
 
 class _ChunkPump:

@@ -81,8 +81,8 @@ def open_input(input_file: InputFile):
     return open(input_file.path, "rb", buffering=1024 * 1024)
 
 
-def read_lines(input_file: InputFile, offset: int = 0, line: int = 0) -> Iterator[Line]:
-    """Yield the lines after `offset` (which ends line number `line`).
+def read_lines(input_file: InputFile, offset: int = 0, line: int = 0, end: int | None = None) -> Iterator[Line]:
+    """Yield the lines after `offset` (which ends line number `line`) that start before `end`.
 
     Blank lines are skipped but counted, so line numbers match an editor's.
     """
@@ -91,6 +91,8 @@ def read_lines(input_file: InputFile, offset: int = 0, line: int = 0) -> Iterato
             if offset:
                 stream.seek(offset)
             for data in stream:
+                if end is not None and offset >= end:
+                    return
                 offset += len(data)
                 line += 1
                 if line == 1 and data.startswith(BOM):
@@ -100,3 +102,23 @@ def read_lines(input_file: InputFile, offset: int = 0, line: int = 0) -> Iterato
         except (EOFError, OSError, zlib.error) as error:
             raise InputReadError(f"cannot read past line {line}, the file is truncated or damaged: {error}",
                                  file=input_file.path, line=line + 1, hint="regenerate the file") from None
+
+
+def next_line_start(input_file: InputFile, offset: int) -> tuple[int, int]:
+    """The first line start at or after byte `offset` of a plain file, and how many lines come before it.
+
+    Counting those lines reads the file up to `offset`: line numbers stay the
+    file's own, so a shard's dead-letter entries name the right line.
+    """
+    if offset == 0:
+        return 0, 0
+    lines, remaining = 0, offset - 1
+    with open(input_file.path, "rb") as handle:
+        while remaining:
+            block = handle.read(min(remaining, 1024 * 1024))
+            if not block:
+                break
+            lines += block.count(b"\n")
+            remaining -= len(block)
+        rest = handle.readline()    # from offset - 1: just b"\n" when offset already starts a line
+    return offset - 1 + len(rest), lines + (1 if rest else 0)
