@@ -128,6 +128,7 @@ class _stop_on_signals:
     def __init__(self, run):
         self.run = run
         self._previous = {}
+        self._received = False
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -137,10 +138,19 @@ class _stop_on_signals:
 
     def _handle(self, number, frame):
         name = signal.Signals(number).name
-        log.warning("%s received: finishing requests in flight, then saving the checkpoint", name)
+        if self._received:
+            log.info("%s received: already stopping", name)
+        else:
+            log.warning("%s received: finishing requests in flight, then saving the checkpoint", name)
+        self._received = True
         self.run.request_stop(name)
 
     def __exit__(self, *exc):
+        # Once stopping, keep the handlers: the same signal often comes twice (Slurm signals every
+        # process of a job, and the batch script forwards it) and must not kill the process with the
+        # default action while it prints its report and exits 75.
+        if self._received:
+            return
         for number, handler in self._previous.items():
             signal.signal(number, handler)
 

@@ -6,6 +6,7 @@
 #     slurm/pushagent-job.sh drain
 
 PUSHAGENT_SLURM_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+_pushagent_signals=""   # the signals the job received, in order
 source "$PUSHAGENT_SLURM_DIR/site.sh"
 
 EXIT_INCOMPLETE=3     # finished, but records are queued, dead-lettered or quarantined
@@ -55,6 +56,7 @@ pushagent_run() {
 
 _pushagent_forward() {
   _pushagent_signalled=1
+  _pushagent_signals+=" $1"
   pushagent_log "SIG$1 received: forwarding it to pushagent (pid $_pushagent_child)"
   kill -s "$1" "$_pushagent_child" 2>/dev/null
 }
@@ -73,12 +75,20 @@ pushagent_push() {
   return "$status"
 }
 
-# After exit 75: requeue this job so it resumes from the checkpoint, at most PUSHAGENT_MAX_REQUEUES
-# times (SLURM_RESTART_COUNT counts them). Does not return.
+# After exit 75 (checkpoint saved): requeue this job so that it resumes from the checkpoint, at most
+# PUSHAGENT_MAX_REQUEUES times (SLURM_RESTART_COUNT counts them), when USR1 stopped it: the time
+# limit is near (--signal=B:USR1@...) or someone asked (scancel --signal=USR1 --batch). TERM means
+# scancel, the time limit itself or preemption, after which Slurm requeues the job itself or not at
+# all: the job just ends. Does not return.
 pushagent_requeue() {
   local restarts=${SLURM_RESTART_COUNT:-0}
   if [[ -z ${SLURM_JOB_ID:-} ]]; then
     pushagent_log "interrupted outside Slurm: run the same command again to resume"
+    exit "$EXIT_INTERRUPTED"
+  fi
+  if [[ $_pushagent_signals != *USR1* || $_pushagent_signals == *TERM* || $_pushagent_signals == *INT* ]]; then
+    pushagent_log "stopped by SIG${_pushagent_signals# }: not requeueing; submit the same job again to resume" \
+      "from the checkpoint"
     exit "$EXIT_INTERRUPTED"
   fi
   if (( restarts >= PUSHAGENT_MAX_REQUEUES )); then

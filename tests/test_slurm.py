@@ -222,6 +222,33 @@ def test_time_limit_signal_requeues_and_resumes_exactly(jobs, cluster_url, index
     check_verified_record(state_dir, report["batch_id"], job_id)
 
 
+def test_scancel_checkpoints_and_ends_the_job_and_submitting_again_resumes(jobs, cluster_url, index, state_dir,
+                                                                           tmp_path):
+    records = 4_000
+    data = generate(tmp_path / "words.jsonl", records)
+    timeline = Timeline(delay=0.5)
+    with FaultProxy(cluster_url, plan=timeline.plan) as proxy:
+        jobs.env["PUSHAGENT_URL"] = proxy.url
+        job_id = jobs.submit("push.sbatch", data, "--chunk-docs", "250")
+        deadline = time.monotonic() + 60
+        while len(proxy.bulk_requests()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert jobs.run("scancel", str(job_id)).returncode == 0
+        (job,) = jobs.wait(job_id)
+        first = jobs.reports(f"pushagent-{job_id}")[0]
+        assert (job["JobState"], job["Restarts"]) == ("CANCELLED", "0"), jobs.logs()
+        assert first["status"] == "interrupted" and 0 < first["read"] < records
+        assert "push exited 75" in jobs.logs() and "not requeueing" in jobs.logs()
+        timeline.delay = 0
+        again = jobs.submit("push.sbatch", data, "--chunk-docs", "250")
+        (job,) = jobs.wait(again)
+        second = jobs.reports(f"pushagent-{again}")[0]
+        assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), jobs.logs()
+        assert second["this_run"]["read"] == records - first["read"] and second["read"] == records
+        assert proxy.resent() == 0
+    assert count(cluster_url, index) == records
+
+
 def test_array_of_three_shards_then_the_verify_job(jobs, cluster_url, index, state_dir, tmp_path):
     records = 6_000
     data = generate(tmp_path / "words.jsonl", records)
