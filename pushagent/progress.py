@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 log = logging.getLogger("pushagent.progress")
 GZIP_SIZE_WRAP = 2**32
+DEFAULT_SCREEN = (120, 24)
 
 
 def estimated_size(path: str, size: int) -> int:
@@ -185,7 +186,7 @@ class LogProgress:
 class TerminalProgress:
     """A tqdm bar over input bytes, with records, docs/s and retries beside it."""
 
-    BAR_FORMAT = "{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}"
+    BAR_FORMAT = "{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
 
     def __init__(self, stream):
         self.stream = stream
@@ -195,10 +196,19 @@ class TerminalProgress:
     def started(self, run, state) -> None:
         self.tracker.started(run, state)
         snapshot = self.tracker.snapshot()
+        width, height = self._screen()
         self.bar = tqdm(total=snapshot.bytes_total, initial=snapshot.bytes_done, unit="B", unit_scale=True,
-                        unit_divisor=1024, desc=run.batch_id[:32], file=self.stream, dynamic_ncols=True,
+                        unit_divisor=1024, desc=run.batch_id[:32], file=self.stream, ncols=width, nrows=height,
                         bar_format=self.BAR_FORMAT, leave=True)
         self._show(snapshot)
+
+    def _screen(self) -> tuple:
+        """The terminal's columns and lines; a pseudo-terminal nobody sized says 0 x 0, which hides the bar."""
+        try:
+            size = os.get_terminal_size(self.stream.fileno())
+        except (OSError, ValueError):
+            return DEFAULT_SCREEN
+        return size.columns or DEFAULT_SCREEN[0], size.lines or DEFAULT_SCREEN[1]
 
     def committed(self, run, state, this_run) -> None:
         if self.bar is not None:
