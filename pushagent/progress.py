@@ -13,6 +13,7 @@ import threading
 import time
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 log = logging.getLogger("pushagent.progress")
 GZIP_SIZE_WRAP = 2**32
@@ -83,8 +84,13 @@ class Snapshot:
 
     @property
     def records_total(self) -> int | None:
-        """Records in the whole input, extrapolated from the bytes done."""
-        return round(self.records * self.bytes_total / self.bytes_done) if self.bytes_done else None
+        """Records in the whole input, extrapolated from the bytes done (3 significant digits until done)."""
+        if not self.bytes_done:
+            return None
+        estimate = self.records * self.bytes_total / self.bytes_done
+        if self.bytes_done >= self.bytes_total:
+            return self.records
+        return int(round(estimate, -max(0, len(str(round(estimate))) - 3)))
 
     def line(self) -> str:
         total = f"/~{self.records_total:,}" if self.records_total else ""
@@ -192,6 +198,7 @@ class TerminalProgress:
         self.stream = stream
         self.tracker = _Tracker()
         self.bar = None
+        self._redirect = None
 
     def started(self, run, state) -> None:
         self.tracker.started(run, state)
@@ -200,6 +207,9 @@ class TerminalProgress:
         self.bar = tqdm(total=snapshot.bytes_total, initial=snapshot.bytes_done, unit="B", unit_scale=True,
                         unit_divisor=1024, desc=run.batch_id[:32], file=self.stream, ncols=width, nrows=height,
                         bar_format=self.BAR_FORMAT, leave=True)
+        # Log lines (warnings about records) are printed above the bar instead of through it.
+        self._redirect = logging_redirect_tqdm([logging.getLogger("pushagent")])
+        self._redirect.__enter__()
         self._show(snapshot)
 
     def _screen(self) -> tuple:
@@ -226,6 +236,9 @@ class TerminalProgress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+        if self._redirect is not None:
+            self._redirect.__exit__(None, None, None)
+            self._redirect = None
 
 
 def progress_for(stream, period: float):
