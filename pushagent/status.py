@@ -229,7 +229,8 @@ def format_status(report: dict) -> str:
             lines.append("  resumes at {file} line {line}".format(**run["next_resume"]))
     synced = report["last_synced"]
     if synced:
-        lines.append(f"  last {synced['basis']}: {synced['batch_id']} at {synced['at']}, lag {_hours(report['sync_lag_s'])}")
+        lines.append(f"  last {synced['basis']}: {synced['batch_id']} at {synced['at']},"
+                     f" lag {_hours(report['sync_lag_s'])}")
     queue = report["queue"]
     lines.append(f"  queue: {queue['due']} due, {queue['later']} later, {queue['dead']} dead")
     return "\n".join(lines)
