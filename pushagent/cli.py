@@ -125,7 +125,7 @@ def status(config_file, as_json, state_dir):
 
     Example:
 
-        pushagent status --json || mail -s "pushagent needs a look" ops@example.org
+        pushagent status --json > health.json || echo "pushagent needs a look"
     """
     config = load_config(config_file, _flags(state_dir=state_dir))
     report = health_report(config)
