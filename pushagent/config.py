@@ -207,6 +207,8 @@ def validate(config: Config) -> None:
         raise ConfigError("concurrency and requests_per_minute must be positive")
     if config.max_retries < 0 or config.max_consecutive_failures < 1:
         raise ConfigError("max_retries must be >= 0 and max_consecutive_failures >= 1")
+    if config.progress_seconds <= 0 or config.push_interval <= 0:
+        raise ConfigError("progress_seconds and push_interval must be positive durations")
     _validate_url(config)
 
 

@@ -15,6 +15,8 @@ from click.testing import CliRunner
 from pushagent.checkpoint import CheckpointStore, RunState
 from pushagent.chunker import Position
 from pushagent.cli import cli
+from pushagent.config import load_config
+from pushagent.errors import ConfigError
 from pushagent.ledger import Ledger
 from pushagent.logs import JsonFormatter, redact
 from pushagent.metrics import RunFacts, chunk_size_label, registry_for
@@ -138,6 +140,12 @@ def test_status_text_is_one_verdict_line_then_details(state_dir):
     result = CliRunner().invoke(cli, ["status", "--state-dir", str(state_dir)], env={})
     assert result.exit_code == 2
     assert result.output.startswith("pushagent CRITICAL\n  critical: sync lag 30.0 h is over 24.0 h"), result.output
+
+
+def test_observability_durations_must_be_positive():
+    assert load_config(environ={"PUSHAGENT_PROGRESS_SECONDS": "2m"}).progress_seconds == 120
+    with pytest.raises(ConfigError, match="push_interval must be positive"):
+        load_config(environ={"PUSHAGENT_PUSH_INTERVAL": "0"})
 
 
 def test_gzip_size_is_estimated_from_its_trailer(tmp_path):
