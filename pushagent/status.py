@@ -181,6 +181,8 @@ def _run_reasons(report: dict) -> list:
         return []
     if run["status"] == "failed":
         return [(WARNING, f"last run of {run['batch_id']} failed: {run.get('error') or 'see its log'}")]
+    if run["status"] == "verification_failed":
+        return [(WARNING, f"verification of {run['batch_id']} failed: see `pushagent state show {run['batch_id']}`")]
     if run["status"] == "pushing" and not run["running"]:
         return [(WARNING, f"last run of {run['batch_id']} stopped without finishing: run the same command again")]
     return []

@@ -125,6 +125,17 @@ def test_status_reads_damaged_or_missing_state_defensively(state_dir):
     assert not (state_dir / "queue.db").exists()  # status creates nothing
 
 
+@pytest.mark.parametrize("run_status, message", [
+    ("failed", "last run of words-1 failed"),
+    ("verification_failed", "verification of words-1 failed"),
+])
+def test_a_failed_last_run_is_a_warning(state_dir, run_status, message):
+    write_run(state_dir, status=run_status)
+    write_sync_state(state_dir, "words-0", "verified", HOUR)
+    code, report = status(state_dir)
+    assert code == 1 and [r["message"] for r in report["reasons"]][0].startswith(message), report
+
+
 def test_a_pushing_run_without_its_process_is_a_warning(state_dir):
     write_run(state_dir, "words-3", status="pushing", position=Position(0, 10, 1))
     (state_dir / "runs" / "words-3.lock").write_text("999999999")
