@@ -234,5 +234,6 @@ def format_status(report: dict) -> str:
         lines.append(f"  last {synced['basis']}: {synced['batch_id']} at {synced['at']},"
                      f" lag {_hours(report['sync_lag_s'])}")
     queue = report["queue"]
-    lines.append(f"  queue: {queue['due']} due, {queue['later']} later, {queue['dead']} dead")
+    due, later, dead = ("?" if queue.get(k) is None else queue[k] for k in ("due", "later", "dead"))
+    lines.append(f"  queue: {due} due, {later} later, {dead} dead")
     return "\n".join(lines)
