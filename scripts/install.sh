@@ -20,6 +20,7 @@ retry() {
 declare -A PACKAGES=(
   [java]=openjdk-17-jre-headless [mvn]=maven [unzip]=unzip [curl]=curl
   [sbatch]=slurm-wlm [munge]=munge
+  [prometheus-pushgateway]=prometheus-pushgateway
 )
 missing=()
 for command in "${!PACKAGES[@]}"; do

@@ -5,7 +5,9 @@ import random
 import orjson
 import pytest
 
+from pushagent.chunker import Position
 from pushagent.errors import ConfigError
+from pushagent.progress import bytes_done, bytes_total
 from pushagent.reader import describe_file, next_line_start, read_lines
 from pushagent.shard import FileRange, Shard, file_ranges, parse_shard, run_key
 from pushagent.slurm_env import slurm_facts
@@ -109,3 +111,13 @@ def test_sharded_dry_runs_send_every_record_once_under_one_batch_id(tmp_path, st
         ids += [orjson.loads(action)["index"]["_id"] for action in bodies[::2]]
     assert len(batch_ids) == 1
     assert sorted(ids) == [f"w{n:08d}" for n in range(1_000 * files)]
+
+
+def test_progress_counts_only_the_shards_part(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(b"x" * 99 + b"\n")
+    files = [describe_file(str(path))] * 2
+    ranges = file_ranges(files, Shard(1, 4))     # bytes 50-99 of 200, then none of the second file
+    assert bytes_total([100, 100], ranges) == 50
+    assert [bytes_done([100, 100], Position(0, offset, 0), ranges) for offset in (0, 60, 100)] == [0, 10, 50]
+    assert bytes_done([100, 100], Position(1, 0, 0), None) == bytes_total([100, 100]) - 100
