@@ -165,4 +165,7 @@ def stop_pid_file(path: Path, seconds: float = 15) -> None:
         except OSError:
             return
         time.sleep(0.1)
-    os.kill(pid, signal.SIGKILL)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass

@@ -186,39 +186,55 @@ def preemption_timings(log: str, timeline: Timeline) -> dict:
             "rerun_start_to_first_request": resumed - restarted, "signal_to_resumed_request": resumed - signalled}
 
 
+def wait_for_requests(proxy, number: int, seconds: float = 60) -> None:
+    """Until the proxy has seen `number` bulk requests: a slowed push is then mid-way."""
+    deadline = time.monotonic() + seconds
+    while len(proxy.bulk_requests()) < number:
+        assert time.monotonic() < deadline, f"fewer than {number} bulk requests within {seconds} s"
+        time.sleep(0.05)
+
+
 def print_timings(what: str, timings: dict) -> None:
     print(f"\n{what}: " + ", ".join(f"{key} {value:.1f} s" for key, value in timings.items()))
 
 
-def test_usr1_mid_push_checkpoints_requeues_and_resumes_exactly(jobs, cluster_url, index, state_dir, tmp_path):
-    records = 6_000
-    data = generate(tmp_path / "words.jsonl", records)
-    timeline = Timeline(delay=0.5)
+def preempted_push(jobs, cluster_url, index, state_dir, data, records, delay, label, interrupt=None, extra=(),
+                   options=()):
+    """Submit push.sbatch through a slowed proxy, `interrupt(job_id, proxy)` it, check the resumed run.
+
+    Prints what the preemption cost; returns the last run's report.
+    """
+    timeline = Timeline(delay)
     with FaultProxy(cluster_url, plan=timeline.plan) as proxy:
         jobs.env["PUSHAGENT_URL"] = proxy.url
-        job_id = jobs.submit("push.sbatch", data, "--chunk-docs", "300")
-        deadline = time.monotonic() + 60
-        while len(proxy.bulk_requests()) < 4 and time.monotonic() < deadline:
-            time.sleep(0.05)
         speed_up_when_interrupted(state_dir, timeline)
+        job_id = jobs.submit("push.sbatch", data, *extra, options=options)
+        if interrupt:
+            interrupt(job_id, proxy)
+        log, report = check_resumed_exactly(jobs, job_id, records, cluster_url, index, proxy)
+    print_timings(label, preemption_timings(log, timeline))
+    return job_id, report
+
+
+def test_usr1_mid_push_checkpoints_requeues_and_resumes_exactly(jobs, cluster_url, index, state_dir, tmp_path):
+    def usr1(job_id, proxy):
+        wait_for_requests(proxy, 4)
         sent = jobs.run("scancel", "--signal=USR1", "--batch", str(job_id))
         assert sent.returncode == 0, sent.stderr
-        log, report = check_resumed_exactly(jobs, job_id, records, cluster_url, index, proxy)
-    print_timings("scancel --signal=USR1 --batch", preemption_timings(log, timeline))
+
+    data = generate(tmp_path / "words.jsonl", 6_000)
+    job_id, report = preempted_push(jobs, cluster_url, index, state_dir, data, 6_000, delay=0.5,
+                                    label="scancel --signal=USR1 --batch", interrupt=usr1,
+                                    extra=["--chunk-docs", "300"])
     check_verified_record(state_dir, report["batch_id"], job_id)
 
 
 def test_time_limit_signal_requeues_and_resumes_exactly(jobs, cluster_url, index, state_dir, tmp_path):
     # 45 slow requests would take about 70 s, more than --time=1 allows: Slurm's USR1 comes mid-push.
-    records = 9_000
-    data = generate(tmp_path / "words.jsonl", records)
-    timeline = Timeline(delay=3)
-    with FaultProxy(cluster_url, plan=timeline.plan) as proxy:
-        jobs.env["PUSHAGENT_URL"] = proxy.url
-        speed_up_when_interrupted(state_dir, timeline)
-        job_id = jobs.submit("push.sbatch", data, "--chunk-docs", "200", options=["--time=1", "--signal=B:USR1@30"])
-        log, report = check_resumed_exactly(jobs, job_id, records, cluster_url, index, proxy)
-    print_timings("--signal=B:USR1@30 with --time=1", preemption_timings(log, timeline))
+    data = generate(tmp_path / "words.jsonl", 9_000)
+    job_id, report = preempted_push(jobs, cluster_url, index, state_dir, data, 9_000, delay=3,
+                                    label="--signal=B:USR1@30 with --time=1", extra=["--chunk-docs", "200"],
+                                    options=["--time=1", "--signal=B:USR1@30"])
     check_verified_record(state_dir, report["batch_id"], job_id)
 
 
@@ -230,9 +246,7 @@ def test_scancel_checkpoints_and_ends_the_job_and_submitting_again_resumes(jobs,
     with FaultProxy(cluster_url, plan=timeline.plan) as proxy:
         jobs.env["PUSHAGENT_URL"] = proxy.url
         job_id = jobs.submit("push.sbatch", data, "--chunk-docs", "250")
-        deadline = time.monotonic() + 60
-        while len(proxy.bulk_requests()) < 3 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for_requests(proxy, 3)
         assert jobs.run("scancel", str(job_id)).returncode == 0
         (job,) = jobs.wait(job_id)
         first = jobs.reports(f"pushagent-{job_id}")[0]
