@@ -9,6 +9,7 @@ PUSHAGENT_SLURM_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 _pushagent_signals=""   # the signals the job received, in order
 source "$PUSHAGENT_SLURM_DIR/site.sh"
 
+# shellcheck disable=SC2034  # for the templates
 EXIT_INCOMPLETE=3     # finished, but records are queued, dead-lettered or quarantined
 EXIT_INTERRUPTED=75   # stopped by a signal after a clean checkpoint: run again to resume
 
@@ -48,7 +49,9 @@ pushagent_run() {
     wait "$_pushagent_child"
     status=$?
     # A trapped signal ends `wait` early (status > 128) while pushagent still runs: wait again.
-    (( status > 128 )) && [[ -n $_pushagent_signalled ]] || break
+    if (( status <= 128 )) || [[ -z $_pushagent_signalled ]]; then
+      break
+    fi
   done
   trap - USR1 TERM INT
   return "$status"

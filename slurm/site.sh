@@ -10,7 +10,7 @@ PUSHAGENT_MAIL_USER=${PUSHAGENT_MAIL_USER:-}              # --mail-user; empty: 
 
 # inside every job
 PUSHAGENT_ACTIVATE=${PUSHAGENT_ACTIVATE:-}   # e.g. 'module load python/3.11 && source ~/venvs/pushagent/bin/activate'
-PUSHAGENT_CMD=${PUSHAGENT_CMD:-pushagent}    # the command once activated, e.g. 'python3 -m pushagent'
-PUSHAGENT_CONFIG=${PUSHAGENT_CONFIG:-}       # --config FILE; empty: ./pushagent.yaml, then ~/.config/pushagent/config.yaml
+PUSHAGENT_CMD=${PUSHAGENT_CMD:-pushagent}    # the command, once activated (or e.g. "python3 -m pushagent")
+PUSHAGENT_CONFIG=${PUSHAGENT_CONFIG:-}       # --config FILE; empty: pushagent's own search (./pushagent.yaml, ...)
 PUSHAGENT_MAX_REQUEUES=${PUSHAGENT_MAX_REQUEUES:-5}  # requeues of an interrupted push before the job gives up
 PUSHAGENT_REPORT_DIR=${PUSHAGENT_REPORT_DIR:-.}      # each run's JSON report; "." is beside the %x-%j.out log
