@@ -70,6 +70,12 @@ class SlurmCluster:
         self._started_munged = None
 
     def start(self) -> "SlurmCluster":
+        try:
+            return self._start()
+        except (OSError, subprocess.SubprocessError) as error:
+            raise SlurmUnavailable(f"{type(error).__name__}: {error}") from None
+
+    def _start(self) -> "SlurmCluster":
         missing = [name for name, path in DAEMONS.items() if not os.access(path, os.X_OK)]
         missing += [name for name in ("sbatch", "munge", "unmunge") if not shutil.which(name)]
         if missing:

@@ -9,6 +9,7 @@ shows that no committed line was read again.
 
 import json
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -25,6 +26,41 @@ from support import ROOT, agent_env, count, generate
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                 "DEADLINE"}
 LOG_LINE = re.compile(r"^(\S+Z) pushagent-job: (.*)$", re.M)
+
+
+FAKE_PUSHAGENT = """#!/bin/bash
+# Stands in for pushagent: runs until a stop signal, then exits 75 like an interrupted push.
+trap 'echo "fake: got USR1"; exit 75' USR1
+trap 'echo "fake: got TERM"; exit 75' TERM
+echo started
+while :; do sleep 0.05; done
+"""
+JOB = """source slurm/pushagent-job.sh
+pushagent_run push
+status=$?
+(( status != EXIT_INTERRUPTED )) || pushagent_requeue
+exit "$status"
+"""
+
+
+@pytest.mark.parametrize("name,requeued", [("USR1", True), ("TERM", False)])
+def test_the_job_library_forwards_the_signal_and_requeues_only_after_usr1(tmp_path, name, requeued):
+    """Without Slurm: a fake pushagent and a fake scontrol show what the batch script does."""
+    for command, text in (("pushagent", FAKE_PUSHAGENT), ("scontrol", f'#!/bin/sh\necho "$@" > {tmp_path}/calls\n')):
+        (tmp_path / command).write_text(text)
+        (tmp_path / command).chmod(0o755)
+    env = {**agent_env(), "PATH": f"{tmp_path}:/usr/bin:/bin", "SLURM_JOB_ID": "7", "PUSHAGENT_CMD": "pushagent"}
+    job = subprocess.Popen(["bash", "-c", JOB], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    assert job.stdout.readline() == "started\n"
+    job.send_signal(getattr(signal, f"SIG{name}"))
+    out, err = job.communicate(timeout=30)
+    assert f"SIG{name} received: forwarding it to pushagent" in err and f"fake: got {name}" in out
+    calls = tmp_path / "calls"
+    if requeued:
+        assert job.returncode == 0 and calls.read_text() == "requeue 7\n", err
+    else:
+        assert job.returncode == 75 and not calls.exists() and "not requeueing" in err, err
 
 
 @pytest.fixture(scope="session")
