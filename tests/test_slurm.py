@@ -43,13 +43,19 @@ exit "$status"
 """
 
 
+def fake_commands(directory: Path, **scripts) -> dict:
+    """Write executable stand-ins (name=text) into `directory`; an environment that finds them first."""
+    for name, text in scripts.items():
+        (directory / name).write_text(text)
+        (directory / name).chmod(0o755)
+    return {**agent_env(), "PATH": f"{directory}:/usr/bin:/bin"}
+
+
 @pytest.mark.parametrize("name,requeued", [("USR1", True), ("TERM", False)])
 def test_the_job_library_forwards_the_signal_and_requeues_only_after_usr1(tmp_path, name, requeued):
     """Without Slurm: a fake pushagent and a fake scontrol show what the batch script does."""
-    for command, text in (("pushagent", FAKE_PUSHAGENT), ("scontrol", f'#!/bin/sh\necho "$@" > {tmp_path}/calls\n')):
-        (tmp_path / command).write_text(text)
-        (tmp_path / command).chmod(0o755)
-    env = {**agent_env(), "PATH": f"{tmp_path}:/usr/bin:/bin", "SLURM_JOB_ID": "7", "PUSHAGENT_CMD": "pushagent"}
+    env = fake_commands(tmp_path, pushagent=FAKE_PUSHAGENT, scontrol=f'#!/bin/sh\necho "$@" > {tmp_path}/calls\n')
+    env.update({"SLURM_JOB_ID": "7", "PUSHAGENT_CMD": "pushagent"})
     job = subprocess.Popen(["bash", "-c", JOB], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True)
     assert job.stdout.readline() == "started\n"
@@ -61,6 +67,23 @@ def test_the_job_library_forwards_the_signal_and_requeues_only_after_usr1(tmp_pa
         assert job.returncode == 0 and calls.read_text() == "requeue 7\n", err
     else:
         assert job.returncode == 75 and not calls.exists() and "not requeueing" in err, err
+
+
+def test_submit_sh_passes_the_site_options_and_chains_the_verify_job(tmp_path):
+    """Without Slurm: a fake sbatch records the options submit.sh gives and answers job ids 1, 2, 3."""
+    calls = tmp_path / "calls"
+    env = fake_commands(tmp_path, sbatch=f'#!/bin/sh\necho "$@" >> {calls}\necho "$(wc -l < {calls});test"\n')
+    env.update({"PUSHAGENT_ACCOUNT": "proj0042", "PUSHAGENT_MAIL_TYPE": "FAIL"})
+    submit, site = str(ROOT / "slurm" / "submit.sh"), "--parsable --account=proj0042 --mail-type=FAIL"
+    array = subprocess.run([submit, "-n", "3", "-b", "b1", "in.jsonl", "--index", "words"], env=env,
+                           capture_output=True, text=True)
+    single = subprocess.run([submit, "-n", "1", "in.jsonl"], env=env, capture_output=True, text=True)
+    assert array.stdout.split() == ["batch_id=b1", "array_job=1", "verify_job=2"], array.stderr
+    assert single.stdout.split() == ["push_job=3"], single.stderr
+    assert calls.read_text().splitlines() == [
+        f"{site} --array=0-2 {ROOT}/slurm/push-array.sbatch in.jsonl --index words --batch-id b1",
+        f"{site} --dependency=afterok:1 --kill-on-invalid-dep=yes {ROOT}/slurm/verify.sbatch b1",
+        f"{site} {ROOT}/slurm/push.sbatch in.jsonl"]
 
 
 @pytest.fixture(scope="session")
@@ -314,7 +337,7 @@ def test_array_of_three_shards_then_the_verify_job(jobs, cluster_url, index, sta
     records = 6_000
     data = generate(tmp_path / "words.jsonl", records)
     with FaultProxy(cluster_url) as proxy:
-        jobs.env["PUSHAGENT_URL"] = proxy.url
+        jobs.env.update({"PUSHAGENT_URL": proxy.url, "PUSHAGENT_MAIL_TYPE": "FAIL"})
         submitted = jobs.run(str(ROOT / "slurm" / "submit.sh"), "-n", "3", "-b", "words-array", str(data),
                              "--chunk-docs", "500")
         assert submitted.returncode == 0, submitted.stderr
@@ -324,7 +347,7 @@ def test_array_of_three_shards_then_the_verify_job(jobs, cluster_url, index, sta
         tasks = jobs.wait(ids["array_job"])
         id_counts = proxy.id_counts()
     log = jobs.logs()
-    assert [(t["JobState"], t["ExitCode"]) for t in tasks] == [("COMPLETED", "0:0")] * 3, log
+    assert [(t["JobState"], t["ExitCode"], t["MailType"]) for t in tasks] == [("COMPLETED", "0:0", "FAIL")] * 3, log
     assert (verify[0]["JobState"], verify[0]["ExitCode"]) == ("COMPLETED", "0:0"), log
     assert set(id_counts.values()) == {1} and len(id_counts) == records
     reports = [jobs.reports(f"pushagent-shard-{ids['array_job']}_{task}")[0] for task in range(3)]
