@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Site settings of the pushagent Slurm jobs: the one file a site edits.
 # Every value can also be set in the environment of the shell that submits.
 # Read by submit.sh (the sbatch options) and by every job, through pushagent-job.sh.
