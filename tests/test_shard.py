@@ -1,6 +1,10 @@
-"""`--shard K/N`: the split, the reader's ranges, Slurm facts; and sharded dry runs of the real CLI."""
+"""`--shard K/N`: the split, the reader's ranges, Slurm facts; sharded runs of the real CLI (dry and against OpenSearch)."""
 
+import json
 import random
+import signal
+import subprocess
+import time
 
 import orjson
 import pytest
@@ -11,7 +15,8 @@ from pushagent.progress import bytes_done, bytes_total
 from pushagent.reader import describe_file, next_line_start, read_lines
 from pushagent.shard import FileRange, Shard, file_ranges, parse_shard, run_key
 from pushagent.slurm_env import slurm_facts
-from support import generate, run_push
+from faultproxy import Fault, FaultProxy
+from support import agent_env, generate, push_command, run_push
 
 
 def read_shard(files, shard):
@@ -121,3 +126,24 @@ def test_progress_counts_only_the_shards_part(tmp_path):
     assert bytes_total([100, 100], ranges) == 50
     assert [bytes_done([100, 100], Position(0, offset, 0), ranges) for offset in (0, 60, 100)] == [0, 10, 50]
     assert bytes_done([100, 100], Position(1, 0, 0), None) == bytes_total([100, 100]) - 100
+
+
+def test_an_interrupted_shard_resumes_inside_its_own_range(cluster_url, index, state_dir, tmp_path):
+    data = generate(tmp_path / "words.jsonl", 4_000)
+    mine = [orjson.loads(line)["ipa_id"] for _, _, line in read_shard([describe_file(str(data))], Shard(1, 2))]
+    extra = ["--shard", "1/2", "--chunk-docs", "200"]
+    with FaultProxy(cluster_url, plan=lambda request: Fault.delay(0.2) if request.ids else None) as proxy:
+        process = subprocess.Popen(push_command(proxy.url, index, state_dir, data, extra=extra),
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=agent_env())
+        while len(proxy.bulk_requests()) < 3 and process.poll() is None:
+            time.sleep(0.02)
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=60)
+        assert process.returncode == 75, stderr
+        first = json.loads(stdout)
+        code, second, stderr = run_push(proxy.url, index, state_dir, data, extra=extra)
+        sent = proxy.id_counts()
+    assert code == 0, stderr
+    assert 0 < first["read"] < len(mine) and second["this_run"]["read"] == len(mine) - first["read"]
+    assert sorted(sent) == sorted(mine) and set(sent.values()) == {1}
+    assert (state_dir / "runs" / f"{first['batch_id']}.shard-1-of-2.json").exists()
