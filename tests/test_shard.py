@@ -1,4 +1,4 @@
-"""`--shard K/N`: the split, the reader's ranges, Slurm facts; sharded runs of the real CLI (dry and against OpenSearch)."""
+"""`--shard K/N`: the split, the reader's ranges, Slurm facts; sharded runs of the CLI, dry and real."""
 
 import json
 import random
