@@ -24,6 +24,7 @@ from . import __version__
 from .chunker import bulk_body
 from .classifier import CURRENT, INDEXED, PERMANENT, RETRYABLE, classify_item, request_outcome
 from .errors import AuthError, ClusterUnavailableError, PushAgentError
+from .security import tls_failure
 
 # Only what the classifier reads: a 5000-item answer stays small.
 BULK_FILTER = "errors,items.*.status,items.*.error.type,items.*.error.reason"
@@ -107,8 +108,8 @@ class HttpTransport:
             self.stats.record_request(reply.status_code, len(body), len(payload), time.monotonic() - started)
             return _parse_reply(reply)
         except requests.exceptions.SSLError as error:
-            raise PushAgentError(f"TLS handshake with {self.config.url} failed: {_first_line(error)}",
-                                 hint="check ca_bundle and the host name in url; run `pushagent doctor`") from None
+            message, hint = tls_failure(error, self.config.url)
+            raise PushAgentError(message, hint=hint + "; `pushagent doctor` shows the certificate") from None
         except (requests.RequestException, OSError) as error:
             session.close()
             raise TransportFailure(f"{type(error).__name__}: {_first_line(error)}") from None
@@ -177,6 +178,18 @@ def parse_retry_after(value: str | None) -> float | None:
         return None
 
 
+def auth_refused(status: int) -> AuthError:
+    """The error that stops a push on a whole-request 401 or 403 (the checkpoint is kept)."""
+    if status == 401:
+        return AuthError("the cluster refused the credentials (HTTP 401): the API key is missing, wrong, "
+                         "expired or revoked",
+                         hint="run `pushagent doctor` (check: authentication); the checkpoint is kept, "
+                              "run the same command again once fixed")
+    return AuthError(f"the key may not write to the target index (HTTP {status})",
+                     hint="run `pushagent doctor` (check: privileges) and ask for read and write on the index; "
+                          "the checkpoint is kept, run the same command again once fixed")
+
+
 def _first_line(error) -> str:
     return str(error).splitlines()[0][:300] if str(error) else type(error).__name__
 
@@ -243,8 +256,7 @@ class ChunkSender:
             if kind == "too_large":
                 return self._split(pending, outcome)
             if kind == "auth":
-                raise AuthError(f"the cluster refused the request with HTTP {response.status}: {response.text[:200]}",
-                                hint="check the API key and its privileges with `pushagent doctor`")
+                raise auth_refused(response.status)
             if kind != "ok" or len(response.items) != len(pending):
                 last_error = self._whole_failure(self._describe(response, len(pending)))
                 retry_after = response.retry_after
