@@ -15,30 +15,9 @@ from pushagent.auth import authorization_header
 from pushagent.config import Config, load_config
 from pushagent.errors import ConfigError
 from pushagent.security import RedactingFormatter, insecure_warning, redact, register_secret
-from tlsnginx import Nginx, TestCertificates
+from tlsnginx import Nginx
 
-# A recognisable key in the usual encoded form: base64("<id>:<secret>").
-KEY_ID, KEY_SECRET = "canaryid7Q", "canary-secret-5b9e0d4c"
-KEY = base64.b64encode(f"{KEY_ID}:{KEY_SECRET}".encode()).decode()
-READONLY_KEY = base64.b64encode(b"readonly:canary-readonly-77").decode()
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    return TestCertificates(tmp_path_factory.mktemp("certs"))
-
-
-@pytest.fixture(scope="module")
-def nginx(tmp_path_factory, certs, cluster_url):
-    with Nginx(tmp_path_factory.mktemp("nginx"), certs, cluster_url, KEY, readonly_key=READONLY_KEY) as server:
-        yield server
-
-
-def tls_env(certs, key=KEY, **extra) -> dict:
-    env = {"PUSHAGENT_CA_BUNDLE": str(certs.ca), **extra}
-    if key:
-        env["PUSHAGENT_API_KEY"] = key
-    return env
+from tlsnginx import KEY, KEY_ID, KEY_SECRET, READONLY_KEY, certs, nginx, tls_env  # noqa: F401 (fixtures)
 
 
 # -- key handling -----------------------------------------------------------------------------------------

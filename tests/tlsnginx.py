@@ -8,6 +8,7 @@ nginx runs with its own prefix, pid file, error log and temp paths under the
 test's directory and is stopped by its PID.
 """
 
+import base64
 import datetime
 import os
 import shutil
@@ -17,12 +18,37 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 VARIANTS = ("good", "expired", "wronghost")
+# A recognisable key in the usual encoded form: base64("<id>:<secret>").
+KEY_ID, KEY_SECRET = "canaryid7Q", "canary-secret-5b9e0d4c"
+KEY = base64.b64encode(f"{KEY_ID}:{KEY_SECRET}".encode()).decode()
+READONLY_KEY = base64.b64encode(b"readonly:canary-readonly-77").decode()
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    return TestCertificates(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture(scope="module")
+def nginx(tmp_path_factory, certs, cluster_url):
+    """nginx accepting KEY (READONLY_KEY gets 403 on _bulk) in front of the test cluster."""
+    with Nginx(tmp_path_factory.mktemp("nginx"), certs, cluster_url, KEY, readonly_key=READONLY_KEY) as server:
+        yield server
+
+
+def tls_env(certs, key=KEY, **extra) -> dict:
+    """Agent environment trusting the test CA and sending `key`."""
+    env = {"PUSHAGENT_CA_BUNDLE": str(certs.ca), **extra}
+    if key:
+        env["PUSHAGENT_API_KEY"] = key
+    return env
 
 
 def _name(common_name: str) -> x509.Name:
@@ -178,6 +204,7 @@ http {{
         server_name localhost;
         ssl_certificate {self.certs.cert(variant)};
         ssl_certificate_key {self.certs.key(variant)};
+        ssl_protocols TLSv1.2 TLSv1.3;
         location /_bulk {{ {readonly} {self._proxy()} }}
         location / {{ {self._proxy()} }}
     }}"""
