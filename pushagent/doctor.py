@@ -80,11 +80,13 @@ class Doctor:
         root, reach = self._reachability()
         checks.append(reach)
         if reach.status == FAIL:
-            checks += [Check(name, SKIP, "the cluster is not reachable")
-                       for name in ("authentication", "cluster", "clock", "privileges", "index")]
+            checks += _skipped(("authentication", "cluster", "clock", "privileges", "index"),
+                               "the cluster is not reachable")
         else:
-            checks += [self._authentication(root), self._cluster(root), self._clock(root)]
-            checks += self._index_checks(root)
+            auth = self._authentication(root)
+            checks += [auth, self._cluster(root), self._clock(root)]
+            checks += (_skipped(("privileges", "index"), "authentication failed") if auth.status == FAIL
+                       else self._index_checks())
         checks += [self._queue(), self._state_dir()]
         return checks
 
@@ -132,9 +134,9 @@ class Doctor:
         started = time.monotonic()
         try:
             reply = self.session.get(self.base + "/", timeout=TIMEOUT)
-        except requests.exceptions.SSLError as error:
-            message, _ = tls_failure(error, self.config.url)
-            return root, Check("reachability", FAIL, message)
+        except requests.exceptions.SSLError:
+            return root, Check("reachability", FAIL, f"no answer from {self.base}: the TLS handshake failed "
+                                                     "(see the tls check)")
         except requests.RequestException as error:
             reason = str(error).splitlines()[0][:200]
             return root, Check("reachability", FAIL, f"cannot reach {self.base}: {type(error).__name__}: {reason}")
@@ -182,7 +184,7 @@ class Doctor:
 
     # -- indices --------------------------------------------------------------------------------------
 
-    def _index_checks(self, root: _Root) -> list[Check]:
+    def _index_checks(self) -> list[Check]:
         indices = sorted(self.config.allowed)
         if not indices:
             return [Check("index", FAIL, "no target index: set index or allowed_indices")]
@@ -285,6 +287,10 @@ class Doctor:
         if free < MIN_FREE_BYTES:
             return Check("state_dir", FAIL, detail + ": too little room for checkpoints and the queue")
         return Check("state_dir", WARN if free < LOW_FREE_BYTES else OK, detail)
+
+
+def _skipped(names, reason: str) -> list[Check]:
+    return [Check(name, SKIP, reason) for name in names]
 
 
 def _judge_privileges(index: str, granted: dict) -> Check:

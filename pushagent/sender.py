@@ -12,6 +12,7 @@ import email.utils
 import gzip
 import itertools
 import queue
+import ssl
 import threading
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ from . import __version__
 from .chunker import bulk_body
 from .classifier import CURRENT, INDEXED, PERMANENT, RETRYABLE, classify_item, request_outcome
 from .errors import AuthError, ClusterUnavailableError, PushAgentError
-from .security import tls_failure
+from .security import find_ssl_error, tls_failure
 
 # Only what the classifier reads: a 5000-item answer stays small.
 BULK_FILTER = "errors,items.*.status,items.*.error.type,items.*.error.reason"
@@ -108,6 +109,9 @@ class HttpTransport:
             self.stats.record_request(reply.status_code, len(body), len(payload), time.monotonic() - started)
             return _parse_reply(reply)
         except requests.exceptions.SSLError as error:
+            if not isinstance(find_ssl_error(error), ssl.SSLCertVerificationError):
+                session.close()  # a handshake cut short is a connection failure: retried
+                raise TransportFailure(f"SSLError: {_first_line(error)}") from None
             message, hint = tls_failure(error, self.config.url)
             raise PushAgentError(message, hint=hint + "; `pushagent doctor` shows the certificate") from None
         except (requests.RequestException, OSError) as error:

@@ -147,6 +147,7 @@ def test_doctor_through_nginx_names_wrong_key_and_bad_certificate(nginx, certs, 
     env = tls_env(certs, key="d3Jvbmc6a2V5", PUSHAGENT_STATE_DIR=str(tmp_path))
     code, checks = doctor_via(nginx.url(), env)
     assert code == 1 and checks["authentication"][0] == "fail"
+    assert checks["privileges"] == ("skip", "authentication failed")
     code, checks = doctor_via(nginx.url("expired"), tls_env(certs, PUSHAGENT_STATE_DIR=str(tmp_path)))
     assert code == 1 and checks["tls"][0] == "fail" and "has expired" in checks["tls"][1]
     assert checks["reachability"][0] == "fail" and checks["authentication"][0] == "skip"
