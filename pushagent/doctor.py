@@ -23,7 +23,7 @@ from . import __version__
 from .auth import authorization_header, scheme_name
 from .errors import PushAgentError
 from .retry_queue import open_queue
-from .security import find_ssl_error, tls_failure
+from .security import find_ssl_error, secure_session, tls_failure, trust_context
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
 TIMEOUT = 15
@@ -69,9 +69,7 @@ class Doctor:
         self.config = config
         self.environ = os.environ if environ is None else environ
         self.base = config.url.rstrip("/")
-        self.session = requests.Session()
-        self.session.trust_env = False
-        self.session.verify = config.ca_bundle or True
+        self.session = secure_session(config.ca_bundle)
         self.session.headers["User-Agent"] = f"pushagent/{__version__} doctor"
         self.distribution = None
 
@@ -116,7 +114,7 @@ class Doctor:
             return Check("tls", FAIL, f"{message}; {hint}")
 
     def _handshake(self, host: str, port: int) -> tuple[str, str]:
-        context = ssl.create_default_context(cafile=self.config.ca_bundle)
+        context = trust_context(self.config.ca_bundle)
         with socket.create_connection((host, port), timeout=TIMEOUT) as raw:
             with context.wrap_socket(raw, server_hostname=host) as tls:
                 cert, version = tls.getpeercert(), tls.version()

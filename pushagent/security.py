@@ -12,6 +12,8 @@ import ssl
 import threading
 from urllib.parse import urlsplit
 
+import requests
+
 from .config import is_loopback
 
 REDACTED = "[REDACTED]"
@@ -114,3 +116,26 @@ def find_ssl_error(error: BaseException) -> BaseException | None:
                   current.__context__]
         todo.extend(item for item in linked if isinstance(item, BaseException))
     return None
+
+
+class _ContextAdapter(requests.adapters.HTTPAdapter):
+    def __init__(self, context: ssl.SSLContext):
+        self._context = context
+        super().__init__()
+
+    def init_poolmanager(self, *args, **kwargs):
+        kwargs["ssl_context"] = self._context
+        return super().init_poolmanager(*args, **kwargs)
+
+
+def trust_context(ca_bundle: str | None) -> ssl.SSLContext:
+    """The system's trusted CAs plus those of `ca_bundle`; verification and host names always checked."""
+    return ssl.create_default_context(cafile=ca_bundle)
+
+
+def secure_session(ca_bundle: str | None) -> requests.Session:
+    """A Session that verifies TLS against `trust_context` and ignores proxies and .netrc from the environment."""
+    session = requests.Session()
+    session.trust_env = False  # never pick up a .netrc or proxy the user did not configure
+    session.mount("https://", _ContextAdapter(trust_context(ca_bundle)))
+    return session

@@ -25,7 +25,7 @@ from . import __version__
 from .chunker import bulk_body
 from .classifier import CURRENT, INDEXED, PERMANENT, RETRYABLE, classify_item, request_outcome
 from .errors import AuthError, ClusterUnavailableError, PushAgentError
-from .security import find_ssl_error, tls_failure
+from .security import find_ssl_error, secure_session, tls_failure
 
 # Only what the classifier reads: a 5000-item answer stays small.
 BULK_FILTER = "errors,items.*.status,items.*.error.type,items.*.error.reason"
@@ -96,7 +96,6 @@ class HttpTransport:
         if config.compress:
             self._headers["Content-Encoding"] = "gzip"
         self._sessions = queue.LifoQueue()
-        self._verify = config.ca_bundle or True
 
     def post(self, body: bytes) -> BulkResponse:
         payload = gzip.compress(body, self.config.compress_level) if self.config.compress else body
@@ -104,7 +103,7 @@ class HttpTransport:
         started = time.monotonic()
         try:
             reply = session.post(self.url, params={"filter_path": BULK_FILTER}, data=payload,
-                                 headers=self._headers, verify=self._verify,
+                                 headers=self._headers,
                                  timeout=(CONNECT_TIMEOUT, self.config.timeout_seconds))
             self.stats.record_request(reply.status_code, len(body), len(payload), time.monotonic() - started)
             return _parse_reply(reply)
@@ -124,9 +123,7 @@ class HttpTransport:
         try:
             return self._sessions.get_nowait()
         except queue.Empty:
-            session = requests.Session()
-            session.trust_env = False  # never pick up a .netrc or proxy the user did not configure
-            return session
+            return secure_session(self.config.ca_bundle)
 
 
 class DryRunTransport:
