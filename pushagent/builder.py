@@ -58,6 +58,7 @@ class BuildSettings:
     embedding_version_field: str = "embedding_version"
     timestamp_field: str = "last_updated"
     checksum_field: str = "sync_checksum"
+    max_record_bytes: int = 50 * 1024**2
 
     @property
     def stamped_fields(self) -> tuple:
@@ -95,6 +96,10 @@ class Builder:
         return orjson.dumps(stamps)[1:-1] + b"," + orjson.dumps(settings.checksum_field) + b":"
 
     def build(self, raw: bytes, file: str, line: int) -> Doc | Rejected:
+        if len(raw) > self.settings.max_record_bytes:
+            # It could never fit in a request: refuse it before spending memory on parsing it.
+            return Rejected(f"record of {len(raw)} bytes is larger than chunk_bytes "
+                            f"({self.settings.max_record_bytes}): split it or raise chunk_bytes", raw[:1024], file, line)
         try:
             record = orjson.loads(raw)
         except orjson.JSONDecodeError as error:

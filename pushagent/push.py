@@ -9,6 +9,7 @@ the one being filled.
 
 import dataclasses
 import hashlib
+import logging
 import queue
 import re
 import threading
@@ -28,6 +29,8 @@ from .sender import ChunkAborted, ChunkSender, DryRunTransport, HttpTransport, T
 from .auth import authorization_header
 
 DONE_STATUSES = ("pushed", "verified", "verification_failed")
+MAX_WARNINGS = 20
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -96,14 +99,16 @@ def build_settings(config, batch_ms: int) -> BuildSettings:
         batch_time_iso=iso_utc_from_ms(batch_ms), version_field=config.version_field,
         op_field=config.op_field, allow_delete=config.allow_delete,
         embedding_version=config.embedding_version, embedding_version_field=config.embedding_version_field,
-        timestamp_field=config.timestamp_field, checksum_field=config.checksum_field)
+        timestamp_field=config.timestamp_field, checksum_field=config.checksum_field,
+        max_record_bytes=config.chunk_bytes)
 
 
 class PushRun:
     """One `pushagent push`: call run() once."""
 
-    def __init__(self, config, options: PushOptions, stop_event: threading.Event | None = None):
+    def __init__(self, config, options: PushOptions, stop_event: threading.Event | None = None, observers=()):
         self.config = config
+        self.observers = list(observers)
         self.options = options
         self.stop_event = stop_event or threading.Event()
         self.stats = TransferStats()
@@ -155,6 +160,7 @@ class PushRun:
         pump = _ChunkPump(sender, self.config.concurrency)
         committer = _Committer(self, state, queue, this_run)
         start = state.position
+        self.notify("started", state)
         try:
             self._read_and_send(start, pump, committer)
             self._finish_in_flight(pump, committer)
@@ -187,8 +193,13 @@ class PushRun:
             self._submit(chunk, pump, committer)
 
     def _submit(self, chunk, pump, committer) -> bool:
-        """Hand a chunk to a worker once one is free; False when the run is stopping."""
-        while not self._stopping() and pump.full():
+        """Hand a chunk to a worker once fewer than `concurrency` chunks are uncommitted.
+
+        Counting uncommitted chunks, not just requests in flight, bounds what a
+        crash re-sends: a chunk resolved behind a slow one is not committed yet.
+        Returns False when the run is stopping.
+        """
+        while not self._stopping() and chunk.seq - committer.tracker.next_seq >= self.config.concurrency:
             committer.handle(*pump.next_result(timeout=0.5))
         if self._stopping():
             return False
@@ -203,6 +214,17 @@ class PushRun:
             if deadline is not None and time.monotonic() > deadline:
                 return
             committer.handle(*pump.next_result(timeout=0.5))
+
+    def notify(self, event: str, *args) -> None:
+        """Call `event(run, *args)` on each observer that has it (progress, metrics, logs).
+
+        Events: started(state), chunk_resolved(chunk, ledger, error),
+        committed(state, this_run), finished(result). Observers only read.
+        """
+        for observer in self.observers:
+            handler = getattr(observer, event, None)
+            if handler is not None:
+                handler(self, *args)
 
     def request_stop(self, reason: str) -> None:
         self._stop_reason = self._stop_reason or reason
@@ -239,8 +261,10 @@ class PushRun:
             state.status = status
             state.updated_at = _now_iso()
             self.store.save(state)
-        return PushResult(self.batch_id, status, exit_code, batch, this_run, self.stats, duration,
-                          state.position, error)
+        result = PushResult(self.batch_id, status, exit_code, batch, this_run, self.stats, duration,
+                            state.position, error)
+        self.notify("finished", result)
+        return result
 
 
 class _ChunkPump:
@@ -262,13 +286,13 @@ class _ChunkPump:
 
     def _work_loop(self, sender: ChunkSender) -> None:
         for chunk in iter(self._work.get, None):
+            started = time.monotonic()
             try:
-                self._results.put((chunk, sender.resolve(chunk.docs) if chunk.docs else None, None))
+                result = (chunk, sender.resolve(chunk.docs) if chunk.docs else None, None)
             except BaseException as error:  # handed to the main thread, which decides
-                self._results.put((chunk, None, error))
-
-    def full(self) -> bool:
-        return self.in_flight >= self.concurrency
+                result = (chunk, None, error)
+            chunk.seconds = time.monotonic() - started
+            self._results.put(result)
 
     def submit(self, chunk) -> None:
         self.in_flight += 1
@@ -296,14 +320,17 @@ class _Committer:
         self.queue = queue
         self.this_run = this_run
         self.tracker = CommitTracker(next_seq=0)
+        self.warnings = 0
 
     def handle(self, chunk, outcome, error) -> None:
         if chunk is None:
             return
         if error is not None:
+            self.run.notify("chunk_resolved", chunk, None, error)
             self._failed(error)
             return
         ledger = self._record(chunk, outcome)
+        self.run.notify("chunk_resolved", chunk, ledger, None)
         for position, committed in self.tracker.resolved(chunk.seq, (chunk.end, ledger)):
             self._commit(position, committed)
         if ledger.dead + ledger.quarantined and self.run.options.on_error == "stop":
@@ -328,7 +355,20 @@ class _Committer:
                 self.queue.dead_letter(dead)
         if self.queue is not None:
             self.queue.dead_letter(quarantined)
+        self._tell_user(chunk, outcome)
         return ledger
+
+    def _tell_user(self, chunk, outcome) -> None:
+        """One warning per unsendable record, file:line first, up to MAX_WARNINGS a run."""
+        problems = [(r.file, r.line, "quarantined", r.reason) for r in chunk.rejected]
+        if outcome is not None:
+            problems += [(doc.file, doc.line, "dead-lettered", reason) for doc, reason in outcome.dead]
+        for file, line, what, reason in problems:
+            self.warnings += 1
+            if self.warnings <= MAX_WARNINGS:
+                log.warning("%s:%s: %s: %s", file, line, what, reason)
+            elif self.warnings == MAX_WARNINGS + 1:
+                log.warning("more records were quarantined or dead-lettered: see `pushagent queue list`")
 
     def _commit(self, position: Position, ledger: Ledger) -> None:
         self.this_run.add(ledger)
@@ -339,6 +379,7 @@ class _Committer:
         self.state.updated_at = _now_iso()
         if not self.run.options.dry_run:
             self.run.store.save(self.state)
+        self.run.notify("committed", self.state, self.this_run)
 
 
 def _document_item(batch_id: str, doc, reason: str, kind: str) -> QueueItem:

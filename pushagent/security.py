@@ -1,13 +1,12 @@
 """Keep the secret out of every output, and explain TLS failures in words a user can act on.
 
 `register_secret` is called by auth.py with each credential it reads; the
-logging formatter and the CLI's error printer pass their text through
+log formatters (logs.py) and the CLI's error printer pass their text through
 `redact`, a second line of defence behind never formatting a secret at all.
 """
 
 import base64
 import binascii
-import logging
 import ssl
 import threading
 from urllib.parse import urlsplit
@@ -42,21 +41,6 @@ def redact(text: str) -> str:
     for secret in secrets:
         text = text.replace(secret, REDACTED)
     return text
-
-
-class RedactingFormatter(logging.Formatter):
-    """Formats as usual (tracebacks included), then redacts the whole text."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return redact(super().format(record))
-
-
-def install_log_redaction(logger: logging.Logger | None = None) -> None:
-    """Wrap the formatter of every handler of `logger` (the root logger by default)."""
-    for handler in (logger or logging.getLogger()).handlers:
-        current = handler.formatter or logging.Formatter()
-        formatter = RedactingFormatter(current._fmt, current.datefmt)
-        handler.setFormatter(formatter)
 
 
 def insecure_warning(config) -> str | None:

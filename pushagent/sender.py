@@ -70,14 +70,16 @@ class TransferStats:
         self.requests = self.retries = self.bytes_raw = self.bytes_sent = 0
         self.statuses = {}
         self.latencies = []
+        self.request_docs = []   # documents in each request, in the order of latencies
 
-    def record_request(self, status, raw, sent, seconds):
+    def record_request(self, status, raw, sent, seconds, docs=0):
         with self._lock:
             self.requests += 1
             self.bytes_raw += raw
             self.bytes_sent += sent
             self.statuses[str(status)] = self.statuses.get(str(status), 0) + 1
             self.latencies.append(seconds)
+            self.request_docs.append(docs)
 
     def record_retry(self):
         with self._lock:
@@ -97,7 +99,7 @@ class HttpTransport:
             self._headers["Content-Encoding"] = "gzip"
         self._sessions = queue.LifoQueue()
 
-    def post(self, body: bytes) -> BulkResponse:
+    def post(self, body: bytes, docs: int = 0) -> BulkResponse:
         payload = gzip.compress(body, self.config.compress_level) if self.config.compress else body
         session = self._session()
         started = time.monotonic()
@@ -105,7 +107,7 @@ class HttpTransport:
             reply = session.post(self.url, params={"filter_path": BULK_FILTER}, data=payload,
                                  headers=self._headers,
                                  timeout=(CONNECT_TIMEOUT, self.config.timeout_seconds))
-            self.stats.record_request(reply.status_code, len(body), len(payload), time.monotonic() - started)
+            self.stats.record_request(reply.status_code, len(body), len(payload), time.monotonic() - started, docs)
             return _parse_reply(reply)
         except requests.exceptions.SSLError as error:
             if not isinstance(find_ssl_error(error), ssl.SSLCertVerificationError):
@@ -136,11 +138,11 @@ class DryRunTransport:
         self._numbers = itertools.count(1)
         self._lock = threading.Lock()
 
-    def post(self, body: bytes) -> BulkResponse:
+    def post(self, body: bytes, docs: int = 0) -> BulkResponse:
         with self._lock:
             number = next(self._numbers)
         (self.directory / f"request-{number:06d}.ndjson").write_bytes(body)
-        self.stats.record_request(200, len(body), 0, 0.0)
+        self.stats.record_request(200, len(body), 0, 0.0, docs)
         return BulkResponse(200, [{next(iter(orjson.loads(action))): {"status": 201}}
                                   for action in _action_lines(body)])
 
@@ -216,9 +218,12 @@ class FailureTracker:
         with self._lock:
             self._count = 0
 
+    def trip(self) -> None:
+        self.tripped.set()
+
     def error(self) -> ClusterUnavailableError:
         return ClusterUnavailableError(
-            f"{self.limit} bulk requests in a row failed; last error: {self.last_error}",
+            f"{self._count} bulk requests in a row failed; last error: {self.last_error}",
             hint="the checkpoint is kept: run the same command again when the cluster answers")
 
 
@@ -239,14 +244,14 @@ class ChunkSender:
         Raises AuthError on 401/403 and ChunkAborted when the run is stopping.
         """
         outcome = Outcome()
-        pending, last_error = docs, None
+        pending, last_error, whole_failed = docs, None, False
         for attempt in range(self.config.max_retries + 1):
             if attempt:
                 self.stats.record_retry()
                 self._pause(attempt, retry_after)
-            retry_after = None
+            retry_after, whole_failed = None, True
             try:
-                response = self._post(bulk_body(pending))
+                response = self._post(bulk_body(pending), len(pending))
             except TransportFailure as error:
                 last_error = self._whole_failure(str(error))
                 continue
@@ -263,16 +268,22 @@ class ChunkSender:
                 retry_after = response.retry_after
                 continue
             self.failures.success()
+            whole_failed = False
             pending, last_error = self._classify(pending, response.items, outcome)
             if not pending:
                 return outcome
+        if whole_failed:
+            # The cluster took none of the last attempts: parking the chunk in the retry
+            # queue would only move the outage there. Stop; the rerun sends it again.
+            self.failures.trip()
+            raise ChunkAborted()
         outcome.retry.extend((doc, last_error) for doc in pending)
         return outcome
 
-    def _post(self, body: bytes) -> BulkResponse:
+    def _post(self, body: bytes, docs: int) -> BulkResponse:
         if self.failures.tripped.is_set() or not self.rate_limiter.acquire(self.stop_event):
             raise ChunkAborted()
-        return self.transport.post(body)
+        return self.transport.post(body, docs)
 
     def _whole_failure(self, reason: str) -> str:
         self.failures.failure(reason)

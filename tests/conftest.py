@@ -1,6 +1,5 @@
-"""Fixtures: a real OpenSearch (scripts/dev-cluster.sh), per-test indices, CLI runners."""
+"""Fixtures: a real OpenSearch (scripts/dev-cluster.sh), per-test indices, state dirs."""
 
-import json
 import os
 import subprocess
 import sys
@@ -11,11 +10,9 @@ from pathlib import Path
 import pytest
 import requests
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import generate_data  # noqa: E402
+from support import ROOT  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -51,48 +48,3 @@ def state_dir(tmp_path):
     path = tmp_path / "state"
     path.mkdir()
     return path
-
-
-def generate(path: Path, count: int, dims: int = 8, seed: int = 42, start: int = 0) -> Path:
-    generate_data.write_records(str(path), count, dims, seed, start)
-    return path
-
-
-def push_command(url, index, state_dir, *inputs, extra=()):
-    return [sys.executable, "-m", "pushagent", "push", *map(str, inputs), "--url", url, "--index", index,
-            "--id-field", "ipa_id", "--state-dir", str(state_dir), "--json", *extra]
-
-
-def run_push(url, index, state_dir, *inputs, extra=(), env=None, timeout=600):
-    """Run `pushagent push` in a subprocess; returns (exit code, report or None, stderr)."""
-    completed = subprocess.run(push_command(url, index, state_dir, *inputs, extra=extra), capture_output=True,
-                               text=True, timeout=timeout, env=agent_env(env))
-    report = json.loads(completed.stdout) if completed.stdout.strip() else None
-    return completed.returncode, report, completed.stderr
-
-
-def agent_env(extra=None) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHAGENT_")}
-    env.update({"PUSHAGENT_REQUESTS_PER_MINUTE": "6000", "PUSHAGENT_RETRY_BACKOFF_SECONDS": "0.05"})
-    # `python -m pushagent` must run this checkout, not another installed copy.
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env.update(extra or {})
-    return env
-
-
-def count(url, index) -> int:
-    requests.post(f"{url}/{index}/_refresh", timeout=60)
-    return requests.get(f"{url}/{index}/_count", timeout=60).json()["count"]
-
-
-def stored_checksums(url, index) -> dict:
-    """_id -> sync_checksum of every document, through the scroll API."""
-    requests.post(f"{url}/{index}/_refresh", timeout=60)
-    found = {}
-    page = requests.post(f"{url}/{index}/_search?scroll=1m", json={"size": 10000, "_source": ["sync_checksum"]},
-                         timeout=120).json()
-    while page["hits"]["hits"]:
-        found.update({hit["_id"]: hit["_source"]["sync_checksum"] for hit in page["hits"]["hits"]})
-        page = requests.post(f"{url}/_search/scroll", json={"scroll": "1m", "scroll_id": page["_scroll_id"]},
-                             timeout=120).json()
-    return found

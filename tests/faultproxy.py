@@ -75,10 +75,14 @@ class FaultProxy:
         self.upstream_host, self.upstream_port = parts.hostname, parts.port
         self.plan = plan or (lambda request: None)
         self.requests = []
+        self._connections = set()
         self._lock = threading.Lock()
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self._server.daemon_threads = True
+        self._serve(0)
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def _serve(self, port: int) -> None:
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", port), self._handler_class())
+        self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     def __enter__(self):
@@ -86,8 +90,24 @@ class FaultProxy:
         return self
 
     def __exit__(self, *exc):
+        self.stop()
+
+    def stop(self) -> None:
+        """Close the listening socket and every open connection, as a cluster that went down."""
         self._server.shutdown()
         self._server.server_close()
+        with self._lock:
+            connections, self._connections = self._connections, set()
+        for connection in connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def restart(self) -> None:
+        """Listen again on the same port."""
+        self._serve(self._server.server_address[1])
+        self._thread.start()
 
     def bulk_requests(self) -> list:
         return [r for r in self.requests if r.path.split("?")[0].endswith("/_bulk")]
@@ -115,6 +135,11 @@ class FaultProxy:
 
             def log_message(self, *args):
                 pass
+
+            def setup(self):
+                super().setup()
+                with proxy._lock:
+                    proxy._connections.add(self.connection)
 
             def _handle(self):
                 length = int(self.headers.get("Content-Length") or 0)

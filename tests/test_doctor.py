@@ -11,7 +11,7 @@ import requests
 import responses
 from click.testing import CliRunner
 
-from conftest import ROOT, agent_env
+from support import ROOT, agent_env
 from pushagent.cli import cli
 from pushagent.config import Config
 from pushagent.doctor import Doctor, auto_create_allows, healthy

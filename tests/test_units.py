@@ -167,3 +167,8 @@ def test_token_bucket_paces_requests():
     assert bucket.acquire(stop) is False
     clock[0] = 1.0
     assert bucket.acquire(stop) is True
+
+
+def test_record_larger_than_a_request_is_refused_before_parsing():
+    built = Builder(settings(max_record_bytes=100)).build(b'{"ipa_id":"a","x":"' + b"y" * 200 + b'"}', "f", 4)
+    assert isinstance(built, Rejected) and "larger than chunk_bytes" in built.reason and len(built.raw) <= 1024
