@@ -12,13 +12,10 @@ import redis
 import requests
 
 from faultproxy import Fault, FaultProxy
-from pushagent.builder import Builder, BuildSettings, iso_utc_from_ms
-from pushagent.retry_queue import QueueItem, open_queue
+from bench_queue import queue_items
+from pushagent.retry_queue import open_queue
 from redisserver import RedisServer, free_port
 from support import agent_env, count, generate, run_push
-
-BATCH_MS = 1_700_000_000_000
-
 
 @pytest.fixture(params=["sqlite", "redis"])
 def queue_url(request, state_dir):
@@ -46,20 +43,14 @@ def run_cli(*args, env=None, timeout=300, **where):
 
 
 def fill_queue(queue_url, path, index, batch_id="b1") -> set:
-    """Queue every record of `path` as a due retryable item, built exactly as push builds it; returns the ids."""
-    settings = BuildSettings(id_field="ipa_id", default_index=index, index_field=None,
-                             allowed_indices=frozenset({index}), batch_version=BATCH_MS,
-                             batch_time_iso=iso_utc_from_ms(BATCH_MS))
-    builder = Builder(settings)
-    docs = [builder.build(line, str(path), n) for n, line in enumerate(path.read_bytes().splitlines(), 1)]
-    items = [QueueItem(QueueItem.document_key(d.index, d.doc_id), batch_id, d.index, d.doc_id, d.version, d.op,
-                       d.source, d.file, d.line, "retryable", "429 injected", 0, 1.0) for d in docs]
+    """Queue every record of `path` as a due retryable item; returns the ids."""
+    items = queue_items(path, index, batch_id)
     queue = open_queue(queue_url)
     try:
         queue.put(items)
     finally:
         queue.close()
-    return {d.doc_id for d in docs}
+    return {item.doc_id for item in items}
 
 
 def queue_stats(queue_url) -> dict:
@@ -248,3 +239,22 @@ def killed_drain_then_rerun(cluster_url, index, server):
     code, report, stderr = run_cli("drain", "--all", url=cluster_url, queue_url=server.url(), env=env)
     assert code == 0, stderr
     assert count(cluster_url, index) == 5_000 and queue_stats(server.url())["pending"] == 0
+
+
+def test_sigterm_finishes_the_request_in_flight_and_releases_nothing_leased(cluster_url, index, state_dir,
+                                                                           tmp_path):
+    queue_url = f"sqlite://{state_dir / 'queue.db'}"
+    fill_queue(queue_url, generate(tmp_path / "words.jsonl", 3_000), index)
+    with FaultProxy(cluster_url) as proxy:
+        proxy.plan = lambda request: Fault.delay(0.3) if request.ids else None
+        process = subprocess.Popen(cli_command("drain", url=proxy.url, queue_url=queue_url),
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   env=agent_env({"PUSHAGENT_CHUNK_DOCS": "200", "PUSHAGENT_CONCURRENCY": "1"}))
+        wait_for(lambda: len(proxy.bulk_requests()) >= 2)
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=120)
+    report = json.loads(stdout)
+    assert (process.returncode, report["status"]) == (75, "interrupted"), stderr
+    stats = queue_stats(queue_url)
+    assert stats["leased"] == 0 and stats["pending"] == 3_000 - report["acked"] > 0
+    assert count(cluster_url, index) == report["acked"]
