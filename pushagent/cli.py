@@ -108,13 +108,8 @@ def push(inputs, config_file, as_json, url, index, state_dir, insecure, embeddin
     options = PushOptions(list(inputs), batch_id=batch_id, restart=restart, from_line=from_line,
                           on_error=on_error, dry_run=dry_run)
     with observing(config) as observers:
-        run = PushRun(config, options, observers=observers)
-        with _stop_on_signals(run):
-            result = run.run()
-    _print_report(result.report(), as_json)
-    if result.error:
-        click.echo(f"pushagent: error: {result.error}", err=True)
-    sys.exit(result.exit_code)
+        result = _run_until_signal(PushRun(config, options, observers=observers))
+    _report_and_exit(result, as_json)
 
 
 @cli.command()
@@ -164,13 +159,8 @@ def drain(config_file, as_json, state_dir, queue_url, url, insecure, all_items, 
     from .drain import DrainOptions, DrainRun
     config = load_config(config_file, _flags(state_dir=state_dir, queue_url=queue_url, url=url, insecure=insecure,
                                              chunk_docs=chunk_docs, concurrency=concurrency))
-    run = DrainRun(config, DrainOptions(all=all_items, batch_id=batch_id, max_items=max_items))
-    with _stop_on_signals(run):
-        result = run.run()
-    _print_report(result.report(), as_json)
-    if result.error:
-        click.echo(f"pushagent: error: {result.error}", err=True)
-    sys.exit(result.exit_code)
+    result = _run_until_signal(DrainRun(config, DrainOptions(all=all_items, batch_id=batch_id, max_items=max_items)))
+    _report_and_exit(result, as_json)
 
 
 @cli.group()
@@ -256,6 +246,19 @@ class _stop_on_signals:
     def __exit__(self, *exc):
         for number, handler in self._previous.items():
             signal.signal(number, handler)
+
+
+def _run_until_signal(run):
+    """run.run() with the stop signals turned into run.request_stop()."""
+    with _stop_on_signals(run):
+        return run.run()
+
+
+def _report_and_exit(result, as_json: bool) -> None:
+    _print_report(result.report(), as_json)
+    if result.error:
+        click.echo(f"pushagent: error: {result.error}", err=True)
+    sys.exit(result.exit_code)
 
 
 def _print_report(report: dict, as_json: bool) -> None:

@@ -4,22 +4,12 @@ import threading
 import time
 
 import pytest
-import redis
 
 from pushagent.errors import QueueError
 from pushagent.retry_queue import QueueItem, open_queue, retry_delay
 from pushagent.retry_queue.base import DEAD, PENDING, redact_url
 
 MAX_ATTEMPTS, MAX_DELAY = 3, 300.0
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def queue_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite://{tmp_path / 'queue.db'}"
-    server = request.getfixturevalue("redis_server")
-    redis.Redis.from_url(server.url(1)).flushdb()
-    return server.url(1)
 
 
 @pytest.fixture
