@@ -265,7 +265,7 @@ def _print_report(report: dict, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(report, sort_keys=True))
         return
-    lines = [f"batch {report['batch_id']}: {report['status']}",
+    lines = [f"batch {report['batch_id'] or '(all)'}: {report['status']}",
              "  read {read}  indexed {indexed}  current {current}  queued {queued}  dead {dead}"
              "  quarantined {quarantined}".format(**report),
              f"  {report['requests']} requests, {report['retries']} retries, {report['bytes_sent']} bytes sent,"
