@@ -107,14 +107,14 @@ pushagent_requeue() {
   exit 0   # Slurm now ends this run and queues the job again
 }
 
-# pushagent_drain_and_verify BATCH_ID STATUS [VERIFY ARGS...]: drain the retry queue, then verify the
-# batch, with the commands this pushagent has. Exits with verify's status when it fails, else with
+# pushagent_drain_and_verify BATCH_ID STATUS [VERIFY ARGS...]: drain the batch's due items from the
+# retry queue, then verify the batch, with the commands this pushagent has. Exits with verify's status when it fails, else with
 # drain's, else with STATUS (push's). An interrupted drain is not requeued: a rerun would push the
 # finished batch again; the retry queue keeps what is left for the next drain.
 pushagent_drain_and_verify() {
   local batch_id=$1 status=$2 verified
   if pushagent_has drain; then
-    pushagent_run drain
+    pushagent_run drain --batch-id "$batch_id"
     status=$?
     pushagent_log "drain exited $status"
     (( status != EXIT_INTERRUPTED )) || exit "$status"
