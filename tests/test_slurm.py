@@ -359,3 +359,36 @@ def test_array_of_three_shards_then_the_verify_job(jobs, cluster_url, index, sta
     assert count(cluster_url, index) == records
     check_verified_record(state_dir, "words-array", [ids["array_job"], ids["verify_job"]])
     assert len(list((state_dir / "sync-state").glob("words-array*.json"))) == 1
+
+
+def test_records_a_shard_leaves_queued_are_drained_by_the_verify_job(jobs, cluster_url, index, state_dir, tmp_path):
+    records = 3_000
+    data = generate(tmp_path / "words.jsonl", records)
+    rejected = []
+
+    def plan(request):
+        # The batch's first bulk request: every item refused with 429, and no in-run retry, so into the queue.
+        if request.ids and not rejected:
+            rejected.append(request.number)
+            return Fault.item_status(429, every=1)
+        return None
+
+    with FaultProxy(cluster_url, plan=plan) as proxy:
+        jobs.env.update({"PUSHAGENT_URL": proxy.url, "PUSHAGENT_MAX_RETRIES": "0", "PUSHAGENT_MAX_RETRY_DELAY": "1"})
+        submitted = jobs.run(str(ROOT / "slurm" / "submit.sh"), "-n", "3", "-b", "words-queued", str(data),
+                             "--chunk-docs", "400")
+        assert submitted.returncode == 0, submitted.stderr
+        ids = dict(line.split("=", 1) for line in submitted.stdout.split())
+        (verify,) = jobs.wait(ids["verify_job"])
+        tasks = jobs.wait(ids["array_job"])
+        id_counts = proxy.id_counts()
+    log = jobs.logs()
+    reports = [jobs.reports(f"pushagent-shard-{ids['array_job']}_{task}")[0] for task in range(3)]
+    queued = sum(r["queued"] for r in reports)
+    assert queued == 400 and "records left in the retry queue" in log, log
+    assert [(t["JobState"], t["ExitCode"]) for t in tasks] == [("COMPLETED", "0:0")] * 3, log
+    assert (verify["JobState"], verify["ExitCode"]) == ("COMPLETED", "0:0"), log
+    assert "drain exited 0" in log
+    assert len(id_counts) == records and set(id_counts.values()) == {1, 2}
+    assert sorted(id_counts.values()).count(2) == queued
+    assert count(cluster_url, index) == records
