@@ -367,14 +367,15 @@ def test_records_a_shard_leaves_queued_are_drained_by_the_verify_job(jobs, clust
     rejected = []
 
     def plan(request):
-        # The batch's first bulk request: every item refused with 429, and no in-run retry, so into the queue.
+        # The batch's first bulk request: every item refused with 429, and no in-run retry, so into the
+        # queue, due again at once (max_retry_delay 0) for the verify job's drain.
         if request.ids and not rejected:
             rejected.append(request.number)
             return Fault.item_status(429, every=1)
         return None
 
     with FaultProxy(cluster_url, plan=plan) as proxy:
-        jobs.env.update({"PUSHAGENT_URL": proxy.url, "PUSHAGENT_MAX_RETRIES": "0", "PUSHAGENT_MAX_RETRY_DELAY": "1"})
+        jobs.env.update({"PUSHAGENT_URL": proxy.url, "PUSHAGENT_MAX_RETRIES": "0", "PUSHAGENT_MAX_RETRY_DELAY": "0"})
         submitted = jobs.run(str(ROOT / "slurm" / "submit.sh"), "-n", "3", "-b", "words-queued", str(data),
                              "--chunk-docs", "400")
         assert submitted.returncode == 0, submitted.stderr
