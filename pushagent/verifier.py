@@ -150,6 +150,11 @@ def add_full_scan(client, result: dict, table: DocTable, indices: list, spec: Ve
     """The full scan, by stored stamps or (`recompute`) by checksums recomputed from every _source."""
     checksum = recomputed_checksum(spec.stamped_fields) if recompute else stamped_checksum(spec.checksum_field)
     try:
+        # A point in time sees what was refreshed when it opened. A search first makes a search-idle
+        # shard refresh (it skips scheduled refreshes until searched), and waits out a count that moves.
+        expected = table.counts()["per_index"]
+        for index in indices:
+            settled_count(client, index, {"match_all": {}}, expected.get(index, 0))
         result["full"] = full_scan(client, table, indices, client.info().get("distribution"), checksum,
                                    FULL_LIST_LIMIT)
     except PushAgentError as error:
