@@ -200,9 +200,18 @@ def state():
     """Read sync-state records and check the audit log."""
 
 
+def state_options(command):
+    """--config, --json, --debug and --state-dir: what every `state` command reads."""
+    command = click.option("--state-dir", help="Where sync-state records and audit.jsonl are.")(command)
+    return config_options(command)
+
+
+def _state_path(config_file, state_dir):
+    return load_config(config_file, _flags(state_dir=state_dir)).state_path
+
+
 @state.command("list")
-@config_options
-@click.option("--state-dir", help="Where the records are.")
+@state_options
 def state_list(config_file, as_json, state_dir):
     """List the batches with a sync-state record.
 
@@ -210,7 +219,7 @@ def state_list(config_file, as_json, state_dir):
 
         pushagent state list --json
     """
-    records = SyncStateStore(load_config(config_file, _flags(state_dir=state_dir)).state_path).list()
+    records = SyncStateStore(_state_path(config_file, state_dir)).list()
     rows = [{key: record.get(key) for key in ("batch_id", "status", "updated_at", "index", "embedding_version",
                                               "doc_count")} for record in records]
     if as_json:
@@ -222,8 +231,7 @@ def state_list(config_file, as_json, state_dir):
 
 @state.command("show")
 @click.argument("batch_id")
-@config_options
-@click.option("--state-dir", help="Where the records are.")
+@state_options
 def state_show(batch_id, config_file, as_json, state_dir):
     """Print the sync-state record of BATCH_ID (JSON).
 
@@ -231,13 +239,12 @@ def state_show(batch_id, config_file, as_json, state_dir):
 
         pushagent state show words-3f2a9c1b0d
     """
-    record = SyncStateStore(load_config(config_file, _flags(state_dir=state_dir)).state_path).load(batch_id)
+    record = SyncStateStore(_state_path(config_file, state_dir)).load(batch_id)
     click.echo(json.dumps(record, sort_keys=True, indent=None if as_json else 1))
 
 
 @state.command("audit")
-@config_options
-@click.option("--state-dir", help="Where audit.jsonl is.")
+@state_options
 def state_audit(config_file, as_json, state_dir):
     """Check the hash chain of audit.jsonl; exit 1 naming the first bad line.
 
@@ -245,7 +252,7 @@ def state_audit(config_file, as_json, state_dir):
 
         pushagent state audit --json
     """
-    log_file = AuditLog(load_config(config_file, _flags(state_dir=state_dir)).state_path)
+    log_file = AuditLog(_state_path(config_file, state_dir))
     result = log_file.check()
     if as_json:
         click.echo(json.dumps(result.as_dict(), sort_keys=True))

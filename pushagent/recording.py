@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from .builder import BuildSettings
 from .cluster import ClusterClient
 from .doctable import DocTable
-from .errors import EXIT_INCOMPLETE, EXIT_OK, ConfigError, PushAgentError
+from .errors import EXIT_INCOMPLETE, EXIT_OK, ConfigError
 from .fullscan import enqueue_missing
 from .retry_queue import open_queue
 from .state import AuditLog, SyncStateStore, runtime_fields
@@ -87,8 +87,9 @@ def batch_record(recorder: BatchRecorder, state, status: str, verification) -> d
     build["allowed_indices"] = sorted(settings.allowed_indices)
     now = _now_iso()
     return {"batch_id": recorder.batch_id, "status": status, "started_at": state.started_at,
-            "updated_at": now, "finished_at": None if status == "pushing" else now, "batch_time": settings.batch_time_iso,
-            "embedding_version": settings.embedding_version, "index": settings.default_index,
+            "updated_at": now, "finished_at": None if status == "pushing" else now,
+            "batch_time": settings.batch_time_iso, "embedding_version": settings.embedding_version,
+            "index": settings.default_index,
             "indices": recorder.indices(), "inputs": [f.path for f in recorder.files],
             "doc_count": counts["distinct"], "duplicates": counts["duplicates"],
             "checksum": recorder.table.checksum(), "counters": dict(state.counters),

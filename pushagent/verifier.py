@@ -180,7 +180,8 @@ def _problem(name: str, check: dict) -> str:
     if name == "sample":
         return (f"sample: {len(check['mismatched'])} of {check['size']} sampled documents differ from the source "
                 f"{check['mismatched'][:LIST_LIMIT]} and {len(check['missing'])} are missing "
-                f"{check['missing'][:LIST_LIMIT]}; something else wrote to the index: `verify --full --recompute` finds every such document")
+                f"{check['missing'][:LIST_LIMIT]}; something else wrote to the index: "
+                "`verify --full --recompute` finds every such document")
     if name == "timestamp":
         return (f"timestamp: {check['older']} documents were last updated before {check['expected_date']}, "
                 f"e.g. {check['ids']}: this batch did not update them (missed updates, or ids no longer in the source)")
