@@ -161,6 +161,16 @@ def test_verify_from_sources_without_a_record(cluster_url, index, state_dir, tmp
     assert code == 2 and "verify needs --batch-id" in stderr
 
 
+def test_full_scan_of_a_multi_shard_index_sees_every_document(cluster_url, index, state_dir, tmp_path):
+    # OpenSearch has no _shard_doc: the scan goes slice by shard, where _doc is unique (two pages a shard).
+    requests.put(f"{cluster_url}/{index}", json={"settings": {"number_of_shards": 3, "number_of_replicas": 0}},
+                 timeout=30).raise_for_status()
+    _, report = pushed(cluster_url, index, state_dir, tmp_path, count=36_000, extra=["--no-verify"])
+    code, result, stderr = verify(cluster_url, state_dir, report["batch_id"], "--full")
+    assert code == 0, stderr
+    assert result["verification"]["full"]["scanned"] == 36_000
+
+
 def test_interrupted_push_writes_an_interrupted_record(cluster_url, index, state_dir, tmp_path):
     data = generate(tmp_path / "words.jsonl", 6_000)
     with FaultProxy(cluster_url) as proxy:

@@ -122,6 +122,7 @@ def test_full_scan_speaks_the_elasticsearch_pit_api(tmp_path):
         {"_id": "b", "_source": {"sync_checksum": "0" * 64}, "sort": [1]}]}},
         {"pit_id": "PIT-2", "hits": {"hits": [{"_id": "z", "_source": {"sync_checksum": "1" * 64}, "sort": [2]}]}},
         {"pit_id": "PIT-2", "hits": {"hits": []}}]
+    responses.post(f"{url}/_search", json={"_shards": {"total": 2}, "hits": {"total": {"value": 3}, "hits": []}})
     for page in pages:
         responses.post(f"{url}/_search", json=page)
     responses.delete(f"{url}/_pit", json={"succeeded": True})
@@ -130,7 +131,8 @@ def test_full_scan_speaks_the_elasticsearch_pit_api(tmp_path):
     assert (result["missing_ids"], result["extra_ids"], result["mismatched_ids"]) == (["c"], ["z"], ["b"])
     searches = [json.loads(call.request.body) for call in responses.calls if call.request.url.startswith(
         f"{url}/_search")]
-    assert searches[0]["pit"]["id"] == "PIT-1" and searches[1]["pit"]["id"] == "PIT-2"
-    assert searches[0]["sort"] == [{"_shard_doc": "asc"}] and searches[1]["search_after"] == [1]
-    assert searches[0]["_source"] == ["sync_checksum"] and "index" not in searches[0]
+    assert searches[0] == {"size": 0, "pit": {"id": "PIT-1", "keep_alive": "5m"}, "track_total_hits": True}
+    assert searches[1]["pit"]["id"] == "PIT-1" and searches[2]["pit"]["id"] == "PIT-2"
+    assert searches[1]["sort"] == [{"_shard_doc": "asc"}] and searches[2]["search_after"] == [1]
+    assert searches[1]["_source"] == ["sync_checksum"] and "slice" not in searches[1]
     assert json.loads(responses.calls[-1].request.body) == {"id": "PIT-2"}
