@@ -1,6 +1,7 @@
 """Verification and sync-state against the real OpenSearch."""
 
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -8,6 +9,7 @@ import sys
 import time
 
 import orjson
+import pytest
 import requests
 
 from faultproxy import Fault, FaultProxy
@@ -189,3 +191,19 @@ def test_interrupted_push_writes_an_interrupted_record(cluster_url, index, state
     code, report, stderr = run_push(cluster_url, index, state_dir, data, extra=["--chunk-docs", "500"])
     assert code == 0 and report["status"] == "verified", stderr
     assert record(state_dir, batch_id)["doc_count"] == 6_000
+
+
+@pytest.mark.skipif(not os.environ.get("PUSHAGENT_TEST_ES_URL"), reason="set PUSHAGENT_TEST_ES_URL to an Elasticsearch")
+def test_full_scan_through_the_elasticsearch_pit_api(state_dir, tmp_path):
+    url, index = os.environ["PUSHAGENT_TEST_ES_URL"].rstrip("/"), f"test-es-{tmp_path.name[-8:].lower()}"
+    requests.put(f"{url}/{index}", json={"settings": {"number_of_shards": 3, "number_of_replicas": 0}}, timeout=60)
+    try:
+        _, report = pushed(url, index, state_dir, tmp_path, count=25_000)
+        assert report["status"] == "verified"
+        requests.delete(f"{url}/{index}/_doc/w00000042", timeout=30).raise_for_status()
+        time.sleep(1.5)
+        code, result, _ = verify(url, state_dir, report["batch_id"], "--full")
+        full = result["verification"]["full"]
+        assert (code, full["scanned"], full["missing_ids"]) == (3, 24_999, ["w00000042"])
+    finally:
+        requests.delete(f"{url}/{index}", timeout=60)
