@@ -12,6 +12,8 @@ import random
 import sqlite3
 from pathlib import Path
 
+from .errors import PushAgentError
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS docs (idx TEXT, id TEXT, version INTEGER, checksum TEXT, fno INTEGER, line INTEGER,
                                  PRIMARY KEY (idx, id)) WITHOUT ROWID;
@@ -84,7 +86,7 @@ class DocTable:
         self._db.execute("INSERT OR REPLACE INTO meta VALUES ('seen', ?)", (self._seen,))
 
     def _transaction(self):
-        return _Transaction(self._db)
+        return _Transaction(self._db, self.path)
 
     def counts(self) -> dict:
         """Distinct documents per index, and how many input lines repeated an id already seen."""
@@ -125,13 +127,23 @@ class DocTable:
 
 
 class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT, ROLLBACK on error."""
+    """BEGIN IMMEDIATE ... COMMIT, ROLLBACK on error; SQLite errors become PushAgentError."""
 
-    def __init__(self, db):
-        self.db = db
+    def __init__(self, db, path: Path):
+        self.db, self.path = db, path
 
     def __enter__(self):
         self.db.execute("BEGIN IMMEDIATE")
 
-    def __exit__(self, kind, *rest):
-        self.db.execute("ROLLBACK" if kind else "COMMIT")
+    def __exit__(self, kind, error, traceback):
+        try:
+            self.db.execute("ROLLBACK" if kind else "COMMIT")
+        except sqlite3.Error as commit_error:
+            kind, error = type(commit_error), commit_error
+        if kind is not None and issubclass(kind, sqlite3.Error):
+            self.db.execute("ROLLBACK") if self.db.in_transaction else None
+            full = getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+            raise PushAgentError(f"cannot write {self.path}: {'No space left on device' if full else error}",
+                                 file=str(self.path), hint="free space or fix permissions in state_dir, then rerun"
+                                 ) from None
+        return False

@@ -21,7 +21,10 @@ from .verifier import VerifySpec, add_full_scan, load_sources, run_checks, tempo
 
 
 def spec_for(settings: BuildSettings, expected_date=None, expected_count=None) -> VerifySpec:
-    return VerifySpec(settings.embedding_version, expected_date or settings.batch_time_iso,
+    """By default, documents of the batch's embedding version older than the batch time are missed updates;
+    without an embedding version the index may hold other batches, so only an explicit date is checked."""
+    default_date = settings.batch_time_iso if settings.embedding_version is not None else None
+    return VerifySpec(settings.embedding_version, expected_date or default_date,
                       settings.embedding_version_field, settings.timestamp_field, settings.checksum_field,
                       expected_count)
 

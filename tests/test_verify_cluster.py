@@ -35,6 +35,11 @@ def record(state_dir, batch_id) -> dict:
     return json.loads((state_dir / "sync-state" / f"{batch_id}.json").read_text())
 
 
+def refresh(url, index) -> None:
+    """Make direct edits searchable now, as if verify ran a while later (the agent itself never refreshes)."""
+    requests.post(f"{url}/{index}/_refresh", timeout=60).raise_for_status()
+
+
 def pushed(cluster_url, index, state_dir, tmp_path, count=3_000, extra=()):
     data = generate(tmp_path / "words.jsonl", count)
     code, report, stderr = run_push(cluster_url, index, state_dir, data, extra=[*V1, *extra])
@@ -88,7 +93,7 @@ def test_changed_document_is_caught_by_the_sample_and_the_full_scan(cluster_url,
     # Another writer replacing a document with its own content and stamp.
     requests.put(f"{cluster_url}/{index}/_doc/{rewritten}", json={"ipa_id": rewritten, "embedding_version": "v1"},
                  timeout=30).raise_for_status()
-    time.sleep(1.5)  # searches (and so --full) see writes older than the refresh interval (1 s)
+    refresh(cluster_url, index)
     code, result, stderr = verify(cluster_url, state_dir, batch_id)
     assert code == 3, stderr
     assert sorted(result["verification"]["sample"]["mismatched"]) == sorted([edited, rewritten])
@@ -109,7 +114,7 @@ def test_deleted_documents_fail_the_count_and_are_enqueued_then_repaired(cluster
     deleted = [f"w{n:08d}" for n in range(100, 3_000, 290)]
     for doc_id in deleted:
         requests.delete(f"{cluster_url}/{index}/_doc/{doc_id}", timeout=30).raise_for_status()
-    time.sleep(1.5)  # searches see writes older than the refresh interval (1 s)
+    refresh(cluster_url, index)
     code, result, stderr = verify(cluster_url, state_dir, batch_id)
     assert code == 3, stderr
     assert (result["verification"]["count"]["expected"], result["verification"]["count"]["actual"]) == (3_000, 2_990)
@@ -201,7 +206,7 @@ def test_full_scan_through_the_elasticsearch_pit_api(state_dir, tmp_path):
         _, report = pushed(url, index, state_dir, tmp_path, count=25_000)
         assert report["status"] == "verified"
         requests.delete(f"{url}/{index}/_doc/w00000042", timeout=30).raise_for_status()
-        time.sleep(1.5)
+        refresh(url, index)
         code, result, _ = verify(url, state_dir, report["batch_id"], "--full")
         full = result["verification"]["full"]
         assert (code, full["scanned"], full["missing_ids"]) == (3, 24_999, ["w00000042"])
