@@ -10,6 +10,7 @@ import requests
 from . import __version__
 from .auth import authorization_header
 from .errors import AuthError, PushAgentError
+from .security import secure_session, tls_failure
 
 CONNECT_TIMEOUT = 10
 
@@ -26,9 +27,8 @@ class ClusterClient:
     def __init__(self, config):
         self.base = config.url.rstrip("/")
         self.timeout = (CONNECT_TIMEOUT, config.timeout_seconds)
-        self._verify = config.ca_bundle or True
-        self._session = requests.Session()
-        self._session.trust_env = False  # never pick up a .netrc or proxy the user did not configure
+        self.url = config.url
+        self._session = secure_session(config.ca_bundle)
         self._session.headers.update({"Content-Type": "application/json", "User-Agent": f"pushagent/{__version__}",
                                       **authorization_header(config)})
 
@@ -36,8 +36,10 @@ class ClusterClient:
         """One JSON request; raises AuthError on 401/403 and ClusterRequestError on other errors."""
         data = orjson.dumps(body) if body is not None else None
         try:
-            reply = self._session.request(method, self.base + path, data=data, params=params,
-                                          verify=self._verify, timeout=self.timeout)
+            reply = self._session.request(method, self.base + path, data=data, params=params, timeout=self.timeout)
+        except requests.exceptions.SSLError as error:
+            message, hint = tls_failure(error, self.url)
+            raise ClusterRequestError(message, hint=hint) from None
         except requests.RequestException as error:
             raise ClusterRequestError(f"{method} {path} failed: {type(error).__name__}",
                                       hint="check url and that the cluster answers (`pushagent doctor`)") from None

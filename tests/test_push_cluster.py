@@ -3,6 +3,7 @@
 import gzip
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -213,7 +214,8 @@ def test_cluster_down_stops_after_max_consecutive_failures(cluster_url, index, s
                                         env={"PUSHAGENT_MAX_CONSECUTIVE_FAILURES": "5"})
         attempts = len(proxy.bulk_requests())
     assert code == 1, stderr
-    assert "5 bulk requests in a row failed" in stderr + report["error"]
+    # The second worker's request may fail too before it sees the run stopping.
+    assert re.search(r"\b[56] bulk requests in a row failed", stderr)
     assert attempts <= 5 + 2
     assert report["read"] == 0 and report["queued"] == 0
     code, report, stderr = run_push(cluster_url, index, state_dir, data, extra=["--chunk-docs", "500"])
