@@ -14,6 +14,7 @@ from pushagent.cli import cli
 from pushagent.cluster import ClusterClient
 from pushagent.config import Config
 from pushagent.doctable import DocTable
+from pushagent.errors import PushAgentError
 from pushagent.fullscan import full_scan, stamped_checksum
 from pushagent.state import AuditLog, SyncStateStore
 
@@ -136,3 +137,16 @@ def test_full_scan_speaks_the_elasticsearch_pit_api(tmp_path):
     assert searches[1]["sort"] == [{"_shard_doc": "asc"}] and searches[2]["search_after"] == [1]
     assert searches[1]["_source"] == ["sync_checksum"] and "slice" not in searches[1]
     assert json.loads(responses.calls[-1].request.body) == {"id": "PIT-2"}
+
+
+@responses.activate
+def test_verification_requests_ride_out_429_and_503():
+    url = "http://127.0.0.1:9201"
+    responses.post(f"{url}/words/_count", status=429, headers={"Retry-After": "0"})
+    responses.post(f"{url}/words/_count", status=503)
+    responses.post(f"{url}/words/_count", json={"count": 7})
+    client = ClusterClient(Config(url=url, retry_backoff_seconds=0.01))
+    assert client.request("POST", "/words/_count", {"query": {"match_all": {}}}) == {"count": 7}
+    responses.post(f"{url}/other/_count", status=429)
+    with pytest.raises(PushAgentError, match="HTTP 429"):
+        client.request("POST", "/other/_count")
