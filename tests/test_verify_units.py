@@ -150,3 +150,10 @@ def test_verification_requests_ride_out_429_and_503():
     responses.post(f"{url}/other/_count", status=429)
     with pytest.raises(PushAgentError, match="HTTP 429"):
         client.request("POST", "/other/_count")
+
+
+def test_records_carry_the_slurm_job_and_array_ids():
+    from pushagent.state import runtime_fields
+    fields = runtime_fields({"SLURM_JOB_ID": "4242", "SLURM_ARRAY_JOB_ID": "4200", "SLURM_ARRAY_TASK_ID": "7"})
+    assert fields["slurm"] == {"job_id": "4242", "array_job_id": "4200", "array_task_id": "7"}
+    assert fields["host"] and fields["agent_version"]
