@@ -138,7 +138,15 @@ def _verify_recorded(config, client, options: VerifyOptions) -> dict:
         result = run_checks(client, table, spec, record["indices"], table.sample())
     finally:
         table.close()
-    enqueued = _full(config, client, options, result, settings, record["inputs"], record["indices"])
+    enqueued = None
+    if options.full:
+        directory, source = temporary_table(config.sample_size, "")
+        try:
+            load_sources(record["inputs"], settings, source)
+            enqueued = _full(config, client, options, result, settings, source, record["indices"])
+        finally:
+            source.close()
+            directory.cleanup()
     record.update(status="verified" if result["ok"] else "verification_failed", verification=result,
                   updated_at=_now_iso(), **runtime_fields())
     store.save(record)
@@ -150,6 +158,8 @@ def _verify_unrecorded(config, client, options: VerifyOptions) -> dict:
     if not (options.embedding_version and options.index) or not (options.sources or options.expected_count is not None):
         raise ConfigError("verify needs --batch-id, or --embedding-version and --index with --source FILE... "
                           "or --expected-count N")
+    if options.full and not options.sources:
+        raise ConfigError("--full needs the source files: give --source FILE... or --batch-id of a recorded batch")
     settings = _settings_for_sources(config, options)
     directory, table = temporary_table(config.sample_size, options.embedding_version)
     try:
@@ -159,10 +169,10 @@ def _verify_unrecorded(config, client, options: VerifyOptions) -> dict:
                           settings.timestamp_field, settings.checksum_field,
                           None if options.sources else options.expected_count)
         result = run_checks(client, table, spec, [options.index], table.sample())
+        enqueued = _full(config, client, options, result, settings, table, [options.index])
     finally:
         table.close()
         directory.cleanup()
-    enqueued = _full(config, client, options, result, settings, options.sources, [options.index])
     return _report(options.batch_id or f"verify-{options.embedding_version}", result, enqueued, {})
 
 
@@ -174,26 +184,18 @@ def _settings_for_sources(config, options: VerifyOptions) -> BuildSettings:
     return build_settings(config, batch_ms)
 
 
-def _full(config, client, options: VerifyOptions, result: dict, settings, sources, indices) -> int | None:
-    """--full (and --enqueue-missing): diff the whole index against the source files."""
+def _full(config, client, options: VerifyOptions, result: dict, settings, table, indices) -> int | None:
+    """--full (and --enqueue-missing): diff the whole index against the sources loaded in `table`."""
     if not options.full:
         return None
-    if not sources:
-        raise ConfigError("--full needs the source files: give --source FILE... or a batch with a record")
-    directory, table = temporary_table(config.sample_size, "")
+    add_full_scan(client, result, table, indices, spec_for(settings), options.recompute)
+    if not options.enqueue_missing or not result["full"].get("missing"):
+        return 0 if options.enqueue_missing else None
+    queue = open_queue(config.resolved_queue_url, config.max_attempts, config.max_retry_delay)
     try:
-        load_sources(sources, settings, table)
-        add_full_scan(client, result, table, indices, spec_for(settings), options.recompute)
-        if not options.enqueue_missing or not result["full"].get("missing"):
-            return 0 if options.enqueue_missing else None
-        queue = open_queue(config.resolved_queue_url, config.max_attempts, config.max_retry_delay)
-        try:
-            return enqueue_missing(table, settings, queue, options.batch_id or f"verify-{settings.embedding_version}")
-        finally:
-            queue.close()
+        return enqueue_missing(table, settings, queue, options.batch_id or f"verify-{settings.embedding_version}")
     finally:
-        table.close()
-        directory.cleanup()
+        queue.close()
 
 
 def _report(batch_id: str, result: dict, enqueued, counters: dict) -> dict:

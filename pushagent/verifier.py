@@ -53,8 +53,9 @@ def settled_count(client, index: str, query: dict, expected: int) -> int:
     maintenance privilege, and `refresh=wait_for` belongs on the last bulk
     request, which does not exist with several requests in flight; so we
     poll, which needs only read: the count is final once it has not moved
-    for longer than a refresh interval. An index with refresh disabled
+    for several refresh intervals. An index with refresh disabled
     (refresh_interval -1) never settles to the truth; the report says so.
+    Each search also wakes a search-idle shard, which refreshes only then.
     """
     deadline = time.monotonic() + COUNT_TIMEOUT_SECONDS
     last, since = None, time.monotonic()
@@ -181,7 +182,8 @@ def _problem(name: str, check: dict) -> str:
     if name == "count":
         return (f"count: the index holds {check['actual']} documents of this embedding version, expected "
                 f"{check['expected']} distinct ids ({check['duplicates']} input lines repeated an id); "
-                "run `pushagent verify --full --enqueue-missing` for this batch, then `pushagent drain`")
+                "run `pushagent verify --full --enqueue-missing` for this batch, then `pushagent drain` "
+                "(an index with refresh_interval -1 shows no new documents to searches until it is refreshed)")
     if name == "sample":
         return (f"sample: {len(check['mismatched'])} of {check['size']} sampled documents differ from the source "
                 f"{check['mismatched'][:LIST_LIMIT]} and {len(check['missing'])} are missing "
