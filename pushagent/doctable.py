@@ -96,8 +96,8 @@ class DocTable:
                 "duplicates": lines - sum(per_index.values())}
 
     def sample(self) -> list:
-        """[(index, id, checksum)] of the sampled documents (the winning checksum of a duplicated id)."""
-        return self._db.execute("SELECT s.idx, s.id, d.checksum FROM sample s JOIN docs d "
+        """[(index, id, checksum, version)] of the sampled documents (the winner of a duplicated id)."""
+        return self._db.execute("SELECT s.idx, s.id, d.checksum, d.version FROM sample s JOIN docs d "
                                 "ON d.idx = s.idx AND d.id = s.id ORDER BY s.slot").fetchall()
 
     def checksum(self) -> str:

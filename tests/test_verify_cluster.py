@@ -156,6 +156,19 @@ def resend(cluster_url, index, state_dir, items) -> None:
     assert [item["index"]["status"] for item in answer["items"]] == [201] * len(items)
 
 
+def test_an_older_batch_pushed_after_a_newer_one_verifies(cluster_url, index, state_dir, tmp_path):
+    newer = generate(tmp_path / "newer.jsonl", 300, seed=1)
+    older = generate(tmp_path / "older.jsonl", 300, seed=2)
+    code, _, stderr = run_push(cluster_url, index, state_dir, newer,
+                               extra=[*V1, "--batch-time", "2026-01-02T00:00:00Z"])
+    assert code == 0, stderr
+    code, report, stderr = run_push(cluster_url, index, state_dir, older,
+                                    extra=[*V1, "--batch-time", "2026-01-01T00:00:00Z"])
+    assert code == 0, stderr
+    sample = report["verification"]["sample"]
+    assert (report["current"], len(sample["newer"]), sample["mismatched"]) == (300, 100, [])
+
+
 def test_verify_from_sources_without_a_record(cluster_url, index, state_dir, tmp_path):
     data, _ = pushed(cluster_url, index, state_dir, tmp_path, count=1_000, extra=["--no-verify"])
     common = ["--url", cluster_url, "--state-dir", state_dir, "--embedding-version", "v1", "--index", index]

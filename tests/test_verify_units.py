@@ -93,7 +93,7 @@ def test_doc_table_keeps_the_acknowledged_duplicate_and_counts_repeats(tmp_path)
     newer = docs({"id": "a", "x": 3}, version=2000, line=9)
     table.add(newer, replace_equal=False)        # a higher version always wins
     assert table.counts() == {"per_index": {"words": 1}, "distinct": 1, "duplicates": 2}
-    assert table.sample() == [("words", "a", newer[0].checksum)] * 2
+    assert table.sample() == [("words", "a", newer[0].checksum, 2000)] * 2
     assert table.checksum() == hashlib.sha256(newer[0].checksum.encode() + b"\n").hexdigest()
 
 
@@ -105,7 +105,7 @@ def test_reservoir_sample_is_uniform_and_reproducible(tmp_path):
         table = DocTable(tmp_path / f"r{run}.db", sample_size=100, seed="batch-1")
         for start in range(0, 2_000, 500):
             table.add(built[start:start + 500], replace_equal=True)
-        picks.append([doc_id for _, doc_id, _ in table.sample()])
+        picks.append([doc_id for _, doc_id, _, _ in table.sample()])
     assert picks[0] == picks[1] and len(set(picks[0])) == 100
     assert sum(int(doc_id) >= 1_000 for doc_id in picks[0]) in range(30, 71)  # both halves represented
 
