@@ -15,6 +15,7 @@ from .chunker import Position
 from .errors import BatchLockedError, PushAgentError
 
 COUNTERS = ("read", "indexed", "current", "queued", "dead", "quarantined")
+DONE_STATUSES = ("pushed", "verified", "verification_failed")   # every record read; a new push starts over
 
 
 @dataclasses.dataclass

@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .builder import Builder, BuildSettings, Rejected, iso_utc_from_ms
-from .checkpoint import BatchLock, CheckpointStore, CommitTracker, RunState
+from .checkpoint import DONE_STATUSES, BatchLock, CheckpointStore, CommitTracker, RunState
 from .chunker import Chunker, Position
 from .errors import EXIT_FAILURE, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK, ConfigError, PushAgentError
 from .ledger import Ledger
@@ -31,7 +31,6 @@ from .shard import Shard, file_ranges, run_key
 from .slurm_env import slurm_facts
 from .auth import authorization_header
 
-DONE_STATUSES = ("pushed", "verified", "verification_failed")
 MAX_WARNINGS = 20
 log = logging.getLogger(__name__)
 
@@ -146,7 +145,7 @@ class PushRun:
             retry_queue = open_queue(self.config.resolved_queue_url, self.config.max_attempts,
                                      self.config.max_retry_delay)
             self.recorder = BatchRecorder(self.config, self.batch_id, self.build_settings, self.files, self.store,
-                                          self.options.verify)
+                                          self.options.verify, self.options.shard)
             try:
                 self.recorder.started(state)
                 return self.recorder.finished(state, self._execute(state, retry_queue))
@@ -386,7 +385,7 @@ class _Committer:
             if self.queue is not None:
                 self.queue.put(retry)
                 self.queue.dead_letter(dead)
-                self.run.recorder.delivered(outcome)
+                self.run.recorder.resolved(outcome)
         if self.queue is not None:
             self.queue.dead_letter(quarantined)
         self._tell_user(chunk, outcome)

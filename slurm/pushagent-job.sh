@@ -27,12 +27,6 @@ pushagent_setup() {
   fi
 }
 
-# pushagent_has COMMAND [TEXT]: this pushagent has COMMAND (and TEXT, e.g. a flag, in its help).
-# drain and verify came after push: the jobs use them where they exist.
-pushagent_has() {
-  $PUSHAGENT_CMD "$1" --help 2>/dev/null | grep -q -e "${2:-Usage}"
-}
-
 # pushagent_run COMMAND ARGS...: run pushagent in the background and wait, forwarding USR1, TERM and
 # INT to it; returns its exit code. A batch shell runs its traps only while it waits on a background
 # child, and `--signal=B:USR1` reaches only the batch shell, hence the forwarding.
@@ -107,28 +101,20 @@ pushagent_requeue() {
   exit 0   # Slurm now ends this run and queues the job again
 }
 
-# pushagent_drain_and_verify BATCH_ID STATUS [VERIFY ARGS...]: drain the batch's due items from the
-# retry queue, then verify the batch, with the commands this pushagent has. Exits with verify's status when it fails, else with
-# drain's, else with STATUS (push's). An interrupted drain is not requeued: a rerun would push the
-# finished batch again; the retry queue keeps what is left for the next drain.
+# pushagent_drain_and_verify BATCH_ID [VERIFY ARGS...]: drain the batch's due items from the retry
+# queue, then verify the batch. Exits with verify's status when it fails, else with drain's. An
+# interrupted drain is not requeued: a rerun would push the finished batch again; the retry queue
+# keeps what is left for the next drain.
 pushagent_drain_and_verify() {
-  local batch_id=$1 status=$2 verified
-  if pushagent_has drain; then
-    pushagent_run drain --batch-id "$batch_id"
-    status=$?
-    pushagent_log "drain exited $status"
-    (( status != EXIT_INTERRUPTED )) || exit "$status"
-  else
-    pushagent_log "this pushagent has no drain command: skipped"
-  fi
-  if pushagent_has verify; then
-    pushagent_run verify --batch-id "$batch_id" "${@:3}"
-    verified=$?
-    pushagent_log "verify of batch $batch_id exited $verified"
-    (( verified == 0 )) || status=$verified
-  else
-    pushagent_log "this pushagent has no verify command: batch $batch_id not verified"
-  fi
+  local batch_id=$1 status verified
+  pushagent_run drain --batch-id "$batch_id"
+  status=$?
+  pushagent_log "drain exited $status"
+  (( status != EXIT_INTERRUPTED )) || exit "$status"
+  pushagent_run verify --batch-id "$batch_id" "${@:2}"
+  verified=$?
+  pushagent_log "verify of batch $batch_id exited $verified"
+  (( verified == 0 )) || status=$verified
   exit "$status"
 }
 

@@ -105,7 +105,9 @@ class Jobs:
     def __init__(self, slurm: SlurmCluster, directory: Path, url: str, index: str, state_dir: Path):
         self.slurm = slurm
         self.directory = directory
+        # An embedding version, so that verification counts the batch's documents.
         self.env = {**agent_env(), "SLURM_CONF": str(slurm.conf), "PUSHAGENT_HOME": str(ROOT),
+                    "PUSHAGENT_EMBEDDING_VERSION": "test-v1",
                     "PUSHAGENT_CMD": f"{sys.executable} -m pushagent", "PYTHONPATH": str(ROOT),
                     "PUSHAGENT_URL": url, "PUSHAGENT_INDEX": index, "PUSHAGENT_ID_FIELD": "ipa_id",
                     "PUSHAGENT_STATE_DIR": str(state_dir)}
@@ -149,11 +151,6 @@ def jobs(slurm, cluster_url, index, state_dir, tmp_path):
     return Jobs(slurm, tmp_path, cluster_url, index, state_dir)
 
 
-def verify_available() -> bool:
-    return subprocess.run([sys.executable, "-m", "pushagent", "verify", "--help"], capture_output=True,
-                          cwd=ROOT).returncode == 0
-
-
 def sync_state_record(state_dir: Path, batch_id: str) -> dict:
     return json.loads((state_dir / "sync-state" / f"{batch_id}.json").read_text())
 
@@ -167,14 +164,12 @@ def found(record, key: str) -> list:
     return []
 
 
-def check_verified_record(state_dir: Path, batch_id: str, job_ids, restarts: int = 0) -> dict:
-    """The batch's sync-state record says verified, names one of `job_ids` (job or array job) and at
-    least `restarts` restarts; skips while verify is missing."""
-    if not verify_available():
-        pytest.skip("pushagent verify is not on this branch yet: everything else passed; the verified sync-state "
-                    f"record of batch {batch_id} was not checked")
+def check_verified_record(state_dir: Path, batch_id: str, docs: int, job_ids, restarts: int = 0) -> dict:
+    """The batch's sync-state record says verified (the count checked), holds `docs` documents, names one
+    of `job_ids` (job or array job) and at least `restarts` restarts."""
     record = sync_state_record(state_dir, batch_id)
-    assert record["status"] == "verified", record
+    assert record["status"] == "verified" and "skipped" not in record["verification"]["count"], record
+    assert record["doc_count"] == docs, record
     assert {int(i) for i in job_ids} & set(found(record, "job_id") + found(record, "array_job_id")), record
     assert max(found(record, "restart_count"), default=0) >= restarts, record
     return record
@@ -186,11 +181,11 @@ def test_push_job_pushes_a_batch_and_ends_verified(jobs, cluster_url, index, sta
     job_id = int(re.search(r"Submitted batch job (\d+)", done.stdout).group(1))
     assert done.returncode == 0, jobs.logs()
     report = jobs.reports(f"pushagent-{job_id}")[0]
-    assert (report["read"], report["indexed"], report["status"]) == (3_000, 3_000, "pushed")
+    assert (report["read"], report["indexed"], report["status"]) == (3_000, 3_000, "verified")
     assert report["slurm"]["job_id"] == job_id and report["slurm"]["restart_count"] == 0
     assert report["slurm"]["node"] == jobs.show(job_id)[0]["NodeList"]
     assert count(cluster_url, index) == 3_000
-    check_verified_record(state_dir, report["batch_id"], [job_id])
+    check_verified_record(state_dir, report["batch_id"], 3_000, [job_id])
 
 
 class Timeline:
@@ -239,7 +234,7 @@ def check_resumed_exactly(jobs, job_id, records, cluster_url, index, proxy) -> t
     first, last = runs[0], runs[max(runs)]
     assert first["status"] == "interrupted" and 0 < first["read"] == first["position"]["line"] < records, first
     assert "push exited 75" in log and "requeueing job" in log
-    assert last["status"] == "pushed" and last["read"] == records
+    assert last["status"] == "verified" and last["read"] == records
     assert last["this_run"]["read"] == records - runs[max(runs) - 1]["read"], "a committed line was read again"
     assert last["slurm"]["restart_count"] == max(runs) >= 1
     assert count(cluster_url, index) == records
@@ -296,7 +291,7 @@ def test_usr1_mid_push_checkpoints_requeues_and_resumes_exactly(jobs, cluster_ur
     job_id, report = preempted_push(jobs, cluster_url, index, state_dir, data, 6_000, delay=0.5,
                                     label="scancel --signal=USR1 --batch", interrupt=usr1,
                                     extra=["--chunk-docs", "300"])
-    check_verified_record(state_dir, report["batch_id"], [job_id], restarts=1)
+    check_verified_record(state_dir, report["batch_id"], report["read"], [job_id], restarts=1)
 
 
 def test_time_limit_signal_requeues_and_resumes_exactly(jobs, cluster_url, index, state_dir, tmp_path):
@@ -305,7 +300,7 @@ def test_time_limit_signal_requeues_and_resumes_exactly(jobs, cluster_url, index
     job_id, report = preempted_push(jobs, cluster_url, index, state_dir, data, 9_000, delay=3,
                                     label="--signal=B:USR1@30 with --time=1", extra=["--chunk-docs", "200"],
                                     options=["--time=1", "--signal=B:USR1@30"])
-    check_verified_record(state_dir, report["batch_id"], [job_id], restarts=1)
+    check_verified_record(state_dir, report["batch_id"], report["read"], [job_id], restarts=1)
 
 
 def test_scancel_checkpoints_and_ends_the_job_and_submitting_again_resumes(jobs, cluster_url, index, state_dir,
@@ -357,8 +352,17 @@ def test_array_of_three_shards_then_the_verify_job(jobs, cluster_url, index, sta
     assert sorted(p.name for p in (state_dir / "runs").glob("*.json")) == [
         f"words-array.shard-{task}-of-3.json" for task in range(3)]
     assert count(cluster_url, index) == records
-    check_verified_record(state_dir, "words-array", [ids["array_job"], ids["verify_job"]])
+    record = check_verified_record(state_dir, "words-array", records, [ids["array_job"], ids["verify_job"]])
     assert len(list((state_dir / "sync-state").glob("words-array*.json"))) == 1
+    check_shards_in_record(record, int(ids["array_job"]), int(ids["verify_job"]), records)
+
+
+def check_shards_in_record(record: dict, array_job: int, verify_job: int, records: int) -> None:
+    """The batch's record is the verify job's, with the totals and each shard's run and array task."""
+    assert record["slurm"]["job_id"] == verify_job and "shard" not in record, record
+    assert record["counters"]["read"] == records and record["verification"]["count"]["actual"] == records
+    assert [(s["shard"], s["status"], s["slurm"]["array_job_id"], s["slurm"]["array_task_id"])
+            for s in record["shards"]] == [(f"{task}/3", "pushed", array_job, task) for task in range(3)]
 
 
 def test_records_a_shard_leaves_queued_are_drained_by_the_verify_job(jobs, cluster_url, index, state_dir, tmp_path):
@@ -393,3 +397,5 @@ def test_records_a_shard_leaves_queued_are_drained_by_the_verify_job(jobs, clust
     assert len(id_counts) == records and set(id_counts.values()) == {1, 2}
     assert sorted(id_counts.values()).count(2) == queued
     assert count(cluster_url, index) == records
+    record = check_verified_record(state_dir, "words-queued", records, [ids["array_job"], ids["verify_job"]])
+    check_shards_in_record(record, int(ids["array_job"]), int(ids["verify_job"]), records)
