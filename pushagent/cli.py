@@ -15,6 +15,7 @@ import click
 from . import __version__
 from .config import load_config
 from .errors import EXIT_FAILURE, EXIT_USAGE, PushAgentError
+from .memory import return_large_buffers_to_os
 from .push import PushOptions, PushRun
 
 log = logging.getLogger("pushagent")
@@ -146,6 +147,7 @@ def _print_report(report: dict, as_json: bool) -> None:
 
 
 def main():
+    return_large_buffers_to_os()
     try:
         cli(standalone_mode=True)
     except KeyboardInterrupt:

@@ -272,7 +272,7 @@ class _ChunkPump:
     def _work_loop(self, sender: ChunkSender) -> None:
         for chunk in iter(self._work.get, None):
             try:
-                self._results.put((chunk, sender.resolve(chunk.docs) if chunk.docs else None, None))
+                self._results.put((chunk, sender.resolve(chunk.docs, chunk.body) if chunk.docs else None, None))
             except BaseException as error:  # handed to the main thread, which decides
                 self._results.put((chunk, None, error))
 
@@ -363,7 +363,7 @@ class _Committer:
 
 def _document_item(batch_id: str, doc, reason: str, kind: str) -> QueueItem:
     return QueueItem(QueueItem.document_key(doc.index, doc.doc_id), batch_id, doc.index, doc.doc_id, doc.version,
-                     doc.op, doc.source, doc.file, doc.line, kind, reason or "")
+                     doc.op, doc.source and bytes(doc.source), doc.file, doc.line, kind, reason or "")
 
 
 def _now_iso() -> str:
