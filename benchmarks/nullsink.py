@@ -86,6 +86,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._reply(COUNTERS.as_json() if self.path.startswith("/_sink") else ROOT)
 
     def do_PUT(self):
+        if "_bulk" in self.path:  # elasticsearch-py sends _bulk with PUT
+            return self.do_POST()
         self._read_body()
         self._reply(b'{"acknowledged":true}')
 

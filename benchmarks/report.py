@@ -61,15 +61,16 @@ def write_report(results: dict, directory: Path) -> None:
     lines = [f"# Benchmark results ({results['mode']} mode)", "",
              f"Produced by `python benchmarks/run.py{' --quick' if results['mode'] == 'quick' else ''}` on "
              f"{results['started']}: {results['records']:,} records per workload, median of {results['runs']} "
-             "runs per row, all clients run one after another in one session. Chunks of 5000 documents; "
-             "parallel clients use 2 threads, like pushagent's default concurrency.", "",
+             "runs per row, in one session, the runs going round-robin over the clients of a table section. "
+             "Chunks of 5000 documents; parallel clients use 2 threads, like pushagent's default concurrency. "
+             "What the numbers mean and what is left: [analysis.md](analysis.md).", "",
              "Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()), "",
              "Null-sink capacity with prebuilt 5000-document bodies from 2 threads: "
              + ", ".join(f"{k} {v:,.0f} docs/s" for k, v in results.get("sink_capacity", {}).items()), "",
              "## Targets", "", "| target | measured | met |", "| --- | --- | --- |"]
     lines += [f"| {name} | {value} | {'yes' if met else '**no**'} |" for name, value, met in targets(results)]
     lines += ["", "## All runs", "",
-              "CPU is the client process's user+sys time (wait4), per 100k documents; RSS is its peak; "
+              "CPU is the client process's user+sys time (GNU time), per 100k documents; RSS is its peak; "
               "wire MB is the request bodies the null sink received.", "",
               "| workload | target | client | gzip | docs/s | CPU s / 100k docs | peak RSS MiB | wire MB |",
               "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]

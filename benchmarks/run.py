@@ -118,8 +118,11 @@ class Cluster:
     def __init__(self, directory: Path):
         self.directory = directory
         env = {**os.environ, "PUSHAGENT_OPENSEARCH_HEAP": os.environ.get("PUSHAGENT_OPENSEARCH_HEAP", "1g")}
-        self.url = subprocess.run([str(ROOT / "scripts/dev-cluster.sh"), "start", str(directory)], env=env,
-                                  check=True, capture_output=True, text=True).stdout.strip()
+        started = subprocess.run([str(ROOT / "scripts/dev-cluster.sh"), "start", str(directory)], env=env,
+                                 capture_output=True, text=True)
+        if started.returncode:
+            raise RuntimeError(f"the benchmark cluster did not start: {started.stderr[-1500:]}")
+        self.url = started.stdout.strip()
         self.version = requests.get(self.url).json()["version"]["number"]
 
     def fresh_index(self, index: str) -> None:
@@ -150,52 +153,61 @@ def command(kind: str, url: str, index: str, path: Path, gzip: bool, state_dir: 
 
 
 def run_once(argv, env: dict, stdin_lines=None) -> dict:
-    """Run one client process; wall time, CPU and peak RSS come from wait4 on that process."""
-    started = time.monotonic()
-    process = subprocess.Popen(argv, env={**os.environ, "PYTHONPATH": str(ROOT), **env},
-                               stdin=subprocess.PIPE if stdin_lines else subprocess.DEVNULL,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    if stdin_lines:
-        process.stdin.write("\n".join(stdin_lines).encode())
-        process.stdin.close()
-    out_thread = threading.Thread(target=lambda: setattr(process, "captured", process.stdout.read()))
-    err_thread = threading.Thread(target=lambda: setattr(process, "captured_err", process.stderr.read()))
-    out_thread.start(), err_thread.start()
-    _, status, usage = os.wait4(process.pid, 0)
-    wall = time.monotonic() - started
-    out_thread.join(), err_thread.join()
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise RuntimeError(f"{argv[:4]} exited {process.returncode}: {process.captured_err.decode()[-800:]}")
-    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "rss_mib": usage.ru_maxrss / 1024}
+    """Run one client process under /usr/bin/time: wall time, CPU (user+sys) and peak RSS.
+
+    Not wait4 from here: Linux carries a process's peak RSS across fork and
+    exec, so a child of this (large) harness would report at least its size.
+    GNU time is small, and it reports its own child (and what that reaps).
+    """
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as usage:
+        started = time.monotonic()
+        process = subprocess.run(["/usr/bin/time", "-f", "%U %S %M", "-o", usage.name, *argv],
+                                 env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+                                 input="\n".join(stdin_lines).encode() if stdin_lines else None,
+                                 stdin=None if stdin_lines else subprocess.DEVNULL, capture_output=True)
+        wall = time.monotonic() - started
+        if process.returncode != 0:
+            raise RuntimeError(f"{argv[:4]} exited {process.returncode}: {process.stderr.decode()[-800:]}")
+        user, system, rss_kib = usage.read().split()[-3:]
+    return {"wall_s": wall, "cpu_s": float(user) + float(system), "rss_mib": int(rss_kib) / 1024}
 
 
-def measure(client, target_name, target, path: Path, docs: int, runs: int, chunks: dict, work: Path) -> dict:
-    name, kind, gzip, env, _ = client
-    samples = []
+def measure(clients, target_name, target, path: Path, docs: int, runs: int, chunks: dict, work: Path) -> list:
+    """One row per client; the runs go round-robin over the clients, so load changes hit all alike."""
+    samples = {client[0]: [] for client in clients}
     for number in range(runs):
-        index = f"bench-{kind}-{number}".replace("_", "-")
-        state_dir = Path(tempfile.mkdtemp(dir=work, prefix="state-"))
-        if target_name == "sink":
-            target.reset()
-        else:
-            target.fresh_index(index)
-        argv = command(kind, target.url, index, path, gzip, state_dir, chunks)
-        argv, lines = argv if isinstance(argv, tuple) else (argv, None)
-        sample = run_once(argv, env, lines)
-        if target_name == "sink":
-            counters = target.counters()
-            sample["bytes"] = counters["bytes"]
-            assert counters["docs"] == docs, f"{name}: the sink saw {counters['docs']} of {docs} documents"
-        else:
-            found = target.count(index)
-            assert found == docs, f"{name}: the cluster holds {found} of {docs} documents"
-            requests.delete(f"{target.url}/{index}")
-        samples.append(sample)
-        print(f"  {target_name:7} {name:40} run {number + 1}: {docs / sample['wall_s']:9.0f} docs/s "
-              f"{sample['cpu_s']:6.2f} s CPU {sample['rss_mib']:6.0f} MiB", file=sys.stderr, flush=True)
+        for client in clients:
+            samples[client[0]].append(sample_once(client, target_name, target, path, docs, number, chunks, work))
+    return [row(client, target_name, docs, samples[client[0]]) for client in clients]
+
+
+def sample_once(client, target_name, target, path: Path, docs: int, number: int, chunks: dict, work: Path) -> dict:
+    name, kind, gzip, env, _ = client
+    index = "bench-curl" if kind == "curl" else f"bench-{kind}-{number}"  # curl's chunks name their index
+    state_dir = Path(tempfile.mkdtemp(dir=work, prefix="state-"))
+    if target_name == "sink":
+        target.reset()
+    else:
+        target.fresh_index(index)
+    argv = command(kind, target.url, index, path, gzip, state_dir, chunks)
+    argv, lines = argv if isinstance(argv, tuple) else (argv, None)
+    sample = run_once(argv, env, lines)
+    if target_name == "sink":
+        counters = target.counters()
+        sample["bytes"] = counters["bytes"]
+        assert counters["docs"] == docs, f"{name}: the sink saw {counters['docs']} of {docs} documents"
+    else:
+        found = target.count(index)
+        assert found == docs, f"{name}: the cluster holds {found} of {docs} documents"
+        requests.delete(f"{target.url}/{index}")
+    print(f"  {target_name:7} {name:40} run {number + 1}: {docs / sample['wall_s']:9.0f} docs/s "
+          f"{sample['cpu_s']:6.2f} s CPU {sample['rss_mib']:6.0f} MiB", file=sys.stderr, flush=True)
+    return sample
+
+
+def row(client, target_name: str, docs: int, samples: list) -> dict:
     median = {key: statistics.median(s[key] for s in samples) for key in samples[0]}
-    return {"client": name, "target": target_name, "gzip": gzip, "docs": docs, "runs": runs,
+    return {"client": client[0], "target": target_name, "gzip": client[2], "docs": docs, "runs": len(samples),
             "docs_per_s": docs / median["wall_s"], "cpu_s": median["cpu_s"],
             "cpu_s_per_100k": median["cpu_s"] * 100_000 / docs, "rss_mib": median["rss_mib"],
             "bytes": median.get("bytes"), "samples": samples}
@@ -283,6 +295,8 @@ def main(argv=None) -> int:
                         help="where generated workloads are kept between runs")
     parser.add_argument("--no-cluster", action="store_true", help="null sink only")
     parser.add_argument("--only", help="run only clients whose name contains this")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the rows of results.json from the same mode and run only the missing ones")
     args = parser.parse_args(argv)
     from report import write_report  # benchmarks/report.py
 
@@ -290,16 +304,23 @@ def main(argv=None) -> int:
     data_dir.mkdir(parents=True, exist_ok=True)
     records = 50_000 if args.quick else 100_000
     work = Path(tempfile.mkdtemp(prefix="pushagent-bench-"))
+    work.chmod(0o755)  # as root, dev-cluster.sh runs OpenSearch as its own user, which must reach the directory
     workloads = {"embedding": (generate(data_dir, f"words-{records}.jsonl", records), records),
                  "tiny": (generate(data_dir, f"tiny-{records}.jsonl", records, tiny=True), records)}
     big = generate(data_dir, "words-1000000.jsonl", 1_000_000)
     sink, cluster = NullSink(), None
     results = {"mode": "quick" if args.quick else "full", "records": records, "runs": args.runs, "rows": [],
                "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    if args.keep and (RESULTS / "results.json").exists():
+        kept = orjson.loads((RESULTS / "results.json").read_bytes())
+        if kept["mode"] == results["mode"]:
+            results.update({k: kept[k] for k in ("rows", "started", "machine", "pushagent") if k in kept})
+    done = {(r["workload"], r["target"], r["client"]) for r in results["rows"]}
     try:
         if not args.no_cluster:
             cluster = Cluster(work / "cluster")
-        results["machine"] = machine_facts(cluster and cluster.version)
+        if cluster or "machine" not in results:
+            results["machine"] = machine_facts(cluster and cluster.version)
         path = workloads["embedding"][0]
         results["sink_capacity"] = {"plain": sink_capacity(sink, path, False), "gzip": sink_capacity(sink, path, True)}
         print(f"null sink capacity: {results['sink_capacity']}", file=sys.stderr)
@@ -309,28 +330,34 @@ def main(argv=None) -> int:
                       for gz in (False, True)}
             targets = [("sink", sink)] + ([("cluster", cluster)] if cluster and workload == "embedding" else [])
             for target_name, target in targets:
-                for client in clients:
-                    if target_name in client[4] and (workload == "embedding" or target_name == "sink"):
-                        row = measure(client, target_name, target, path, docs, args.runs, chunks, work)
-                        results["rows"].append({"workload": workload, **row})
-        results["pushagent"] = pushagent_specifics(sink, workloads["embedding"][0], records, big, work)
+                todo = [c for c in clients if target_name in c[4] and (workload, target_name, c[0]) not in done]
+                for measured in measure(todo, target_name, target, path, docs, args.runs, chunks, work):
+                    results["rows"].append({"workload": workload, **measured})
+                save(results)
+        if "pushagent" not in results:
+            results["pushagent"] = pushagent_specifics(sink, workloads["embedding"][0], records, big, work)
     finally:
         sink.stop()
         if cluster:
             cluster.stop()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "results.json").write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
+    save(results)
     write_report(results, RESULTS)
     print(f"wrote {RESULTS / 'results.md'}", file=sys.stderr)
     return 0
+
+
+def save(results: dict) -> None:
+    """Written after every row, so that an interrupted session keeps what it measured."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "results.json").write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
 
 
 def pushagent_specifics(sink, path, records, big, work) -> dict:
     """Peak RSS at the workload size vs 1M records (default settings), and the resume cost."""
     default = next(c for c in client_table(True) if c[0] == "pushagent default")
     unlimited = (default[0], default[1], default[2], FAST, default[4])
-    small = measure(unlimited, "sink", sink, path, records, 1, {}, work)
-    large = measure(unlimited, "sink", sink, big, 1_000_000, 1, {}, work)
+    small, = measure([unlimited], "sink", sink, path, records, 1, {}, work)
+    large, = measure([unlimited], "sink", sink, big, 1_000_000, 1, {}, work)
     return {"rss_small_mib": small["rss_mib"], "rss_1m_mib": large["rss_mib"], "small_records": records,
             "docs_per_s_1m": large["docs_per_s"], "cpu_s_per_100k_1m": large["cpu_s_per_100k"],
             **resume_cost(sink, big, 1_000_000, work)}
