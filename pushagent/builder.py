@@ -77,6 +77,14 @@ def canonical_checksum(record: dict, stamped_fields=()) -> str:
     return hashlib.sha256(canonical_json(record)).hexdigest()
 
 
+def action_line(op: str, index: str, doc_id: str, version: int | None) -> bytes:
+    """The NDJSON action line of one document, externally versioned when a version is known."""
+    meta = {"_index": index, "_id": doc_id}
+    if version is not None:
+        meta.update(version=version, version_type="external")
+    return orjson.dumps({op: meta}) + b"\n"
+
+
 def iso_utc_from_ms(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -140,9 +148,7 @@ class Builder:
         parts = self._action_parts.get(key)
         if parts is None:
             marker = "\x00id\x00"
-            line = orjson.dumps({op: {"_index": index, "_id": marker, "version": version,
-                                      "version_type": "external"}}) + b"\n"
-            before, after = line.split(orjson.dumps(marker))
+            before, after = action_line(op, index, marker, version).split(orjson.dumps(marker))
             parts = self._action_parts[key] = (before, after)
         return parts
 

@@ -33,6 +33,7 @@ class Chunk:
     nbytes: int = 0
     body: bytearray = dataclasses.field(default_factory=bytearray)
     _spans: list = dataclasses.field(default_factory=list)
+    seconds: float = 0.0         # time its worker spent resolving it, for logs and metrics
 
     @property
     def records(self) -> int:

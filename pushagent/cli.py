@@ -14,24 +14,33 @@ import click
 
 from . import __version__
 from .config import load_config
+from .doctor import Doctor, healthy
+from .doctor import as_json as doctor_report
 from .errors import EXIT_FAILURE, EXIT_USAGE, PushAgentError
+from .logs import redact, setup_logging
 from .memory import return_large_buffers_to_os
+from .observe import observing
 from .push import PushOptions, PushRun
+from .security import insecure_warning
+from .status import EXIT_CODES, format_status, health_report
 
 log = logging.getLogger("pushagent")
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 
 def config_options(command):
-    """--config, --json and --debug, shared by every command."""
+    """--config, --json, --debug and the log options, shared by every command."""
     @click.option("--config", "config_file", type=click.Path(dir_okay=False),
                   help="YAML configuration [./pushagent.yaml, then ~/.config/pushagent/config.yaml].")
     @click.option("--json", "as_json", is_flag=True, help="Print the final report as one JSON object on stdout.")
     @click.option("--debug", is_flag=True, help="Verbose logs and tracebacks on stderr.")
+    @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+                  envvar="PUSHAGENT_LOG_FORMAT", help="Logs on stderr as text, or one JSON object per line.")
+    @click.option("-v", "--verbose", count=True, help="Also log debug lines (one per chunk in text logs).")
+    @click.option("-q", "--quiet", is_flag=True, help="Log only warnings and errors; no progress.")
     @functools.wraps(command)
-    def wrapper(*args, debug, **kwargs):
-        logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
-                            format="%(asctime)s %(levelname)s %(message)s")
+    def wrapper(*args, debug, log_format, verbose, quiet, **kwargs):
+        setup_logging(log_format, verbose + debug, quiet and not debug)
         try:
             return command(*args, **kwargs)
         except PushAgentError as error:
@@ -57,7 +66,7 @@ def connection_options(command):
 def _fail(message: str, exit_code: int, debug: bool) -> None:
     if debug:
         log.exception("failed")
-    click.echo(f"pushagent: error: {message}", err=True)
+    click.echo(f"pushagent: error: {redact(message)}", err=True)
     sys.exit(exit_code)
 
 
@@ -100,15 +109,154 @@ def push(inputs, config_file, as_json, url, index, state_dir, insecure, embeddin
     config = load_config(config_file, _flags(url=url, index=index, state_dir=state_dir, insecure=insecure,
                                              embedding_version=embedding_version, batch_time=batch_time,
                                              id_field=id_field, chunk_docs=chunk_docs, concurrency=concurrency))
+    _warn_insecure(config)
     options = PushOptions(list(inputs), batch_id=batch_id, restart=restart, from_line=from_line,
                           on_error=on_error, dry_run=dry_run)
-    run = PushRun(config, options)
-    with _stop_on_signals(run):
-        result = run.run()
-    _print_report(result.report(), as_json)
-    if result.error:
-        click.echo(f"pushagent: error: {result.error}", err=True)
-    sys.exit(result.exit_code)
+    with observing(config) as observers:
+        result = _run_until_signal(PushRun(config, options, observers=observers))
+    _report_and_exit(result, as_json)
+
+
+@cli.command()
+@config_options
+@connection_options
+def doctor(config_file, as_json, url, index, state_dir, insecure):
+    """Check connectivity, TLS, credentials, privileges, queue, disk and clock before a long push.
+
+    Exits 0 when every needed check passes, 1 otherwise.
+
+    Example:
+
+        pushagent doctor --url https://search.example.org:9200 --index words
+    """
+    config = load_config(config_file, _flags(url=url, index=index, state_dir=state_dir, insecure=insecure))
+    _warn_insecure(config)
+    checks = Doctor(config).run()
+    if as_json:
+        click.echo(json.dumps(doctor_report(checks), sort_keys=True))
+    else:
+        click.echo("\n".join(f"{c.status:<5} {c.name:<24} {c.detail}" for c in checks))
+    sys.exit(0 if healthy(checks) else EXIT_FAILURE)
+
+
+def _warn_insecure(config) -> None:
+    warning = insecure_warning(config)
+    if warning:
+        log.warning(warning)
+
+
+@cli.command()
+@config_options
+@click.option("--state-dir", help="Checkpoints, queue.db, sync-state and audit log.")
+def status(config_file, as_json, state_dir):
+    """Health of the agent: last run, queue depth, sync lag; exit 0 healthy, 1 warning, 2 critical.
+
+    Thresholds: health_lag_warning/critical and health_dead_warning/critical.
+
+    Example:
+
+        pushagent status --json > health.json || echo "pushagent needs a look"
+    """
+    config = load_config(config_file, _flags(state_dir=state_dir))
+    report = health_report(config)
+    click.echo(json.dumps(report, indent=1, sort_keys=True) if as_json else format_status(report))
+    sys.exit(EXIT_CODES[report["health"]])
+
+
+def queue_options(command):
+    """Where the queue is: --state-dir (for the default SQLite queue) and --queue-url."""
+    command = click.option("--queue-url", help="sqlite:///path or redis://host:port/db [sqlite in state_dir].")(command)
+    return click.option("--state-dir", help="Checkpoints, queue.db, sync-state and audit log.")(command)
+
+
+@cli.command()
+@config_options
+@queue_options
+@click.option("--url", help="Cluster base URL, e.g. https://search.example.org:9200.")
+@click.option("--insecure", is_flag=True, default=None, help="Allow plain http:// to a non-loopback host.")
+@click.option("--all", "all_items", is_flag=True, help="Send pending items now, ignoring their next-attempt time.")
+@click.option("--batch-id", help="Only items of this batch.")
+@click.option("--max-items", type=click.IntRange(min=1), help="Take at most this many items.")
+@click.option("--chunk-docs", type=int, help="Documents per bulk request [5000].")
+@click.option("--concurrency", type=int, help="Bulk requests in flight [2].")
+def drain(config_file, as_json, state_dir, queue_url, url, insecure, all_items, batch_id, max_items, chunk_docs,
+          concurrency):
+    """Push the due items of the retry queue; exit 0 when none remain, 3 when items stay pending or dead.
+
+    Several drainers may share one queue (e.g. Slurm array tasks on one Redis).
+
+    Example:
+
+        pushagent drain --all --batch-id words-2026-01 --json
+    """
+    from .drain import DrainOptions, DrainRun
+    config = load_config(config_file, _flags(state_dir=state_dir, queue_url=queue_url, url=url, insecure=insecure,
+                                             chunk_docs=chunk_docs, concurrency=concurrency))
+    _warn_insecure(config)
+    result = _run_until_signal(DrainRun(config, DrainOptions(all=all_items, batch_id=batch_id, max_items=max_items)))
+    _report_and_exit(result, as_json)
+
+
+@cli.group()
+def queue():
+    """Inspect and manage the retry queue: stats, list, requeue-dead."""
+
+
+def _with_queue(config_file, state_dir, queue_url, action):
+    from .drain import open_configured_queue
+    retry_queue = open_configured_queue(load_config(config_file, _flags(state_dir=state_dir, queue_url=queue_url)))
+    try:
+        return action(retry_queue)
+    finally:
+        retry_queue.close()
+
+
+@queue.command("stats")
+@config_options
+@queue_options
+def queue_stats(config_file, as_json, state_dir, queue_url):
+    """Pending (due now, later), leased and dead items, oldest item age, per batch.
+
+    Example:
+
+        pushagent queue stats --json
+    """
+    from .queue_view import format_stats
+    stats = _with_queue(config_file, state_dir, queue_url, lambda q: q.stats())
+    click.echo(json.dumps(stats, sort_keys=True) if as_json else format_stats(stats))
+
+
+@queue.command("list")
+@config_options
+@queue_options
+@click.option("--status", type=click.Choice(["pending", "dead"]), help="Only items of this status.")
+@click.option("--batch-id", help="Only items of this batch.")
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True, help="At most this many.")
+def queue_list(config_file, as_json, state_dir, queue_url, status, batch_id, limit):
+    """Items, oldest first, with their input file, line and last error.
+
+    Example:
+
+        pushagent queue list --status dead --limit 20
+    """
+    from .queue_view import format_items, item_summary
+    items = _with_queue(config_file, state_dir, queue_url, lambda q: q.list(status, limit, batch_id))
+    click.echo(json.dumps([item_summary(i) for i in items]) if as_json else format_items(items))
+
+
+@queue.command("requeue-dead")
+@config_options
+@queue_options
+@click.option("--batch-id", help="Only items of this batch.")
+def queue_requeue_dead(config_file, as_json, state_dir, queue_url, batch_id):
+    """Make dead documents pending and due now (attempts reset); quarantined lines stay dead.
+
+    Example:
+
+        pushagent queue requeue-dead --batch-id words-2026-01 && pushagent drain
+    """
+    requeued = _with_queue(config_file, state_dir, queue_url, lambda q: q.requeue_dead(batch_id))
+    click.echo(json.dumps({"requeued": requeued}) if as_json else f"{requeued} items requeued")
 
 
 class _stop_on_signals:
@@ -134,11 +282,24 @@ class _stop_on_signals:
             signal.signal(number, handler)
 
 
+def _run_until_signal(run):
+    """run.run() with the stop signals turned into run.request_stop()."""
+    with _stop_on_signals(run):
+        return run.run()
+
+
+def _report_and_exit(result, as_json: bool) -> None:
+    _print_report(result.report(), as_json)
+    if result.error:
+        click.echo(f"pushagent: error: {redact(str(result.error))}", err=True)
+    sys.exit(result.exit_code)
+
+
 def _print_report(report: dict, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(report, sort_keys=True))
         return
-    lines = [f"batch {report['batch_id']}: {report['status']}",
+    lines = [f"batch {report['batch_id'] or '(all)'}: {report['status']}",
              "  read {read}  indexed {indexed}  current {current}  queued {queued}  dead {dead}"
              "  quarantined {quarantined}".format(**report),
              f"  {report['requests']} requests, {report['retries']} retries, {report['bytes_sent']} bytes sent,"

@@ -11,6 +11,7 @@ import dataclasses
 import email.utils
 import itertools
 import queue
+import ssl
 import threading
 import time
 import zlib
@@ -27,8 +28,9 @@ except ImportError:  # pragma: no cover - isal is a dependency; zlib stays corre
 
 from . import __version__
 from .chunker import bulk_body
-from .classifier import CURRENT, INDEXED, PERMANENT, RETRYABLE, classify_item, request_outcome
+from .classifier import CURRENT, INDEXED, RETRYABLE, classify_item, request_outcome
 from .errors import AuthError, ClusterUnavailableError, PushAgentError
+from .security import find_ssl_error, secure_session, tls_failure
 
 # Only what the classifier reads: a 5000-item answer stays small.
 BULK_FILTER = "errors,items.*.status,items.*.error.type,items.*.error.reason"
@@ -73,14 +75,16 @@ class TransferStats:
         self.requests = self.retries = self.bytes_raw = self.bytes_sent = 0
         self.statuses = {}
         self.latencies = []
+        self.request_docs = []   # documents in each request, in the order of latencies
 
-    def record_request(self, status, raw, sent, seconds):
+    def record_request(self, status, raw, sent, seconds, docs=0):
         with self._lock:
             self.requests += 1
             self.bytes_raw += raw
             self.bytes_sent += sent
             self.statuses[str(status)] = self.statuses.get(str(status), 0) + 1
             self.latencies.append(seconds)
+            self.request_docs.append(docs)
 
     def record_retry(self):
         with self._lock:
@@ -99,22 +103,24 @@ class HttpTransport:
         if config.compress:
             self._headers["Content-Encoding"] = "gzip"
         self._sessions = queue.LifoQueue()
-        self._verify = config.ca_bundle or True
 
-    def post(self, body) -> BulkResponse:
+    def post(self, body, docs: int = 0) -> BulkResponse:
         """POST an NDJSON body (bytes-like), gzip'd when `compress` is on."""
         payload = gzip_body(body, self.config.compress_level) if self.config.compress else body
         session = self._session()
         started = time.monotonic()
         try:
             reply = session.post(self.url, params={"filter_path": BULK_FILTER}, data=payload,
-                                 headers=self._headers, verify=self._verify,
+                                 headers=self._headers,
                                  timeout=(CONNECT_TIMEOUT, self.config.timeout_seconds))
-            self.stats.record_request(reply.status_code, len(body), len(payload), time.monotonic() - started)
+            self.stats.record_request(reply.status_code, len(body), len(payload), time.monotonic() - started, docs)
             return _parse_reply(reply)
         except requests.exceptions.SSLError as error:
-            raise PushAgentError(f"TLS handshake with {self.config.url} failed: {_first_line(error)}",
-                                 hint="check ca_bundle and the host name in url; run `pushagent doctor`") from None
+            if not isinstance(find_ssl_error(error), ssl.SSLCertVerificationError):
+                session.close()  # a handshake cut short is a connection failure: retried
+                raise TransportFailure(f"SSLError: {_first_line(error)}") from None
+            message, hint = tls_failure(error, self.config.url)
+            raise PushAgentError(message, hint=hint + "; `pushagent doctor` shows the certificate") from None
         except (requests.RequestException, OSError) as error:
             session.close()
             raise TransportFailure(f"{type(error).__name__}: {_first_line(error)}") from None
@@ -125,9 +131,7 @@ class HttpTransport:
         try:
             return self._sessions.get_nowait()
         except queue.Empty:
-            session = requests.Session()
-            session.trust_env = False  # never pick up a .netrc or proxy the user did not configure
-            return session
+            return secure_session(self.config.ca_bundle)
 
 
 def gzip_body(body, level: int) -> bytes:
@@ -147,11 +151,11 @@ class DryRunTransport:
         self._numbers = itertools.count(1)
         self._lock = threading.Lock()
 
-    def post(self, body: bytes) -> BulkResponse:
+    def post(self, body: bytes, docs: int = 0) -> BulkResponse:
         with self._lock:
             number = next(self._numbers)
         (self.directory / f"request-{number:06d}.ndjson").write_bytes(body)
-        self.stats.record_request(200, len(body), 0, 0.0)
+        self.stats.record_request(200, len(body), 0, 0.0, docs)
         return BulkResponse(200, [{next(iter(orjson.loads(action))): {"status": 201}}
                                   for action in _action_lines(body)])
 
@@ -190,6 +194,18 @@ def parse_retry_after(value: str | None) -> float | None:
         return None
 
 
+def auth_refused(status: int) -> AuthError:
+    """The error that stops a push on a whole-request 401 or 403 (the checkpoint is kept)."""
+    if status == 401:
+        return AuthError("the cluster refused the credentials (HTTP 401): the API key is missing, wrong, "
+                         "expired or revoked",
+                         hint="run `pushagent doctor` (check: authentication); the checkpoint is kept, "
+                              "run the same command again once fixed")
+    return AuthError(f"the key may not write to the target index (HTTP {status})",
+                     hint="run `pushagent doctor` (check: privileges) and ask for read and write on the index; "
+                          "the checkpoint is kept, run the same command again once fixed")
+
+
 def _first_line(error) -> str:
     return str(error).splitlines()[0][:300] if str(error) else type(error).__name__
 
@@ -221,7 +237,8 @@ class FailureTracker:
     def error(self) -> ClusterUnavailableError:
         return ClusterUnavailableError(
             f"{self._count} bulk requests in a row failed; last error: {self.last_error}",
-            hint="the checkpoint is kept: run the same command again when the cluster answers")
+            hint="nothing is lost (push keeps its checkpoint, drain its queue): run the same command again "
+                 "when the cluster answers")
 
 
 class ChunkSender:
@@ -244,14 +261,15 @@ class ChunkSender:
         Raises AuthError on 401/403 and ChunkAborted when the run is stopping.
         """
         outcome = Outcome()
-        pending, last_error, whole_failed = docs, None, False
+        pending, last_error, whole_failed, retry_after = docs, None, False, None
         for attempt in range(self.config.max_retries + 1):
             if attempt:
                 self.stats.record_retry()
                 self._pause(attempt, retry_after)
             retry_after, whole_failed = None, True
             try:
-                response = self._post(body if body is not None and pending is docs else bulk_body(pending))
+                response = self._post(body if body is not None and pending is docs else bulk_body(pending),
+                                      len(pending))
             except TransportFailure as error:
                 last_error = self._whole_failure(str(error))
                 continue
@@ -262,8 +280,7 @@ class ChunkSender:
             if kind == "too_large":
                 return self._split(pending, outcome)
             if kind == "auth":
-                raise AuthError(f"the cluster refused the request with HTTP {response.status}: {response.text[:200]}",
-                                hint="check the API key and its privileges with `pushagent doctor`")
+                raise auth_refused(response.status)
             if kind != "ok" or len(response.items) != len(pending):
                 last_error = self._whole_failure(self._describe(response, len(pending)))
                 retry_after = response.retry_after
@@ -281,10 +298,10 @@ class ChunkSender:
         outcome.retry.extend((doc, last_error) for doc in pending)
         return outcome
 
-    def _post(self, body: bytes) -> BulkResponse:
+    def _post(self, body: bytes, docs: int) -> BulkResponse:
         if self.failures.tripped.is_set() or not self.rate_limiter.acquire(self.stop_event):
             raise ChunkAborted()
-        return self.transport.post(body)
+        return self.transport.post(body, docs)
 
     def _whole_failure(self, reason: str) -> str:
         self.failures.failure(reason)

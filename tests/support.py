@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import requests
@@ -12,6 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import generate_data  # noqa: E402
+from bench_queue import queue_items  # noqa: E402
+from pushagent.retry_queue import open_queue  # noqa: E402
 
 
 def generate(path: Path, count: int, dims: int = 8, seed: int = 42, start: int = 0) -> Path:
@@ -34,6 +37,8 @@ def run_push(url, index, state_dir, *inputs, extra=(), env=None, timeout=600):
 
 def agent_env(extra=None) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHAGENT_")}
+    # `python -m pushagent` must run this checkout, not an installed copy.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.update({"PUSHAGENT_REQUESTS_PER_MINUTE": "6000", "PUSHAGENT_RETRY_BACKOFF_SECONDS": "0.05"})
     env.update(extra or {})
     return env
@@ -55,3 +60,53 @@ def stored_checksums(url, index) -> dict:
         page = requests.post(f"{url}/_search/scroll", json={"scroll": "1m", "scroll_id": page["_scroll_id"]},
                              timeout=120).json()
     return found
+
+
+def cli_command(*args, url=None, state_dir=None, queue_url=None):
+    command = [sys.executable, "-m", "pushagent", *args, "--json"]
+    for flag, value in (("--url", url), ("--state-dir", state_dir), ("--queue-url", queue_url)):
+        if value is not None:
+            command += [flag, str(value)]
+    return command
+
+
+def run_cli(*args, env=None, timeout=300, **where):
+    """(exit code, JSON report or None, stderr) of one pushagent command."""
+    completed = subprocess.run(cli_command(*args, **where), capture_output=True, text=True, timeout=timeout,
+                               env=agent_env(env))
+    report = json.loads(completed.stdout) if completed.stdout.strip() else None
+    return completed.returncode, report, completed.stderr
+
+
+def fill_queue(queue_url, path, index, batch_id="b1") -> set:
+    """Queue every record of `path` as a due retryable item; returns the ids."""
+    items = queue_items(path, index, batch_id)
+    queue = open_queue(queue_url)
+    try:
+        queue.put(items)
+    finally:
+        queue.close()
+    return {item.doc_id for item in items}
+
+
+def queue_stats(queue_url) -> dict:
+    queue = open_queue(queue_url)
+    try:
+        return queue.stats()
+    finally:
+        queue.close()
+
+
+def queued_ids(queue_url) -> set:
+    queue = open_queue(queue_url)
+    try:
+        return {item.doc_id for item in queue.list(limit=10**7)}
+    finally:
+        queue.close()
+
+
+def wait_for(condition, seconds=120):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
