@@ -293,6 +293,7 @@ class _ChunkPump:
                 result = (chunk, None, error)
             chunk.seconds = time.monotonic() - started
             self._results.put(result)
+            del chunk, result  # do not hold a resolved chunk's body while waiting for the next one
 
     def submit(self, chunk) -> None:
         self.in_flight += 1
