@@ -20,9 +20,10 @@ from pathlib import Path
 from .builder import Builder, BuildSettings, Rejected, iso_utc_from_ms
 from .checkpoint import BatchLock, CheckpointStore, CommitTracker, RunState
 from .chunker import Chunker, Position
-from .errors import EXIT_FAILURE, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK, ConfigError
+from .errors import EXIT_FAILURE, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK, ConfigError, PushAgentError
 from .ledger import Ledger
 from .ratelimit import TokenBucket
+from .recording import BatchRecorder
 from .reader import InputReadError, expand_inputs, read_lines
 from .retry_queue import QueueItem, open_queue
 from .sender import ChunkAborted, ChunkSender, DryRunTransport, HttpTransport, TransferStats
@@ -41,6 +42,7 @@ class PushOptions:
     from_line: int | None = None
     on_error: str = "continue"
     dry_run: str | None = None
+    verify: bool = True
 
 
 @dataclasses.dataclass
@@ -56,6 +58,7 @@ class PushResult:
     duration_s: float
     position: Position
     error: Exception | None = None
+    verification: dict | None = None
 
     def report(self) -> dict:
         report = {"batch_id": self.batch_id, "status": self.status, **self.batch.as_dict(),
@@ -66,6 +69,8 @@ class PushResult:
                   "position": self.position._asdict(), "statuses": self.stats.statuses}
         if self.error:
             report["error"] = str(self.error)
+        if self.verification is not None:
+            report["verification"] = self.verification
         return report
 
 
@@ -122,6 +127,7 @@ class PushRun:
         self._stop_reason = None
         self._fatal = None
         self._sender = None
+        self.recorder = None
 
     def run(self) -> PushResult:
         if self.options.dry_run:
@@ -130,10 +136,17 @@ class PushRun:
             state = self._initial_state()
             retry_queue = open_queue(self.config.resolved_queue_url, self.config.max_attempts,
                                      self.config.max_retry_delay)
+            self.recorder = BatchRecorder(self.config, self.batch_id, self.build_settings, self.files, self.store,
+                                          self.options.verify)
             try:
-                return self._execute(state, retry_queue)
+                self.recorder.started(state)
+                return self.recorder.finished(state, self._execute(state, retry_queue))
+            except PushAgentError:
+                self.recorder.write(state, "failed")
+                raise
             finally:
                 retry_queue.close()
+                self.recorder.close()
 
     def _fingerprints(self) -> list:
         return [f.fingerprint() for f in self.files]
@@ -354,6 +367,7 @@ class _Committer:
             if self.queue is not None:
                 self.queue.put(retry)
                 self.queue.dead_letter(dead)
+                self.run.recorder.delivered(outcome)
         if self.queue is not None:
             self.queue.dead_letter(quarantined)
         self._tell_user(chunk, outcome)
