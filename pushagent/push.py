@@ -130,8 +130,15 @@ class PushRun:
         self.recorder = None
 
     def run(self) -> PushResult:
+        """Push, record and verify; observers hear `finished` once the final status is known."""
         if self.options.dry_run:
-            return self._execute(RunState(self.batch_id, self._fingerprints(), self.settings), queue=None)
+            result = self._execute(RunState(self.batch_id, self._fingerprints(), self.settings), queue=None)
+        else:
+            result = self._push_and_record()
+        self.notify("finished", result)
+        return result
+
+    def _push_and_record(self) -> PushResult:
         with BatchLock(self.config.state_path, self.batch_id):
             state = self._initial_state()
             retry_queue = open_queue(self.config.resolved_queue_url, self.config.max_attempts,
@@ -274,10 +281,8 @@ class PushRun:
             state.status = status
             state.updated_at = _now_iso()
             self.store.save(state)
-        result = PushResult(self.batch_id, status, exit_code, batch, this_run, self.stats, duration,
-                            state.position, error)
-        self.notify("finished", result)
-        return result
+        return PushResult(self.batch_id, status, exit_code, batch, this_run, self.stats, duration,
+                          state.position, error)
 
 
 class _ChunkPump:
