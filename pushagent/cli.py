@@ -18,6 +18,7 @@ from .doctor import Doctor, healthy
 from .doctor import as_json as doctor_report
 from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, PushAgentError
 from .logs import redact, setup_logging
+from .memory import return_large_buffers_to_os
 from .observe import observing
 from .push import PushOptions, PushRun
 from .recording import VerifyOptions, verify_batch
@@ -425,6 +426,7 @@ def state_audit(config_file, as_json, state_dir):
 
 
 def main():
+    return_large_buffers_to_os()
     try:
         cli(standalone_mode=True)
     except KeyboardInterrupt:

@@ -306,11 +306,12 @@ class _ChunkPump:
         for chunk in iter(self._work.get, None):
             started = time.monotonic()
             try:
-                result = (chunk, sender.resolve(chunk.docs) if chunk.docs else None, None)
+                result = (chunk, sender.resolve(chunk.docs, chunk.body) if chunk.docs else None, None)
             except BaseException as error:  # handed to the main thread, which decides
                 result = (chunk, None, error)
             chunk.seconds = time.monotonic() - started
             self._results.put(result)
+            del chunk, result  # do not hold a resolved chunk's body while waiting for the next one
 
     def submit(self, chunk) -> None:
         self.in_flight += 1
@@ -403,7 +404,7 @@ class _Committer:
 
 def _document_item(batch_id: str, doc, reason: str, kind: str) -> QueueItem:
     return QueueItem(QueueItem.document_key(doc.index, doc.doc_id), batch_id, doc.index, doc.doc_id, doc.version,
-                     doc.op, doc.source, doc.file, doc.line, kind, reason or "")
+                     doc.op, doc.source and bytes(doc.source), doc.file, doc.line, kind, reason or "")
 
 
 def _now_iso() -> str:
