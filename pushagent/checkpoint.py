@@ -15,6 +15,7 @@ from .chunker import Position
 from .errors import BatchLockedError, PushAgentError
 
 COUNTERS = ("read", "indexed", "current", "queued", "dead", "quarantined")
+DONE_STATUSES = ("pushed", "verified", "verification_failed")
 
 
 @dataclasses.dataclass
@@ -68,6 +69,16 @@ class CheckpointStore:
         except (ValueError, KeyError, TypeError) as error:
             raise PushAgentError(f"checkpoint is unreadable: {error}", file=str(path),
                                  hint="rerun with --restart to start the batch over") from None
+
+    def unfinished(self):
+        """Run states not pushed to the end (pushing, interrupted, stopped, failed), unreadable ones skipped."""
+        for path in sorted(self.directory.glob("*.json")):
+            try:
+                state = RunState.from_json(json.loads(path.read_text()))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if state.status not in DONE_STATUSES:
+                yield state
 
     def save(self, state: RunState) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)

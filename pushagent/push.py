@@ -18,17 +18,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .builder import Builder, BuildSettings, Rejected, iso_utc_from_ms
-from .checkpoint import BatchLock, CheckpointStore, CommitTracker, RunState
+from .checkpoint import DONE_STATUSES, BatchLock, CheckpointStore, CommitTracker, RunState
 from .chunker import Chunker, Position
-from .errors import EXIT_FAILURE, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK, ConfigError
+from .errors import (EXIT_FAILURE, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK, ConfigError, InputChangedError,
+                     StorageError)
 from .ledger import Ledger
+from .mirror import mirror_state
 from .ratelimit import TokenBucket
 from .reader import InputReadError, expand_inputs, read_lines
 from .retry_queue import QueueItem, open_queue
 from .sender import ChunkAborted, ChunkSender, DryRunTransport, HttpTransport, TransferStats
 from .auth import authorization_header
 
-DONE_STATUSES = ("pushed", "verified", "verification_failed")
 MAX_WARNINGS = 20
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class PushResult:
     duration_s: float
     position: Position
     error: Exception | None = None
+    mirror: dict | None = None
 
     def report(self) -> dict:
         report = {"batch_id": self.batch_id, "status": self.status, **self.batch.as_dict(),
@@ -66,6 +68,8 @@ class PushResult:
                   "position": self.position._asdict(), "statuses": self.stats.statuses}
         if self.error:
             report["error"] = str(self.error)
+        if self.mirror is not None:
+            report["mirror"] = self.mirror
         return report
 
 
@@ -111,7 +115,7 @@ class PushRun:
         self.options = options
         self.stop_event = stop_event or threading.Event()
         self.stats = TransferStats()
-        self.files = expand_inputs(options.inputs)
+        self.files = expand_inputs(options.inputs, config.s3_endpoint_url)
         batch_ms = batch_generation_ms(config, self.files)
         self.build_settings = build_settings(config, batch_ms)
         self.settings = {"index": config.index, "index_field": config.index_field, "batch_version": batch_ms,
@@ -130,9 +134,11 @@ class PushRun:
             retry_queue = open_queue(self.config.resolved_queue_url, self.config.max_attempts,
                                      self.config.max_retry_delay)
             try:
-                return self._execute(state, retry_queue)
+                result = self._execute(state, retry_queue)
             finally:
                 retry_queue.close()
+            result.mirror = mirror_state(self.config, self.batch_id)
+            return result
 
     def _fingerprints(self) -> list:
         return [f.fingerprint() for f in self.files]
@@ -140,14 +146,35 @@ class PushRun:
     def _initial_state(self) -> RunState:
         state = self.store.load(self.batch_id)
         fresh = RunState(self.batch_id, self._fingerprints(), self.settings, started_at=_now_iso())
-        if state is None or self.options.restart or self.options.from_line or state.status in DONE_STATUSES:
+        if self.options.restart or self.options.from_line:
             return fresh
+        if state is None or state.status in DONE_STATUSES:
+            self._refuse_changed_objects(self.store.unfinished(), fresh)
+            return fresh
+        self._refuse_changed_objects([state], fresh)
         if state.inputs != fresh.inputs or state.settings != fresh.settings:
             raise ConfigError(f"batch {self.batch_id} has a checkpoint for other inputs or settings",
                               file=str(self.store.path(self.batch_id)),
                               hint="push the original files, use another --batch-id, or --restart")
         state.status = "pushing"
         return state
+
+    @staticmethod
+    def _refuse_changed_objects(unfinished, fresh: RunState) -> None:
+        """An unfinished batch read part of an S3 object whose ETag has changed since: never mix versions.
+
+        Changed local files make a new batch as before; an S3 object's ETag
+        is its identity, so its unfinished push is refused rather than
+        silently left behind.
+        """
+        etags = {f["path"]: f["etag"] for f in fresh.inputs if f.get("etag")}
+        for state in unfinished if etags else ():
+            for old in state.inputs:
+                if old.get("etag") and etags.get(old["path"], old["etag"]) != old["etag"]:
+                    raise InputChangedError(
+                        f"object changed since batch {state.batch_id} was checkpointed: ETag {old['etag']} is now "
+                        f"{etags[old['path']]}; refusing to mix the two versions", file=old["path"],
+                        hint="restore the object, or rerun with --restart to push the new version from the start")
 
     def _execute(self, state: RunState, queue) -> PushResult:
         started = time.monotonic()
@@ -181,6 +208,9 @@ class PushRun:
                     chunk = chunker.feed(item, Position(file_index, entry.end_offset, entry.number))
                     if chunk and not self._submit(chunk, pump, committer):
                         return
+            except (InputChangedError, StorageError) as error:
+                self.fail(error)
+                return
             except InputReadError as error:
                 rejected = Rejected(error.message, b"", input_file.path, error.line)
                 chunk = chunker.feed(rejected, Position(file_index + 1, 0, 0))
