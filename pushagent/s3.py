@@ -5,7 +5,7 @@ Endpoint, region and credentials come from boto3's standard chain
 `s3_endpoint_url` only overrides the endpoint. pushagent never reads,
 logs or stores a credential itself.
 
-Objects are streamed, never downloaded whole. Every GET carries the ETag
+Objects are streamed, never downloaded first. Every GET carries the ETag
 recorded when the input was listed (If-Match), so bytes from two versions of
 an object are never mixed: a changed object stops the run instead.
 """
@@ -47,13 +47,9 @@ class S3Url(NamedTuple):
         return f"s3://{self.bucket}/{self.key}"
 
 
-def is_s3_url(text: str) -> bool:
-    return text.startswith("s3://")
-
-
 def parse_url(url: str) -> S3Url:
     """'s3://bucket/some/key' -> S3Url('bucket', 'some/key'); the key may be empty or a prefix."""
-    if not is_s3_url(url) or not url[5:].split("/", 1)[0]:
+    if not url.startswith("s3://") or not url[5:].split("/", 1)[0]:
         raise ConfigError(f"not an S3 URL: {url!r}", hint="write s3://bucket/key or s3://bucket/prefix/")
     bucket, _, key = url[5:].partition("/")
     return S3Url(bucket, key)
@@ -160,7 +156,6 @@ class ObjectReader(io.RawIOBase):
         self.etag = input_file.etag
         self.size = input_file.size
         self.position = start
-        self.gets = 0
         self._client = client(input_file.endpoint_url)
         self._body = None
 
@@ -196,7 +191,6 @@ class ObjectReader(io.RawIOBase):
         arguments = {"Bucket": self.location.bucket, "Key": self.location.key, "IfMatch": f'"{self.etag}"'}
         if self.position:
             arguments["Range"] = f"bytes={self.position}-"
-        self.gets += 1
         try:
             return self._client.get_object(**arguments)["Body"]
         except botocore.exceptions.ClientError as error:

@@ -15,7 +15,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from support import ROOT  # noqa: E402
+from support import ROOT, S3_TEST_ENV  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -51,12 +51,6 @@ def state_dir(tmp_path):
     path = tmp_path / "state"
     path.mkdir()
     return path
-
-
-# Dummy credentials: boto3 signs with them, moto accepts anything. Never real ones.
-S3_TEST_ENV = {"AWS_ACCESS_KEY_ID": "pushagent-test-key-id", "AWS_SECRET_ACCESS_KEY": "pushagent-test-secret-key",
-               "AWS_SESSION_TOKEN": "pushagent-test-session-token", "AWS_DEFAULT_REGION": "us-east-1",
-               "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
 
 
 @pytest.fixture(scope="session")

@@ -13,14 +13,13 @@ import time
 import orjson
 import pytest
 
-from conftest import S3_TEST_ENV
 from faultproxy import Fault, FaultProxy
 from pushagent.builder import canonical_checksum
 from pushagent.errors import ConfigError, InputChangedError
 from pushagent.config import load_config
 from pushagent.reader import expand_inputs, read_lines
 from pushagent.s3 import parse_url
-from support import agent_env, count, generate, push_command, run_push, stored_checksums
+from support import S3_TEST_ENV, agent_env, count, generate, push_command, run_push, stored_checksums
 
 
 @pytest.fixture
