@@ -105,6 +105,8 @@ def push(inputs, config_file, as_json, url, index, state_dir, insecure, embeddin
     with _stop_on_signals(run):
         result = run.run()
     _print_report(result.report(), as_json)
+    if result.error:
+        click.echo(f"pushagent: error: {result.error}", err=True)
     sys.exit(result.exit_code)
 
 
@@ -140,8 +142,6 @@ def _print_report(report: dict, as_json: bool) -> None:
              "  quarantined {quarantined}".format(**report),
              f"  {report['requests']} requests, {report['retries']} retries, {report['bytes_sent']} bytes sent,"
              f" {report['duration_s']} s"]
-    if report.get("error"):
-        lines.append(f"  error: {report['error']}")
     click.echo("\n".join(lines), err=True)
 
 

@@ -115,5 +115,5 @@ def read_lines(input_file: InputFile, offset: int = 0, line: int = 0) -> Iterato
                 if data.strip():
                     yield Line(data, line, offset)
     except (EOFError, OSError, zlib.error) as error:
-        raise InputReadError(f"cannot read past line {line}: {error}", file=input_file.path,
-                             line=line + 1, hint="the file is truncated or damaged; regenerate it") from None
+        raise InputReadError(f"cannot read past line {line}, the file is truncated or damaged: {error}",
+                             file=input_file.path, line=line + 1, hint="regenerate the file") from None

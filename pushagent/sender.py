@@ -202,9 +202,12 @@ class FailureTracker:
         with self._lock:
             self._count = 0
 
+    def trip(self) -> None:
+        self.tripped.set()
+
     def error(self) -> ClusterUnavailableError:
         return ClusterUnavailableError(
-            f"{self.limit} bulk requests in a row failed; last error: {self.last_error}",
+            f"{self._count} bulk requests in a row failed; last error: {self.last_error}",
             hint="the checkpoint is kept: run the same command again when the cluster answers")
 
 
@@ -225,12 +228,12 @@ class ChunkSender:
         Raises AuthError on 401/403 and ChunkAborted when the run is stopping.
         """
         outcome = Outcome()
-        pending, last_error = docs, None
+        pending, last_error, whole_failed = docs, None, False
         for attempt in range(self.config.max_retries + 1):
             if attempt:
                 self.stats.record_retry()
                 self._pause(attempt, retry_after)
-            retry_after = None
+            retry_after, whole_failed = None, True
             try:
                 response = self._post(bulk_body(pending))
             except TransportFailure as error:
@@ -250,9 +253,15 @@ class ChunkSender:
                 retry_after = response.retry_after
                 continue
             self.failures.success()
+            whole_failed = False
             pending, last_error = self._classify(pending, response.items, outcome)
             if not pending:
                 return outcome
+        if whole_failed:
+            # The cluster took none of the last attempts: parking the chunk in the retry
+            # queue would only move the outage there. Stop; the rerun sends it again.
+            self.failures.trip()
+            raise ChunkAborted()
         outcome.retry.extend((doc, last_error) for doc in pending)
         return outcome
 

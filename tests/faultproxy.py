@@ -81,6 +81,7 @@ class FaultProxy:
         self.upstream_host, self.upstream_port = parts.hostname, parts.port
         self.plan = plan or (lambda request: None)
         self.requests = []
+        self._connections = set()
         self._lock = threading.Lock()
         self._serve(0)
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
@@ -98,9 +99,16 @@ class FaultProxy:
         self.stop()
 
     def stop(self) -> None:
-        """Close the listening socket: clients now get 'connection refused', as from a down cluster."""
+        """Close the listening socket and every open connection, as a cluster that went down."""
         self._server.shutdown()
         self._server.server_close()
+        with self._lock:
+            connections, self._connections = self._connections, set()
+        for connection in connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def restart(self) -> None:
         """Listen again on the same port."""
@@ -133,6 +141,11 @@ class FaultProxy:
 
             def log_message(self, *args):
                 pass
+
+            def setup(self):
+                super().setup()
+                with proxy._lock:
+                    proxy._connections.add(self.connection)
 
             def _handle(self):
                 length = int(self.headers.get("Content-Length") or 0)
