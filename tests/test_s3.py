@@ -17,7 +17,7 @@ from faultproxy import Fault, FaultProxy
 from pushagent.builder import canonical_checksum
 from pushagent.errors import ConfigError, InputChangedError
 from pushagent.config import load_config
-from pushagent.reader import expand_inputs, read_lines
+from pushagent.reader import InputFile, describe_file, expand_inputs, read_lines
 from pushagent.s3 import parse_url
 from support import S3_TEST_ENV, agent_env, count, generate, push_command, run_push, stored_checksums
 
@@ -197,6 +197,14 @@ def test_missing_objects_and_empty_prefixes_are_usage_errors(index, state_dir, b
     assert code == 2 and f"s3://{bucket}/nope.jsonl: S3 object not found" in stderr
     code, _, stderr = run_push("http://127.0.0.1:9", index, state_dir, f"s3://{bucket}/empty/", env=s3_env(s3_proxy))
     assert code == 2 and f"no .jsonl or .jsonl.gz objects under s3://{bucket}/empty/" in stderr
+
+
+def test_fingerprints_name_the_object_version_and_leave_local_files_as_they_were(tmp_path):
+    local = describe_file(str(generate(tmp_path / "words.jsonl", 3)))
+    assert set(local.fingerprint()) == {"path", "size", "mtime_ns", "head_sha256"}
+    remote = InputFile("s3://bucket/words.jsonl", 10, 0, etag="abc", endpoint_url="https://example.org")
+    assert remote.fingerprint() == {"path": "s3://bucket/words.jsonl", "size": 10, "mtime_ns": 0, "etag": "abc"}
+    assert (local.source, remote.source) == ("file", "s3")
 
 
 def test_s3_urls_and_settings_are_checked():
