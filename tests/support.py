@@ -38,7 +38,7 @@ def run_push(url, index, state_dir, *inputs, extra=(), env=None, timeout=600):
 
 def agent_env(extra=None) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHAGENT_")}
-    # `python -m pushagent` runs this checkout, whatever the working directory or an installed copy.
+    # `python -m pushagent` must run this checkout, not an installed copy.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.update({"PUSHAGENT_REQUESTS_PER_MINUTE": "6000", "PUSHAGENT_RETRY_BACKOFF_SECONDS": "0.05"})
     env.update(extra or {})
