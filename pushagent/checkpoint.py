@@ -70,15 +70,13 @@ class CheckpointStore:
             raise PushAgentError(f"checkpoint is unreadable: {error}", file=str(path),
                                  hint="rerun with --restart to start the batch over") from None
 
-    def unfinished(self):
-        """Run states not pushed to the end (pushing, interrupted, stopped, failed), unreadable ones skipped."""
+    def states(self):
+        """Every readable run state of this state_dir (unreadable ones are skipped)."""
         for path in sorted(self.directory.glob("*.json")):
             try:
-                state = RunState.from_json(json.loads(path.read_text()))
+                yield RunState.from_json(json.loads(path.read_text()))
             except (OSError, ValueError, KeyError, TypeError):
                 continue
-            if state.status not in DONE_STATUSES:
-                yield state
 
     def save(self, state: RunState) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)

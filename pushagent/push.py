@@ -149,32 +149,15 @@ class PushRun:
         if self.options.restart or self.options.from_line:
             return fresh
         if state is None or state.status in DONE_STATUSES:
-            self._refuse_changed_objects(self.store.unfinished(), fresh)
+            _refuse_changed_objects(self.store.states(), fresh)
             return fresh
-        self._refuse_changed_objects([state], fresh)
+        _refuse_changed_objects([state], fresh)
         if state.inputs != fresh.inputs or state.settings != fresh.settings:
             raise ConfigError(f"batch {self.batch_id} has a checkpoint for other inputs or settings",
                               file=str(self.store.path(self.batch_id)),
                               hint="push the original files, use another --batch-id, or --restart")
         state.status = "pushing"
         return state
-
-    @staticmethod
-    def _refuse_changed_objects(unfinished, fresh: RunState) -> None:
-        """An unfinished batch read part of an S3 object whose ETag has changed since: never mix versions.
-
-        Changed local files make a new batch as before; an S3 object's ETag
-        is its identity, so its unfinished push is refused rather than
-        silently left behind.
-        """
-        etags = {f["path"]: f["etag"] for f in fresh.inputs if f.get("etag")}
-        for state in unfinished if etags else ():
-            for old in state.inputs:
-                if old.get("etag") and etags.get(old["path"], old["etag"]) != old["etag"]:
-                    raise InputChangedError(
-                        f"object changed since batch {state.batch_id} was checkpointed: ETag {old['etag']} is now "
-                        f"{etags[old['path']]}; refusing to mix the two versions", file=old["path"],
-                        hint="restore the object, or rerun with --restart to push the new version from the start")
 
     def _execute(self, state: RunState, queue) -> PushResult:
         started = time.monotonic()
@@ -389,6 +372,27 @@ class _Committer:
         self.state.updated_at = _now_iso()
         if not self.run.options.dry_run:
             self.run.store.save(self.state)
+
+
+def _refuse_changed_objects(states, fresh: RunState) -> None:
+    """Refuse when the latest run over an S3 object left it unfinished and its ETag has changed since.
+
+    Changed local files simply make a new batch; for an S3 object, whose ETag
+    is its identity, an abandoned half-pushed version is refused instead, so
+    the user decides (restore it, or --restart with the new version).
+    """
+    etags = {f["path"]: f["etag"] for f in fresh.inputs if f.get("etag")}
+    latest = {}                                     # path -> (updated_at, state, etag then)
+    for state in states if etags else ():
+        for old in state.inputs:
+            if old["path"] in etags and latest.get(old["path"], ("",))[0] <= state.updated_at:
+                latest[old["path"]] = (state.updated_at, state, old.get("etag"))
+    for path, (_, state, etag) in latest.items():
+        if state.status not in DONE_STATUSES and etag != etags[path]:
+            raise InputChangedError(
+                f"object changed since batch {state.batch_id} was checkpointed: ETag {etag} is now {etags[path]}; "
+                "refusing to mix the two versions", file=path,
+                hint="restore the object, or rerun with --restart to push the new version from the start")
 
 
 def _document_item(batch_id: str, doc, reason: str, kind: str) -> QueueItem:

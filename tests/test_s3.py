@@ -138,6 +138,9 @@ def test_an_object_changed_since_the_checkpoint_is_refused(cluster_url, index, s
                                     env=s3_env(s3_proxy))
     # Same-second uploads give the same Last-Modified version: the 500 sent before may count as current.
     assert (code, report["indexed"] + report["current"]) == (0, 3_000), stderr
+    put(s3_client, bucket, "words.jsonl", generate(tmp_path / "third.jsonl", 3_000, seed=11))
+    code, report, stderr = run_push(cluster_url, index, state_dir, url, extra=extra, env=s3_env(s3_proxy))
+    assert code == 0, stderr
 
 
 def test_an_object_changed_while_reading_stops_instead_of_mixing(tmp_path, s3_client, bucket, moto_server):
