@@ -119,6 +119,25 @@ def test_a_connection_lost_mid_object_resumes_with_a_ranged_get(cluster_url, ind
     assert stored_checksums(cluster_url, index) == checksums(data)
 
 
+def test_storage_lost_for_good_fails_the_run_and_the_rerun_resumes(cluster_url, index, state_dir, tmp_path,
+                                                                   s3_client, bucket, s3_proxy):
+    data = generate(tmp_path / "words.jsonl", 10_000)
+    put(s3_client, bucket, "words.jsonl", data)
+    cut = data.stat().st_size // 2
+    s3_proxy.plan = lambda request: (Fault.cut_body(cut if len(object_gets(s3_proxy, bucket, "words.jsonl")) == 1
+                                                    else 0) if request.method == "GET" else None)
+    url, extra = f"s3://{bucket}/words.jsonl", ["--chunk-docs", "1000"]
+    code, report, stderr = run_push(cluster_url, index, state_dir, url, extra=extra, env=s3_env(s3_proxy))
+    assert (code, report["status"]) == (1, "failed"), stderr
+    assert f"reading at byte {cut} failed 6 times" in report["error"]
+    committed = checkpoint(state_dir)["position"]
+    assert 0 < committed["offset"] <= cut
+    s3_proxy.plan = lambda request: None
+    code, report, stderr = run_push(cluster_url, index, state_dir, url, extra=extra, env=s3_env(s3_proxy))
+    assert (code, report["this_run"]["read"]) == (0, 10_000 - committed["line"]), stderr
+    assert count(cluster_url, index) == 10_000
+
+
 @pytest.mark.parametrize("batch_id", [None, "nightly"])
 def test_an_object_changed_since_the_checkpoint_is_refused(cluster_url, index, state_dir, tmp_path, s3_client,
                                                            bucket, s3_proxy, batch_id):
