@@ -69,8 +69,6 @@ class LedgerError(PushAgentError):
 class InputChangedError(ConfigError):
     """An input object changed since it was listed or checkpointed: its versions are never mixed."""
 
-    exit_code = EXIT_USAGE
-
 
 class StorageError(PushAgentError):
     """S3-compatible storage failed or refused a request."""
