@@ -26,6 +26,7 @@ class Chunk:
     rejected: list = dataclasses.field(default_factory=list)
     end: Position | None = None
     nbytes: int = 0
+    seconds: float = 0.0         # time its worker spent resolving it, for logs and metrics
 
     @property
     def records(self) -> int:

@@ -15,22 +15,28 @@ import click
 from . import __version__
 from .config import load_config
 from .errors import EXIT_FAILURE, EXIT_USAGE, PushAgentError
+from .logs import setup_logging
+from .observe import observing
 from .push import PushOptions, PushRun
+from .status import EXIT_CODES, format_status, health_report
 
 log = logging.getLogger("pushagent")
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 
 def config_options(command):
-    """--config, --json and --debug, shared by every command."""
+    """--config, --json, --debug and the log options, shared by every command."""
     @click.option("--config", "config_file", type=click.Path(dir_okay=False),
                   help="YAML configuration [./pushagent.yaml, then ~/.config/pushagent/config.yaml].")
     @click.option("--json", "as_json", is_flag=True, help="Print the final report as one JSON object on stdout.")
     @click.option("--debug", is_flag=True, help="Verbose logs and tracebacks on stderr.")
+    @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+                  envvar="PUSHAGENT_LOG_FORMAT", help="Logs on stderr as text, or one JSON object per line.")
+    @click.option("-v", "--verbose", count=True, help="Also log debug lines (one per chunk in text logs).")
+    @click.option("-q", "--quiet", is_flag=True, help="Log only warnings and errors; no progress.")
     @functools.wraps(command)
-    def wrapper(*args, debug, **kwargs):
-        logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
-                            format="%(asctime)s %(levelname)s %(message)s")
+    def wrapper(*args, debug, log_format, verbose, quiet, **kwargs):
+        setup_logging(log_format, verbose + debug, quiet and not debug)
         try:
             return command(*args, **kwargs)
         except PushAgentError as error:
@@ -102,13 +108,32 @@ def push(inputs, config_file, as_json, url, index, state_dir, insecure, embeddin
                                              id_field=id_field, chunk_docs=chunk_docs, concurrency=concurrency))
     options = PushOptions(list(inputs), batch_id=batch_id, restart=restart, from_line=from_line,
                           on_error=on_error, dry_run=dry_run)
-    run = PushRun(config, options)
-    with _stop_on_signals(run):
-        result = run.run()
+    with observing(config) as observers:
+        run = PushRun(config, options, observers=observers)
+        with _stop_on_signals(run):
+            result = run.run()
     _print_report(result.report(), as_json)
     if result.error:
         click.echo(f"pushagent: error: {result.error}", err=True)
     sys.exit(result.exit_code)
+
+
+@cli.command()
+@config_options
+@click.option("--state-dir", help="Checkpoints, queue.db, sync-state and audit log.")
+def status(config_file, as_json, state_dir):
+    """Health of the agent: last run, queue depth, sync lag; exit 0 healthy, 1 warning, 2 critical.
+
+    Thresholds: health_lag_warning/critical and health_dead_warning/critical.
+
+    Example:
+
+        pushagent status --json > health.json || echo "pushagent needs a look"
+    """
+    config = load_config(config_file, _flags(state_dir=state_dir))
+    report = health_report(config)
+    click.echo(json.dumps(report, indent=1, sort_keys=True) if as_json else format_status(report))
+    sys.exit(EXIT_CODES[report["health"]])
 
 
 class _stop_on_signals:

@@ -62,6 +62,10 @@ class Config:
     metrics_file: str | None = None
     pushgateway_url: str | None = None
     push_interval: float = 60
+    health_lag_warning: float = 6 * 3600     # `status`: sync lag above this is a warning
+    health_lag_critical: float = 24 * 3600
+    health_dead_warning: int = 0             # `status`: more dead-lettered items than this is a warning
+    health_dead_critical: int = 1000
     state_mirror: str | None = None
     s3_endpoint_url: str | None = None
 
@@ -147,7 +151,8 @@ def _coerce(key, value):
             return None
         if key in ("chunk_bytes",):
             return parse_size(value)
-        if key in ("max_retry_delay", "grace_seconds", "progress_seconds", "push_interval"):
+        if key in ("max_retry_delay", "grace_seconds", "progress_seconds", "push_interval",
+                   "health_lag_warning", "health_lag_critical"):
             return parse_duration(value)
         if kind in (bool, "bool"):
             return _parse_bool(value)
@@ -202,6 +207,8 @@ def validate(config: Config) -> None:
         raise ConfigError("concurrency and requests_per_minute must be positive")
     if config.max_retries < 0 or config.max_consecutive_failures < 1:
         raise ConfigError("max_retries must be >= 0 and max_consecutive_failures >= 1")
+    if config.progress_seconds <= 0 or config.push_interval <= 0:
+        raise ConfigError("progress_seconds and push_interval must be positive durations")
     _validate_url("url", config.url, config.insecure)
     if config.s3_endpoint_url:
         _validate_url("s3_endpoint_url", config.s3_endpoint_url, config.insecure)

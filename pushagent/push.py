@@ -110,8 +110,9 @@ def build_settings(config, batch_ms: int) -> BuildSettings:
 class PushRun:
     """One `pushagent push`: call run() once."""
 
-    def __init__(self, config, options: PushOptions, stop_event: threading.Event | None = None):
+    def __init__(self, config, options: PushOptions, stop_event: threading.Event | None = None, observers=()):
         self.config = config
+        self.observers = list(observers)
         self.options = options
         self.stop_event = stop_event or threading.Event()
         self.stats = TransferStats()
@@ -169,6 +170,7 @@ class PushRun:
         pump = _ChunkPump(sender, self.config.concurrency)
         committer = _Committer(self, state, queue, this_run)
         start = state.position
+        self.notify("started", state)
         try:
             self._read_and_send(start, pump, committer)
             self._finish_in_flight(pump, committer)
@@ -226,6 +228,17 @@ class PushRun:
                 return
             committer.handle(*pump.next_result(timeout=0.5))
 
+    def notify(self, event: str, *args) -> None:
+        """Call `event(run, *args)` on each observer that has it (progress, metrics, logs).
+
+        Events: started(state), chunk_resolved(chunk, ledger, error),
+        committed(state, this_run), finished(result). Observers only read.
+        """
+        for observer in self.observers:
+            handler = getattr(observer, event, None)
+            if handler is not None:
+                handler(self, *args)
+
     def request_stop(self, reason: str) -> None:
         self._stop_reason = self._stop_reason or reason
         self.stop_event.set()
@@ -261,8 +274,10 @@ class PushRun:
             state.status = status
             state.updated_at = _now_iso()
             self.store.save(state)
-        return PushResult(self.batch_id, status, exit_code, batch, this_run, self.stats, duration,
-                          state.position, error)
+        result = PushResult(self.batch_id, status, exit_code, batch, this_run, self.stats, duration,
+                            state.position, error)
+        self.notify("finished", result)
+        return result
 
 
 class _ChunkPump:
@@ -284,10 +299,13 @@ class _ChunkPump:
 
     def _work_loop(self, sender: ChunkSender) -> None:
         for chunk in iter(self._work.get, None):
+            started = time.monotonic()
             try:
-                self._results.put((chunk, sender.resolve(chunk.docs) if chunk.docs else None, None))
+                result = (chunk, sender.resolve(chunk.docs) if chunk.docs else None, None)
             except BaseException as error:  # handed to the main thread, which decides
-                self._results.put((chunk, None, error))
+                result = (chunk, None, error)
+            chunk.seconds = time.monotonic() - started
+            self._results.put(result)
 
     def submit(self, chunk) -> None:
         self.in_flight += 1
@@ -321,9 +339,11 @@ class _Committer:
         if chunk is None:
             return
         if error is not None:
+            self.run.notify("chunk_resolved", chunk, None, error)
             self._failed(error)
             return
         ledger = self._record(chunk, outcome)
+        self.run.notify("chunk_resolved", chunk, ledger, None)
         for position, committed in self.tracker.resolved(chunk.seq, (chunk.end, ledger)):
             self._commit(position, committed)
         if ledger.dead + ledger.quarantined and self.run.options.on_error == "stop":
@@ -372,6 +392,7 @@ class _Committer:
         self.state.updated_at = _now_iso()
         if not self.run.options.dry_run:
             self.run.store.save(self.state)
+        self.run.notify("committed", self.state, self.this_run)
 
 
 def _refuse_changed_objects(states, fresh: RunState) -> None:

@@ -68,14 +68,16 @@ class TransferStats:
         self.requests = self.retries = self.bytes_raw = self.bytes_sent = 0
         self.statuses = {}
         self.latencies = []
+        self.request_docs = []   # documents in each request, in the order of latencies
 
-    def record_request(self, status, raw, sent, seconds):
+    def record_request(self, status, raw, sent, seconds, docs=0):
         with self._lock:
             self.requests += 1
             self.bytes_raw += raw
             self.bytes_sent += sent
             self.statuses[str(status)] = self.statuses.get(str(status), 0) + 1
             self.latencies.append(seconds)
+            self.request_docs.append(docs)
 
     def record_retry(self):
         with self._lock:
@@ -96,7 +98,7 @@ class HttpTransport:
         self._sessions = queue.LifoQueue()
         self._verify = config.ca_bundle or True
 
-    def post(self, body: bytes) -> BulkResponse:
+    def post(self, body: bytes, docs: int = 0) -> BulkResponse:
         payload = gzip.compress(body, self.config.compress_level) if self.config.compress else body
         session = self._session()
         started = time.monotonic()
@@ -104,7 +106,7 @@ class HttpTransport:
             reply = session.post(self.url, params={"filter_path": BULK_FILTER}, data=payload,
                                  headers=self._headers, verify=self._verify,
                                  timeout=(CONNECT_TIMEOUT, self.config.timeout_seconds))
-            self.stats.record_request(reply.status_code, len(body), len(payload), time.monotonic() - started)
+            self.stats.record_request(reply.status_code, len(body), len(payload), time.monotonic() - started, docs)
             return _parse_reply(reply)
         except requests.exceptions.SSLError as error:
             raise PushAgentError(f"TLS handshake with {self.config.url} failed: {_first_line(error)}",
@@ -134,11 +136,11 @@ class DryRunTransport:
         self._numbers = itertools.count(1)
         self._lock = threading.Lock()
 
-    def post(self, body: bytes) -> BulkResponse:
+    def post(self, body: bytes, docs: int = 0) -> BulkResponse:
         with self._lock:
             number = next(self._numbers)
         (self.directory / f"request-{number:06d}.ndjson").write_bytes(body)
-        self.stats.record_request(200, len(body), 0, 0.0)
+        self.stats.record_request(200, len(body), 0, 0.0, docs)
         return BulkResponse(200, [{next(iter(orjson.loads(action))): {"status": 201}}
                                   for action in _action_lines(body)])
 
@@ -235,7 +237,7 @@ class ChunkSender:
                 self._pause(attempt, retry_after)
             retry_after, whole_failed = None, True
             try:
-                response = self._post(bulk_body(pending))
+                response = self._post(bulk_body(pending), len(pending))
             except TransportFailure as error:
                 last_error = self._whole_failure(str(error))
                 continue
@@ -265,10 +267,10 @@ class ChunkSender:
         outcome.retry.extend((doc, last_error) for doc in pending)
         return outcome
 
-    def _post(self, body: bytes) -> BulkResponse:
+    def _post(self, body: bytes, docs: int) -> BulkResponse:
         if self.failures.tripped.is_set() or not self.rate_limiter.acquire(self.stop_event):
             raise ChunkAborted()
-        return self.transport.post(body)
+        return self.transport.post(body, docs)
 
     def _whole_failure(self, reason: str) -> str:
         self.failures.failure(reason)

@@ -18,6 +18,7 @@ retry() {
 # command -> Debian package providing it
 declare -A PACKAGES=(
   [java]=openjdk-17-jre-headless [mvn]=maven [unzip]=unzip [curl]=curl
+  [prometheus-pushgateway]=prometheus-pushgateway
 )
 missing=()
 for command in "${!PACKAGES[@]}"; do
