@@ -14,10 +14,13 @@ import click
 
 from . import __version__
 from .config import load_config
+from .doctor import Doctor, healthy
+from .doctor import as_json as doctor_report
 from .errors import EXIT_FAILURE, EXIT_USAGE, PushAgentError
-from .logs import setup_logging
+from .logs import redact, setup_logging
 from .observe import observing
 from .push import PushOptions, PushRun
+from .security import insecure_warning
 from .status import EXIT_CODES, format_status, health_report
 
 log = logging.getLogger("pushagent")
@@ -62,7 +65,7 @@ def connection_options(command):
 def _fail(message: str, exit_code: int, debug: bool) -> None:
     if debug:
         log.exception("failed")
-    click.echo(f"pushagent: error: {message}", err=True)
+    click.echo(f"pushagent: error: {redact(message)}", err=True)
     sys.exit(exit_code)
 
 
@@ -106,6 +109,7 @@ def push(inputs, config_file, as_json, url, index, state_dir, insecure, embeddin
     config = load_config(config_file, _flags(url=url, index=index, state_dir=state_dir, insecure=insecure,
                                              embedding_version=embedding_version, batch_time=batch_time,
                                              id_field=id_field, chunk_docs=chunk_docs, concurrency=concurrency))
+    _warn_insecure(config)
     options = PushOptions(list(inputs), batch_id=batch_id, restart=restart, from_line=from_line,
                           on_error=on_error, dry_run=dry_run)
     with observing(config) as observers:
@@ -114,8 +118,36 @@ def push(inputs, config_file, as_json, url, index, state_dir, insecure, embeddin
             result = run.run()
     _print_report(result.report(), as_json)
     if result.error:
-        click.echo(f"pushagent: error: {result.error}", err=True)
+        click.echo(f"pushagent: error: {redact(str(result.error))}", err=True)
     sys.exit(result.exit_code)
+
+
+@cli.command()
+@config_options
+@connection_options
+def doctor(config_file, as_json, url, index, state_dir, insecure):
+    """Check connectivity, TLS, credentials, privileges, queue, disk and clock before a long push.
+
+    Exits 0 when every needed check passes, 1 otherwise.
+
+    Example:
+
+        pushagent doctor --url https://search.example.org:9200 --index words
+    """
+    config = load_config(config_file, _flags(url=url, index=index, state_dir=state_dir, insecure=insecure))
+    _warn_insecure(config)
+    checks = Doctor(config).run()
+    if as_json:
+        click.echo(json.dumps(doctor_report(checks), sort_keys=True))
+    else:
+        click.echo("\n".join(f"{c.status:<5} {c.name:<24} {c.detail}" for c in checks))
+    sys.exit(0 if healthy(checks) else EXIT_FAILURE)
+
+
+def _warn_insecure(config) -> None:
+    warning = insecure_warning(config)
+    if warning:
+        log.warning(warning)
 
 
 @cli.command()

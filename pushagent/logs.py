@@ -12,6 +12,7 @@ import re
 import sys
 import time
 
+from .security import redact as redact_registered
 from .sender import ChunkAborted
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(message)s"
@@ -33,6 +34,7 @@ current = LogSettings()
 def redact(text: str, environ=None) -> str:
     """`text` with credentials replaced by ***."""
     environ = os.environ if environ is None else environ
+    text = redact_registered(text)  # keys read from api_key_file, basic-auth passwords, their base64 forms
     text = _CREDENTIAL.sub(lambda match: f"{match.group(1)} ***", text)
     secret = (environ.get("PUSHAGENT_API_KEY") or "").strip()
     if len(secret) >= MIN_SECRET_LENGTH:

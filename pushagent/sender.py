@@ -12,6 +12,7 @@ import email.utils
 import gzip
 import itertools
 import queue
+import ssl
 import threading
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from . import __version__
 from .chunker import bulk_body
 from .classifier import CURRENT, INDEXED, PERMANENT, RETRYABLE, classify_item, request_outcome
 from .errors import AuthError, ClusterUnavailableError, PushAgentError
+from .security import find_ssl_error, secure_session, tls_failure
 
 # Only what the classifier reads: a 5000-item answer stays small.
 BULK_FILTER = "errors,items.*.status,items.*.error.type,items.*.error.reason"
@@ -96,7 +98,6 @@ class HttpTransport:
         if config.compress:
             self._headers["Content-Encoding"] = "gzip"
         self._sessions = queue.LifoQueue()
-        self._verify = config.ca_bundle or True
 
     def post(self, body: bytes, docs: int = 0) -> BulkResponse:
         payload = gzip.compress(body, self.config.compress_level) if self.config.compress else body
@@ -104,13 +105,16 @@ class HttpTransport:
         started = time.monotonic()
         try:
             reply = session.post(self.url, params={"filter_path": BULK_FILTER}, data=payload,
-                                 headers=self._headers, verify=self._verify,
+                                 headers=self._headers,
                                  timeout=(CONNECT_TIMEOUT, self.config.timeout_seconds))
             self.stats.record_request(reply.status_code, len(body), len(payload), time.monotonic() - started, docs)
             return _parse_reply(reply)
         except requests.exceptions.SSLError as error:
-            raise PushAgentError(f"TLS handshake with {self.config.url} failed: {_first_line(error)}",
-                                 hint="check ca_bundle and the host name in url; run `pushagent doctor`") from None
+            if not isinstance(find_ssl_error(error), ssl.SSLCertVerificationError):
+                session.close()  # a handshake cut short is a connection failure: retried
+                raise TransportFailure(f"SSLError: {_first_line(error)}") from None
+            message, hint = tls_failure(error, self.config.url)
+            raise PushAgentError(message, hint=hint + "; `pushagent doctor` shows the certificate") from None
         except (requests.RequestException, OSError) as error:
             session.close()
             raise TransportFailure(f"{type(error).__name__}: {_first_line(error)}") from None
@@ -121,9 +125,7 @@ class HttpTransport:
         try:
             return self._sessions.get_nowait()
         except queue.Empty:
-            session = requests.Session()
-            session.trust_env = False  # never pick up a .netrc or proxy the user did not configure
-            return session
+            return secure_session(self.config.ca_bundle)
 
 
 class DryRunTransport:
@@ -177,6 +179,18 @@ def parse_retry_after(value: str | None) -> float | None:
         return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
     except (TypeError, ValueError):
         return None
+
+
+def auth_refused(status: int) -> AuthError:
+    """The error that stops a push on a whole-request 401 or 403 (the checkpoint is kept)."""
+    if status == 401:
+        return AuthError("the cluster refused the credentials (HTTP 401): the API key is missing, wrong, "
+                         "expired or revoked",
+                         hint="run `pushagent doctor` (check: authentication); the checkpoint is kept, "
+                              "run the same command again once fixed")
+    return AuthError(f"the key may not write to the target index (HTTP {status})",
+                     hint="run `pushagent doctor` (check: privileges) and ask for read and write on the index; "
+                          "the checkpoint is kept, run the same command again once fixed")
 
 
 def _first_line(error) -> str:
@@ -248,8 +262,7 @@ class ChunkSender:
             if kind == "too_large":
                 return self._split(pending, outcome)
             if kind == "auth":
-                raise AuthError(f"the cluster refused the request with HTTP {response.status}: {response.text[:200]}",
-                                hint="check the API key and its privileges with `pushagent doctor`")
+                raise auth_refused(response.status)
             if kind != "ok" or len(response.items) != len(pending):
                 last_error = self._whole_failure(self._describe(response, len(pending)))
                 retry_after = response.retry_after

@@ -19,10 +19,12 @@ retry() {
 declare -A PACKAGES=(
   [java]=openjdk-17-jre-headless [mvn]=maven [unzip]=unzip [curl]=curl
   [prometheus-pushgateway]=prometheus-pushgateway
+  [nginx]=nginx   # TLS + API key + limit_req front of the test cluster (tests/tlsnginx.py)
 )
 missing=()
 for command in "${!PACKAGES[@]}"; do
-  command -v "$command" >/dev/null 2>&1 || missing+=("${PACKAGES[$command]}")
+  # nginx lives in /usr/sbin, which a non-root PATH may lack
+  command -v "$command" >/dev/null 2>&1 || [ -x "/usr/sbin/$command" ] || missing+=("${PACKAGES[$command]}")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then

@@ -1,0 +1,153 @@
+"""`pushagent doctor`: stubbed Elasticsearch/OpenSearch answers (responses) and the real cluster via nginx."""
+
+import email.utils
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+import responses
+from click.testing import CliRunner
+
+from support import ROOT, agent_env
+from pushagent.cli import cli
+from pushagent.config import Config
+from pushagent.doctor import Doctor, auto_create_allows, healthy
+from tlsnginx import KEY, certs, nginx, tls_env  # noqa: F401 (fixtures)
+
+BASE = "http://localhost:9201"
+ES_ROOT = {"cluster_name": "prod", "version": {"number": "8.13.0", "build_flavor": "default"}}
+OS_ROOT = {"cluster_name": "search", "version": {"distribution": "opensearch", "number": "2.19.1"}}
+
+
+def privileges(**granted):
+    return {"username": "pusher", "has_all_requested": False,
+            "index": {"words": {p: granted.get(p, False) for p in ("read", "index", "write", "delete", "manage")}}}
+
+
+@pytest.fixture
+def stub():
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        yield mock
+
+
+def cluster(stub, root=ES_ROOT, status=200, skew=0.0, index_status=200):
+    date = email.utils.formatdate(time.time() + skew, usegmt=True)
+    stub.get(BASE + "/", json=root, status=status, headers={"Date": date})
+    stub.head(BASE + "/words", status=index_status)
+
+
+def run_doctor(tmp_path, **config) -> dict:
+    values = {"url": BASE, "index": "words", "state_dir": str(tmp_path / "state"), **config}
+    checks = Doctor(Config(**values), environ={"PUSHAGENT_API_KEY": KEY}).run()
+    return {check.name: (check.status, check.detail) for check in checks}
+
+
+def test_key_with_read_and_index_only_passes_everything(stub, tmp_path):
+    cluster(stub)
+    stub.post(BASE + "/_security/user/_has_privileges", json=privileges(read=True, index=True))
+    checks = run_doctor(tmp_path)
+    assert list(checks) == ["credentials", "tls", "reachability", "authentication", "cluster", "clock",
+                            "privileges:words", "index:words", "queue", "state_dir"]
+    assert checks["privileges:words"] == ("ok", "read and write granted; no delete or manage")
+    assert checks["cluster"] == ("ok", "prod: elasticsearch 8.13.0")
+    assert checks["credentials"] == ("ok", "API key from PUSHAGENT_API_KEY")
+    assert checks["clock"][0] == "ok" and checks["index:words"] == ("ok", "exists")
+    sent = json.loads(stub.calls[1].request.body)
+    assert sent["index"][0]["names"] == ["words"]
+
+
+def test_missing_write_fails_and_delete_or_manage_warns(stub, tmp_path):
+    cluster(stub)
+    stub.post(BASE + "/_security/user/_has_privileges", json=privileges(read=True))
+    assert run_doctor(tmp_path)["privileges:words"] == (
+        "fail", "the key lacks write on words: ask the cluster operator for read and write (or index) on it")
+    stub.replace(responses.POST, BASE + "/_security/user/_has_privileges", json=privileges(index=True))
+    assert run_doctor(tmp_path)["privileges:words"][1].startswith("the key lacks read on words")
+    stub.replace(responses.POST, BASE + "/_security/user/_has_privileges",
+                 json=privileges(read=True, write=True, index=True, delete=True, manage=True))
+    assert run_doctor(tmp_path)["privileges:words"] == (
+        "warn", "read and write granted, but the key can also delete and manage: a key with read and index only "
+                "is safer")
+
+
+def test_privileges_not_checkable_is_said_not_guessed(stub, tmp_path):
+    cluster(stub)
+    stub.post(BASE + "/_security/user/_has_privileges", status=500, json={"error": "security is not enabled"})
+    assert run_doctor(tmp_path)["privileges"] == (
+        "skip", "not checkable: _has_privileges answered HTTP 500 (security disabled?)")
+    stub.replace(responses.GET, BASE + "/", json=OS_ROOT, headers={"Date": email.utils.formatdate(usegmt=True)})
+    stub.get(BASE + "/_plugins/_security/authinfo", json={"user_name": "pusher", "roles": ["words_writer"]})
+    status, detail = run_doctor(tmp_path)["privileges"]
+    assert status == "skip" and "not checkable" in detail and "['words_writer']" in detail
+
+
+def test_index_auto_creation_and_clock_skew(stub, tmp_path):
+    cluster(stub, skew=-300, index_status=404)
+    stub.post(BASE + "/_security/user/_has_privileges", json=privileges(read=True, index=True))
+    stub.get(BASE + "/_cluster/settings", json={"persistent": {"action.auto_create_index": "false"}})
+    checks = run_doctor(tmp_path)
+    assert checks["index:words"][0] == "fail" and "forbids creating it" in checks["index:words"][1]
+    assert checks["clock"][0] == "warn" and "ahead of the cluster" in checks["clock"][1]
+    assert auto_create_allows("+logs-*,-*", "logs-1") and not auto_create_allows("+logs-*,-*", "words")
+    assert auto_create_allows("true", "words") and not auto_create_allows("-w*,+*", "words")
+
+
+def test_refused_key_and_unreachable_cluster_fail(stub, tmp_path):
+    cluster(stub, status=401)
+    checks = run_doctor(tmp_path)
+    assert checks["authentication"][0] == "fail" and "HTTP 401" in checks["authentication"][1]
+    stub.replace(responses.GET, BASE + "/", body=requests.ConnectionError("connection refused"))
+    checks = run_doctor(tmp_path)
+    assert checks["reachability"][0] == "fail" and checks["privileges"] == ("skip", "the cluster is not reachable")
+
+
+def test_local_checks_fail_on_bad_queue_and_unwritable_state_dir(stub, tmp_path):
+    cluster(stub)
+    stub.post(BASE + "/_security/user/_has_privileges", json=privileges(read=True, index=True))
+    (tmp_path / "file").write_text("")
+    checks = run_doctor(tmp_path, state_dir=str(tmp_path / "file" / "state"), queue_url="redis://localhost:1/0")
+    assert checks["state_dir"][0] == "fail" and "is not writable" in checks["state_dir"][1]
+    assert checks["queue"][0] == "fail" and "redis://localhost:1/0" in checks["queue"][1]
+
+
+def test_doctor_command_json_and_exit_code(stub, tmp_path):
+    cluster(stub)
+    stub.post(BASE + "/_security/user/_has_privileges", json=privileges(read=True))
+    args = ["doctor", "--json", "--url", BASE, "--index", "words", "--state-dir", str(tmp_path / "s")]
+    result = CliRunner().invoke(cli, args, env={"PUSHAGENT_API_KEY": KEY})
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.stdout)
+    assert report["ok"] is False
+    assert {c["name"]: c["status"] for c in report["checks"]}["privileges:words"] == "fail"
+    assert KEY not in result.output
+
+
+# -- the real cluster through nginx -----------------------------------------------------------------------
+
+
+def doctor_via(url, env, index="words") -> tuple[int, dict]:
+    completed = subprocess.run([sys.executable, "-m", "pushagent", "doctor", "--json", "--url", url, "--index",
+                                index], capture_output=True, text=True, timeout=120, env=agent_env(env), cwd=ROOT)
+    return completed.returncode, {c["name"]: (c["status"], c["detail"]) for c in json.loads(completed.stdout)["checks"]}
+
+
+def test_doctor_through_nginx_real_cluster(nginx, certs, index, tmp_path):
+    code, checks = doctor_via(nginx.url(), tls_env(certs, PUSHAGENT_STATE_DIR=str(tmp_path)), index)
+    assert code == 0, checks
+    assert checks["tls"][0] == "ok" and "TLSv1.3, certificate commonName=localhost, expires" in checks["tls"][1]
+    assert checks["cluster"] == ("ok", "pushagent-dev: opensearch 2.19.1")
+    assert checks["authentication"][0] == checks["clock"][0] == checks["queue"][0] == "ok"
+    assert checks["privileges"][0] == "skip" and checks[f"index:{index}"][0] == "ok"
+
+
+def test_doctor_through_nginx_names_wrong_key_and_bad_certificate(nginx, certs, tmp_path):
+    env = tls_env(certs, key="d3Jvbmc6a2V5", PUSHAGENT_STATE_DIR=str(tmp_path))
+    code, checks = doctor_via(nginx.url(), env)
+    assert code == 1 and checks["authentication"][0] == "fail"
+    assert checks["privileges"] == ("skip", "authentication failed")
+    code, checks = doctor_via(nginx.url("expired"), tls_env(certs, PUSHAGENT_STATE_DIR=str(tmp_path)))
+    assert code == 1 and checks["tls"][0] == "fail" and "has expired" in checks["tls"][1]
+    assert checks["reachability"][0] == "fail" and checks["authentication"][0] == "skip"
