@@ -25,6 +25,7 @@ import urllib3.exceptions
 
 from .errors import ConfigError, InputChangedError, StorageError
 from .reader import InputFile
+from .security import register_secret
 
 INPUT_SUFFIXES = (".jsonl", ".jsonl.gz")
 READ_RETRIES = 5
@@ -59,7 +60,19 @@ def parse_url(url: str) -> S3Url:
 def client(endpoint_url: str | None = None):
     """A boto3 S3 client (thread-safe, cached per endpoint); None means boto3's own choice."""
     retries = botocore.config.Config(retries={"mode": "standard", "max_attempts": 5})
-    return boto3.session.Session().client("s3", endpoint_url=endpoint_url or None, config=retries)
+    session = boto3.session.Session()
+    _register_credentials(session)
+    return session.client("s3", endpoint_url=endpoint_url or None, config=retries)
+
+
+def _register_credentials(session) -> None:
+    """Hand the resolved secret key and session token to the redactor: a second line of defence."""
+    credentials = session.get_credentials()
+    if credentials is not None:
+        frozen = credentials.get_frozen_credentials()
+        for secret in (frozen.secret_key, frozen.token):
+            if secret:
+                register_secret(secret)
 
 
 def list_inputs(url: str, endpoint_url: str | None = None) -> list[InputFile]:
