@@ -77,6 +77,14 @@ def canonical_checksum(record: dict, stamped_fields=()) -> str:
     return hashlib.sha256(canonical_json(record)).hexdigest()
 
 
+def action_line(op: str, index: str, doc_id: str, version: int | None) -> bytes:
+    """The NDJSON action line of one document, externally versioned when a version is known."""
+    meta = {"_index": index, "_id": doc_id}
+    if version is not None:
+        meta.update(version=version, version_type="external")
+    return orjson.dumps({op: meta}) + b"\n"
+
+
 def iso_utc_from_ms(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -119,8 +127,7 @@ class Builder:
         op = self._operation(record)
         for field in settings.stamped_fields:
             record.pop(field, None)
-        action = orjson.dumps({op: {"_index": index, "_id": doc_id, "version": version,
-                                    "version_type": "external"}}) + b"\n"
+        action = action_line(op, index, doc_id, version)
         try:
             canonical = canonical_json(record)
         except orjson.JSONEncodeError as error:

@@ -113,13 +113,8 @@ def push(inputs, config_file, as_json, url, index, state_dir, insecure, embeddin
     options = PushOptions(list(inputs), batch_id=batch_id, restart=restart, from_line=from_line,
                           on_error=on_error, dry_run=dry_run)
     with observing(config) as observers:
-        run = PushRun(config, options, observers=observers)
-        with _stop_on_signals(run):
-            result = run.run()
-    _print_report(result.report(), as_json)
-    if result.error:
-        click.echo(f"pushagent: error: {redact(str(result.error))}", err=True)
-    sys.exit(result.exit_code)
+        result = _run_until_signal(PushRun(config, options, observers=observers))
+    _report_and_exit(result, as_json)
 
 
 @cli.command()
@@ -168,6 +163,102 @@ def status(config_file, as_json, state_dir):
     sys.exit(EXIT_CODES[report["health"]])
 
 
+def queue_options(command):
+    """Where the queue is: --state-dir (for the default SQLite queue) and --queue-url."""
+    command = click.option("--queue-url", help="sqlite:///path or redis://host:port/db [sqlite in state_dir].")(command)
+    return click.option("--state-dir", help="Checkpoints, queue.db, sync-state and audit log.")(command)
+
+
+@cli.command()
+@config_options
+@queue_options
+@click.option("--url", help="Cluster base URL, e.g. https://search.example.org:9200.")
+@click.option("--insecure", is_flag=True, default=None, help="Allow plain http:// to a non-loopback host.")
+@click.option("--all", "all_items", is_flag=True, help="Send pending items now, ignoring their next-attempt time.")
+@click.option("--batch-id", help="Only items of this batch.")
+@click.option("--max-items", type=click.IntRange(min=1), help="Take at most this many items.")
+@click.option("--chunk-docs", type=int, help="Documents per bulk request [5000].")
+@click.option("--concurrency", type=int, help="Bulk requests in flight [2].")
+def drain(config_file, as_json, state_dir, queue_url, url, insecure, all_items, batch_id, max_items, chunk_docs,
+          concurrency):
+    """Push the due items of the retry queue; exit 0 when none remain, 3 when items stay pending or dead.
+
+    Several drainers may share one queue (e.g. Slurm array tasks on one Redis).
+
+    Example:
+
+        pushagent drain --all --batch-id words-2026-01 --json
+    """
+    from .drain import DrainOptions, DrainRun
+    config = load_config(config_file, _flags(state_dir=state_dir, queue_url=queue_url, url=url, insecure=insecure,
+                                             chunk_docs=chunk_docs, concurrency=concurrency))
+    _warn_insecure(config)
+    result = _run_until_signal(DrainRun(config, DrainOptions(all=all_items, batch_id=batch_id, max_items=max_items)))
+    _report_and_exit(result, as_json)
+
+
+@cli.group()
+def queue():
+    """Inspect and manage the retry queue: stats, list, requeue-dead."""
+
+
+def _with_queue(config_file, state_dir, queue_url, action):
+    from .drain import open_configured_queue
+    retry_queue = open_configured_queue(load_config(config_file, _flags(state_dir=state_dir, queue_url=queue_url)))
+    try:
+        return action(retry_queue)
+    finally:
+        retry_queue.close()
+
+
+@queue.command("stats")
+@config_options
+@queue_options
+def queue_stats(config_file, as_json, state_dir, queue_url):
+    """Pending (due now, later), leased and dead items, oldest item age, per batch.
+
+    Example:
+
+        pushagent queue stats --json
+    """
+    from .queue_view import format_stats
+    stats = _with_queue(config_file, state_dir, queue_url, lambda q: q.stats())
+    click.echo(json.dumps(stats, sort_keys=True) if as_json else format_stats(stats))
+
+
+@queue.command("list")
+@config_options
+@queue_options
+@click.option("--status", type=click.Choice(["pending", "dead"]), help="Only items of this status.")
+@click.option("--batch-id", help="Only items of this batch.")
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True, help="At most this many.")
+def queue_list(config_file, as_json, state_dir, queue_url, status, batch_id, limit):
+    """Items, oldest first, with their input file, line and last error.
+
+    Example:
+
+        pushagent queue list --status dead --limit 20
+    """
+    from .queue_view import format_items, item_summary
+    items = _with_queue(config_file, state_dir, queue_url, lambda q: q.list(status, limit, batch_id))
+    click.echo(json.dumps([item_summary(i) for i in items]) if as_json else format_items(items))
+
+
+@queue.command("requeue-dead")
+@config_options
+@queue_options
+@click.option("--batch-id", help="Only items of this batch.")
+def queue_requeue_dead(config_file, as_json, state_dir, queue_url, batch_id):
+    """Make dead documents pending and due now (attempts reset); quarantined lines stay dead.
+
+    Example:
+
+        pushagent queue requeue-dead --batch-id words-2026-01 && pushagent drain
+    """
+    requeued = _with_queue(config_file, state_dir, queue_url, lambda q: q.requeue_dead(batch_id))
+    click.echo(json.dumps({"requeued": requeued}) if as_json else f"{requeued} items requeued")
+
+
 class _stop_on_signals:
     """SIGUSR1/SIGTERM/SIGINT: stop taking chunks, finish in-flight ones, checkpoint, exit 75."""
 
@@ -191,11 +282,24 @@ class _stop_on_signals:
             signal.signal(number, handler)
 
 
+def _run_until_signal(run):
+    """run.run() with the stop signals turned into run.request_stop()."""
+    with _stop_on_signals(run):
+        return run.run()
+
+
+def _report_and_exit(result, as_json: bool) -> None:
+    _print_report(result.report(), as_json)
+    if result.error:
+        click.echo(f"pushagent: error: {redact(str(result.error))}", err=True)
+    sys.exit(result.exit_code)
+
+
 def _print_report(report: dict, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(report, sort_keys=True))
         return
-    lines = [f"batch {report['batch_id']}: {report['status']}",
+    lines = [f"batch {report['batch_id'] or '(all)'}: {report['status']}",
              "  read {read}  indexed {indexed}  current {current}  queued {queued}  dead {dead}"
              "  quarantined {quarantined}".format(**report),
              f"  {report['requests']} requests, {report['retries']} retries, {report['bytes_sent']} bytes sent,"

@@ -56,6 +56,7 @@ class Config:
     queue_url: str | None = None
     max_attempts: int = 8
     max_retry_delay: float = 6 * 3600
+    lease_seconds: float = 900              # how long a drainer holds taken items before others may take them
     sample_size: int = 100
     grace_seconds: float = 60
     progress_seconds: float = 30
@@ -151,7 +152,7 @@ def _coerce(key, value):
             return None
         if key in ("chunk_bytes",):
             return parse_size(value)
-        if key in ("max_retry_delay", "grace_seconds", "progress_seconds", "push_interval",
+        if key in ("max_retry_delay", "lease_seconds", "grace_seconds", "progress_seconds", "push_interval",
                    "health_lag_warning", "health_lag_critical"):
             return parse_duration(value)
         if kind in (bool, "bool"):

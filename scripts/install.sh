@@ -19,6 +19,7 @@ retry() {
 declare -A PACKAGES=(
   [java]=openjdk-17-jre-headless [mvn]=maven [unzip]=unzip [curl]=curl
   [prometheus-pushgateway]=prometheus-pushgateway
+  [redis-server]=redis-server
   [nginx]=nginx   # TLS + API key + limit_req front of the test cluster (tests/tlsnginx.py)
 )
 missing=()

@@ -102,3 +102,23 @@ def bucket(s3_client):
     name = f"pushagent-{uuid.uuid4().hex[:10]}"
     s3_client.create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """One real redis-server for the session (no persistence); tests flush their database."""
+    from redisserver import RedisServer
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def queue_url(request, tmp_path):
+    """A retry-queue URL on each backend: a fresh SQLite file, or an emptied database of `redis_server`."""
+    if request.param == "sqlite":
+        return f"sqlite://{tmp_path / 'queue.db'}"
+    import redis
+    server = request.getfixturevalue("redis_server")
+    redis.Redis.from_url(server.url(1)).flushdb()
+    return server.url(1)

@@ -3,16 +3,26 @@
 An item carries everything needed to resend it without the input file. A
 document has one item at most: its key is `<index>/<id>`, and putting a
 newer version replaces an older one. Quarantined lines, which have no
-usable id, are keyed by batch, file and line.
+usable id, are keyed by batch, file and line; they are always dead.
+
+Taking items leases them: a leased item is invisible to other drainers
+until it is acknowledged, failed or released, or until its lease expires
+(the drainer was killed), when it is pending again. Ack, fail and release
+only touch items still leased under the token they were taken with, so a
+drainer whose lease expired cannot acknowledge what another one now holds,
+and a newer version put meanwhile is never deleted by the ack of an older.
 """
 
 import dataclasses
 import time
-from typing import Protocol
+import uuid
+from urllib.parse import urlsplit, urlunsplit
 
 PENDING = "pending"
 DEAD = "dead"
+QUARANTINED = "quarantined"
 FIRST_RETRY_DELAY = 60.0
+DEFAULT_LEASE_SECONDS = 300.0
 
 
 @dataclasses.dataclass
@@ -31,6 +41,7 @@ class QueueItem:
     attempts: int = 0
     next_attempt_at: float = 0.0
     status: str = PENDING
+    lease: str = ""               # the token of the take that holds it, "" when not leased
 
     @staticmethod
     def document_key(index: str, doc_id: str) -> str:
@@ -41,35 +52,127 @@ class QueueItem:
         return f"quarantine:{batch_id}:{input_file}:{line}"
 
 
+# (batch_id, due, later, leased, dead, oldest created_at): one row of a backend's stats scan.
+BATCH_FIELDS = ("due", "later", "leased", "dead")
+
+
 def retry_delay(attempts: int, max_delay: float) -> float:
     """Seconds before the next attempt: 1 min, 2 min, 4 min... capped at `max_delay`."""
-    return min(max_delay, FIRST_RETRY_DELAY * 2 ** max(0, attempts))
+    return min(max_delay, FIRST_RETRY_DELAY * 2 ** max(0, min(attempts, 40)))
 
 
-class RetryQueue(Protocol):
+def new_lease_token() -> str:
+    return uuid.uuid4().hex
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, fit for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class RetryQueue:
+    """The contract every backend implements; fail() and release() are shared here.
+
+    Backends implement put, dead_letter, take, _settle, requeue_dead,
+    _batch_rows, list and close.
+    """
+
+    max_attempts: int
+    max_retry_delay: float
+
     def put(self, items: list[QueueItem]) -> None:
         """Add or replace items as pending (a lower version never replaces a higher one)."""
+        raise NotImplementedError
 
     def dead_letter(self, items: list[QueueItem]) -> None:
         """Add or replace items as dead, with their reason in `last_error`."""
+        raise NotImplementedError
+
+    def take(self, limit: int, lease_seconds: float = DEFAULT_LEASE_SECONDS, batch_id: str | None = None,
+             due_only: bool = True) -> list[QueueItem]:
+        """Lease up to `limit` pending items, due ones first; `due_only=False` also takes later ones.
+
+        Atomic: two takers never get the same item while its lease runs.
+        Quarantined items are never taken.
+        """
+        raise NotImplementedError
+
+    def ack(self, items: list[QueueItem]) -> int:
+        """Remove items that reached the cluster; returns how many were still ours to remove."""
+        return self._settle([(item, None) for item in items])
+
+    def fail(self, items: list[QueueItem], permanent: bool = False) -> int:
+        """Return leased items with `last_error` set: attempts + 1 and a later next attempt.
+
+        An item is dead when `permanent` or after `max_attempts`. Returns how
+        many were still ours.
+        """
+        moment = now()
+        for item in items:
+            item.attempts += 1
+            item.next_attempt_at = moment + retry_delay(item.attempts, self.max_retry_delay)
+            item.status = DEAD if permanent or item.attempts >= self.max_attempts else PENDING
+        return self._settle([(item, item.status) for item in items])
+
+    def release(self, items: list[QueueItem]) -> int:
+        """Give leased items back unchanged (the drain stopped before sending them)."""
+        return self._settle([(item, PENDING) for item in items])
+
+    def _settle(self, changes: list[tuple[QueueItem, str | None]]) -> int:
+        """Apply (item, new status or None for delete) to items still leased under item.lease."""
+        raise NotImplementedError
+
+    def requeue_dead(self, batch_id: str | None = None) -> int:
+        """Make dead documents pending and due now, with attempts reset; quarantined lines stay dead."""
+        raise NotImplementedError
 
     def stats(self) -> dict:
-        """Counts by status and kind."""
+        """Counts: pending (due now, later), leased, dead, oldest item age, by kind and per batch."""
+        moment = now()
+        rows, by_kind = self._batch_rows(moment)
+        return summarize(rows, by_kind, moment)
 
-    def list(self, status: str | None = None, limit: int = 100) -> list[QueueItem]:
-        """Items, oldest first, optionally of one status."""
+    def _batch_rows(self, moment: float) -> tuple[list[tuple], dict]:
+        """Rows shaped like BATCH_FIELDS (see above) and {kind: count}."""
+        raise NotImplementedError
+
+    def list(self, status: str | None = None, limit: int = 100, batch_id: str | None = None) -> list[QueueItem]:
+        """Items, oldest first, optionally of one status and one batch."""
+        raise NotImplementedError
 
     def close(self) -> None:
         """Release connections."""
 
 
+def summarize(rows, by_kind: dict, moment: float) -> dict:
+    """The stats report from per-batch rows. `pending` counts due, later and leased items."""
+    batches = {}
+    for batch_id, *counts, oldest in rows:
+        entry = dict(zip(BATCH_FIELDS, (int(c or 0) for c in counts)))
+        entry["pending"] = entry["due"] + entry["later"] + entry["leased"]
+        entry["oldest_age_s"] = round(moment - oldest, 1) if oldest else None
+        batches[batch_id] = entry
+    totals = {name: sum(b[name] for b in batches.values()) for name in (*BATCH_FIELDS, PENDING)}
+    ages = [b["oldest_age_s"] for b in batches.values() if b["oldest_age_s"] is not None]
+    return {**totals, "oldest_age_s": max(ages) if ages else None, "by_kind": by_kind, "batches": batches}
+
+
 def open_queue(url: str, max_attempts: int = 8, max_retry_delay: float = 6 * 3600) -> RetryQueue:
-    """The backend named by `url`: sqlite:///path or redis://host:port/db."""
+    """The backend named by `url`: sqlite:///path or redis://host:port/db (rediss:// for TLS)."""
     from ..errors import ConfigError
     if url.startswith("sqlite:///"):
         from .sqlite_backend import SqliteQueue
         return SqliteQueue(url[len("sqlite://"):], max_attempts, max_retry_delay)
-    raise ConfigError(f"unsupported queue_url {url!r}: expected sqlite:///path")
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from .redis_backend import RedisQueue
+        return RedisQueue(url, max_attempts, max_retry_delay)
+    raise ConfigError(f"unsupported queue_url {redact_url(url)!r}: expected sqlite:///path or redis://host:port/db")
 
 
 def now() -> float:

@@ -1,11 +1,15 @@
-"""SQLite retry queue: one file in WAL mode, every write in one transaction."""
+"""SQLite retry queue: one file in WAL mode, every write in one BEGIN IMMEDIATE transaction.
+
+BEGIN IMMEDIATE takes the write lock before the select of a take, so two
+drainers (threads or processes) never lease the same row.
+"""
 
 import sqlite3
 import threading
 from pathlib import Path
 
 from ..errors import QueueError
-from .base import DEAD, PENDING, QueueItem, now, retry_delay
+from .base import DEAD, PENDING, QUARANTINED, QueueItem, RetryQueue, new_lease_token, now, retry_delay
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -31,16 +35,34 @@ CREATE INDEX IF NOT EXISTS items_batch ON items (batch_id);
 """
 COLUMNS = ("key", "batch_id", "index_name", "doc_id", "version", "op", "source", "input_file", "line",
            "kind", "last_error", "attempts", "next_attempt_at", "status")
-# A newer version of a document replaces its queued item; an older one never does.
+# A newer version of a document replaces its queued item (and cancels its lease); an older one never does.
 UPSERT = f"""
 INSERT INTO items ({", ".join(COLUMNS)}, created_at) VALUES ({", ".join("?" * (len(COLUMNS) + 1))})
 ON CONFLICT(key) DO UPDATE SET
-  {", ".join(f"{c} = excluded.{c}" for c in COLUMNS[1:])}, lease_until = 0
+  {", ".join(f"{c} = excluded.{c}" for c in COLUMNS[1:])}, lease_until = 0, lease_token = ''
 WHERE excluded.version IS NULL OR items.version IS NULL OR excluded.version >= items.version
+"""
+TAKE = f"""
+UPDATE items SET lease_until = ?, lease_token = ?
+WHERE key IN (SELECT key FROM items WHERE status = 'pending' AND kind != '{QUARANTINED}' AND lease_until <= ?
+              AND next_attempt_at <= ? AND (? IS NULL OR batch_id = ?) ORDER BY next_attempt_at LIMIT ?)
+RETURNING {", ".join(COLUMNS)}, lease_token
+"""
+SETTLE = "UPDATE items SET status = ?, attempts = ?, next_attempt_at = ?, last_error = ?, lease_until = 0, " \
+         "lease_token = '' WHERE key = ? AND lease_token = ? AND lease_token != ''"
+ACK = "DELETE FROM items WHERE key = ? AND lease_token = ? AND lease_token != ''"
+BATCH_ROWS = """
+SELECT batch_id,
+  SUM(status = 'pending' AND lease_until <= :now AND next_attempt_at <= :now),
+  SUM(status = 'pending' AND lease_until <= :now AND next_attempt_at > :now),
+  SUM(status = 'pending' AND lease_until > :now),
+  SUM(status = 'dead'),
+  MIN(created_at)
+FROM items GROUP BY batch_id ORDER BY batch_id
 """
 
 
-class SqliteQueue:
+class SqliteQueue(RetryQueue):
     def __init__(self, path: str, max_attempts: int = 8, max_retry_delay: float = 6 * 3600):
         self.path = Path(path)
         self.max_attempts = max_attempts
@@ -53,19 +75,31 @@ class SqliteQueue:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
+            self._add_lease_token()
         except (sqlite3.Error, OSError) as error:
             raise QueueError(f"cannot open the retry queue {self.path}: {error}") from None
 
-    def _write(self, sql: str, rows) -> None:
+    def _add_lease_token(self) -> None:
+        # Queues written before leases had tokens lack the column; adding it keeps their items.
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(items)")}
+        if "lease_token" not in columns:
+            self._db.execute("ALTER TABLE items ADD COLUMN lease_token TEXT NOT NULL DEFAULT ''")
+
+    def _transaction(self, work):
+        """Run work(db) inside BEGIN IMMEDIATE ... COMMIT; errors become QueueError."""
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
-                self._db.executemany(sql, rows)
+                result = work(self._db)
                 self._db.execute("COMMIT")
+                return result
             except sqlite3.Error as error:
                 self._db.execute("ROLLBACK") if self._db.in_transaction else None
                 raise QueueError(f"retry queue {self.path}: {error}",
                                  hint="check free space and permissions of state_dir") from None
+
+    def _write(self, sql: str, rows) -> int:
+        return self._transaction(lambda db: db.executemany(sql, rows).rowcount)
 
     def put(self, items) -> None:
         moment = now()
@@ -86,32 +120,47 @@ class SqliteQueue:
                 item.input_file, item.line, item.kind, item.last_error, item.attempts, item.next_attempt_at,
                 item.status, moment)
 
-    def stats(self) -> dict:
-        with self._lock:
-            rows = self._db.execute("SELECT status, kind, COUNT(*) FROM items GROUP BY status, kind").fetchall()
-        result = {PENDING: 0, DEAD: 0, "by_kind": {}}
-        for status, kind, count in rows:
-            result[status] = result.get(status, 0) + count
-            result["by_kind"][kind] = result["by_kind"].get(kind, 0) + count
-        return result
+    def take(self, limit, lease_seconds=300.0, batch_id=None, due_only=True) -> list:
+        moment = now()
+        horizon = moment if due_only else float("inf")
+        params = (moment + lease_seconds, new_lease_token(), moment, horizon, batch_id, batch_id, limit)
+        rows = self._transaction(lambda db: db.execute(TAKE, params).fetchall())
+        items = [self._item(row[:-1], lease=row[-1]) for row in rows]
+        return sorted(items, key=lambda item: item.next_attempt_at)
 
-    def list(self, status=None, limit=100) -> list:
-        sql = f"SELECT {', '.join(COLUMNS)} FROM items"
-        params = []
-        if status:
-            sql += " WHERE status = ?"
-            params.append(status)
-        sql += " ORDER BY created_at, rowid LIMIT ?"
-        params.append(limit)
+    def _settle(self, changes) -> int:
+        acks = [(item.key, item.lease) for item, status in changes if status is None]
+        updates = [(status, item.attempts, item.next_attempt_at, item.last_error, item.key, item.lease)
+                   for item, status in changes if status is not None]
+
+        def work(db):
+            done = db.executemany(ACK, acks).rowcount if acks else 0
+            return done + (db.executemany(SETTLE, updates).rowcount if updates else 0)
+        return self._transaction(work)
+
+    def requeue_dead(self, batch_id=None) -> int:
+        sql = ("UPDATE items SET status = 'pending', attempts = 0, next_attempt_at = ?, lease_until = 0 "
+               f"WHERE status = 'dead' AND kind != '{QUARANTINED}' AND (? IS NULL OR batch_id = ?)")
+        return self._transaction(lambda db: db.execute(sql, (now(), batch_id, batch_id)).rowcount)
+
+    def _batch_rows(self, moment):
         with self._lock:
-            rows = self._db.execute(sql, params).fetchall()
+            rows = self._db.execute(BATCH_ROWS, {"now": moment}).fetchall()
+            kinds = self._db.execute("SELECT kind, COUNT(*) FROM items GROUP BY kind").fetchall()
+        return rows, dict(kinds)
+
+    def list(self, status=None, limit=100, batch_id=None) -> list:
+        sql = (f"SELECT {', '.join(COLUMNS)} FROM items WHERE (? IS NULL OR status = ?) "
+               "AND (? IS NULL OR batch_id = ?) ORDER BY created_at, rowid LIMIT ?")
+        with self._lock:
+            rows = self._db.execute(sql, (status, status, batch_id, batch_id, limit)).fetchall()
         return [self._item(row) for row in rows]
 
     @staticmethod
-    def _item(row) -> QueueItem:
+    def _item(row, lease: str = "") -> QueueItem:
         values = dict(zip(COLUMNS, row))
         values["index"] = values.pop("index_name")
-        return QueueItem(**values)
+        return QueueItem(**values, lease=lease)
 
     def close(self) -> None:
         with self._lock:

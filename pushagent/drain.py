@@ -1,0 +1,205 @@
+"""`pushagent drain`: send due retry-queue items through the same sender and classifier as push.
+
+`concurrency` workers each loop: take (lease) up to chunk_docs items, rebuild
+their bulk actions, resolve them with ChunkSender, then settle every item:
+indexed or current -> ack; retryable -> fail (later attempt, dead after
+max_attempts); permanent -> dead. An item the run could not resolve (signal,
+cluster down) is released unchanged. A killed drainer's items come back when
+their lease expires, so nothing is lost between take and ack.
+"""
+
+import dataclasses
+import threading
+import time
+
+from .auth import authorization_header
+from .builder import Doc, action_line
+from .errors import EXIT_FAILURE, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK
+from .ledger import Ledger
+from .ratelimit import TokenBucket
+from .retry_queue import QueueItem, open_queue
+from .sender import ChunkAborted, ChunkSender, HttpTransport, Outcome, TransferStats
+
+
+@dataclasses.dataclass
+class DrainOptions:
+    all: bool = False                 # ignore next-attempt times
+    batch_id: str | None = None
+    max_items: int | None = None
+
+
+@dataclasses.dataclass
+class DrainResult:
+    """What the CLI reports; `exit_code` follows SPEC section 3."""
+
+    batch_id: str | None
+    status: str
+    exit_code: int
+    ledger: Ledger
+    acked: int
+    stats: TransferStats
+    duration_s: float
+    remaining: dict
+    error: Exception | None = None
+
+    def report(self) -> dict:
+        report = {"batch_id": self.batch_id, "status": self.status, **self.ledger.as_dict(), "acked": self.acked,
+                  "requests": self.stats.requests, "retries": self.stats.retries,
+                  "bytes_sent": self.stats.bytes_sent, "duration_s": round(self.duration_s, 3),
+                  "items_per_s": round(self.ledger.read / self.duration_s, 1) if self.duration_s else 0.0,
+                  "remaining": self.remaining, "statuses": self.stats.statuses}
+        if self.error:
+            report["error"] = str(self.error)
+        return report
+
+
+def open_configured_queue(config):
+    """The retry queue named by the configuration."""
+    return open_queue(config.resolved_queue_url, config.max_attempts, config.max_retry_delay)
+
+
+def queue_doc(item: QueueItem) -> Doc:
+    """The bulk document of a queued item, exactly as push built it."""
+    op = item.op or "index"
+    return Doc(item.index, item.doc_id, item.version, op, action_line(op, item.index, item.doc_id, item.version),
+               item.source if op == "index" else None, "", item.input_file, item.line)
+
+
+class DrainRun:
+    """One `pushagent drain`: call run() once."""
+
+    def __init__(self, config, options: DrainOptions, stop_event: threading.Event | None = None):
+        self.config = config
+        self.options = options
+        self.stop_event = stop_event or threading.Event()
+        self.stats = TransferStats()
+        self.ledger = Ledger()
+        self.acked = 0
+        self._lock = threading.Lock()
+        self._error = None
+        self._stop_reason = None
+
+    def run(self) -> DrainResult:
+        started = time.monotonic()
+        queue = open_configured_queue(self.config)
+        try:
+            sender = self._sender()
+            self._run_workers(queue, sender)
+            if sender.failures.tripped.is_set() and self._error is None:
+                self._error = sender.failures.error()
+            if isinstance(self._error, Exception) and getattr(self._error, "exit_code", None) is None:
+                raise self._error
+            remaining = self._remaining(queue) if self._error is None else {}
+        finally:
+            queue.close()
+        return self._result(remaining, time.monotonic() - started)
+
+    def _sender(self) -> ChunkSender:
+        transport = HttpTransport(self.config, authorization_header(self.config), self.stats)
+        limiter = TokenBucket(self.config.requests_per_minute, burst=self.config.concurrency)
+        return ChunkSender(transport, self.config, self.stats, limiter, self.stop_event)
+
+    def _run_workers(self, queue, sender) -> None:
+        # Daemon threads, joined in short steps so signal handlers run and a hung request cannot block exit.
+        threads = [threading.Thread(target=self._work, args=(queue, sender), daemon=True,
+                                    name=f"pushagent-drain-{n}") for n in range(self.config.concurrency)]
+        for thread in threads:
+            thread.start()
+        deadline = None
+        while any(thread.is_alive() for thread in threads):
+            if self.stop_event.is_set() and deadline is None:
+                deadline = time.monotonic() + self.config.grace_seconds
+            if deadline is not None and time.monotonic() > deadline:
+                return
+            for thread in threads:
+                thread.join(0.2)
+
+    def _work(self, queue, sender) -> None:
+        try:
+            while not self._stopping():
+                items = self._take(queue)
+                if not items:
+                    return
+                self._drain(queue, sender, items)
+        except BaseException as error:  # the main thread reports it
+            with self._lock:
+                self._error = self._error or error
+            self.stop_event.set()
+
+    def _take(self, queue) -> list:
+        with self._lock:
+            limit = self.config.chunk_docs
+            if self.options.max_items is not None:
+                limit = min(limit, self.options.max_items - self.ledger.read)
+            if limit <= 0:
+                return []
+            items = queue.take(limit, self.config.lease_seconds, self.options.batch_id, not self.options.all)
+            self.ledger.read += len(items)
+        return items
+
+    def _drain(self, queue, sender, items: list) -> None:
+        by_key = {(item.index, item.doc_id): item for item in items}
+        try:
+            outcome = sender.resolve([queue_doc(item) for item in items])
+        except ChunkAborted:
+            queue.release(items)
+            self._count(queued=len(items))
+            return
+        except BaseException:
+            queue.release(items)
+            raise
+        self._settle(queue, outcome, by_key)
+
+    def _settle(self, queue, outcome: Outcome, by_key: dict) -> None:
+        def items(docs):
+            return [by_key[(doc.index, doc.doc_id)] for doc in docs]
+        acked = queue.ack(items(outcome.indexed + outcome.current))
+        failed = _with_reasons(by_key, outcome.retry)
+        queue.fail(failed)
+        dead = _with_reasons(by_key, outcome.dead)
+        queue.fail(dead, permanent=True)
+        requeued = sum(1 for item in failed if item.status != "dead")
+        self._count(indexed=len(outcome.indexed), current=len(outcome.current), queued=requeued,
+                    dead=len(dead) + len(failed) - requeued, acked=acked)
+
+    def _count(self, acked: int = 0, **outcomes) -> None:
+        with self._lock:
+            self.ledger.add(Ledger(**outcomes))
+            self.acked += acked
+
+    def _remaining(self, queue) -> dict:
+        """Items of this drain's scope still in the queue; leased ones are another drainer's."""
+        stats = queue.stats()
+        if self.options.batch_id is not None:
+            stats = stats["batches"].get(self.options.batch_id, {})
+        return {name: stats.get(name, 0) for name in ("due", "later", "leased", "dead")}
+
+    def request_stop(self, reason: str) -> None:
+        self._stop_reason = self._stop_reason or reason
+        self.stop_event.set()
+
+    def _stopping(self) -> bool:
+        return self.stop_event.is_set() or self._error is not None
+
+    def _result(self, remaining: dict, duration: float) -> DrainResult:
+        status, exit_code, error = "drained", EXIT_OK, self._error
+        if error is not None:
+            status, exit_code = "failed", getattr(error, "exit_code", EXIT_FAILURE)
+        elif self._stop_reason is not None:
+            status, exit_code = "interrupted", EXIT_INTERRUPTED
+        else:
+            self.ledger.check("this drain's")
+            if remaining["due"] + remaining["later"] + remaining["dead"]:
+                status, exit_code = "incomplete", EXIT_INCOMPLETE
+        return DrainResult(self.options.batch_id, status, exit_code, self.ledger, self.acked, self.stats,
+                           duration, remaining, error)
+
+
+def _with_reasons(by_key: dict, pairs) -> list:
+    """Queue items for (doc, reason) pairs, with the reason as their last error."""
+    items = []
+    for doc, reason in pairs:
+        item = by_key[(doc.index, doc.doc_id)]
+        item.last_error = reason or ""
+        items.append(item)
+    return items

@@ -1,0 +1,39 @@
+"""`pushagent queue stats|list`: the retry queue as JSON or as lines for people."""
+
+import dataclasses
+from datetime import datetime, timezone
+
+from .retry_queue import QueueItem
+
+
+def item_summary(item: QueueItem) -> dict:
+    """An item without its source line (which can be large): where it came from and why it waits."""
+    summary = {k: v for k, v in dataclasses.asdict(item).items() if k not in ("source", "lease")}
+    summary["next_attempt_at"] = _iso(item.next_attempt_at) if item.next_attempt_at else None
+    summary["source_bytes"] = len(item.source or b"")
+    return summary
+
+
+def format_stats(stats: dict) -> str:
+    lines = [_counts_line("queue", stats)]
+    lines += [_counts_line(f"  {batch_id}", counts) for batch_id, counts in stats["batches"].items()]
+    if stats["by_kind"]:
+        lines.append("  by kind: " + ", ".join(f"{kind} {n}" for kind, n in sorted(stats["by_kind"].items())))
+    return "\n".join(lines)
+
+
+def _counts_line(label: str, counts: dict) -> str:
+    age = counts.get("oldest_age_s")
+    return (f"{label}: {counts['due']} due now, {counts['later']} later, {counts['leased']} leased,"
+            f" {counts['dead']} dead" + (f", oldest {age:.0f} s" if age is not None else ""))
+
+
+def format_items(items: list) -> str:
+    if not items:
+        return "no items"
+    return "\n".join(f"{item.status:7} {item.kind:11} {item.key}  {item.input_file}:{item.line}"
+                     f"  attempts {item.attempts}  {item.last_error[:120]}" for item in items)
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
