@@ -85,7 +85,8 @@ def test_sigkill_then_resume_reads_on_from_the_checkpoint(cluster_url, index, st
     with FaultProxy(cluster_url) as cluster:
         cluster.plan = lambda request: Fault.delay(0.05) if request.ids else None
         process = subprocess.Popen(push_command(cluster.url, index, state_dir, url, extra=extra),
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=agent_env(s3_env(s3_proxy)))
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   env=agent_env(s3_env(s3_proxy)))
         deadline = time.monotonic() + 120
         while len(cluster.bulk_requests()) < 6 and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -210,7 +211,8 @@ def test_a_failed_mirror_upload_does_not_fail_the_push(cluster_url, index, state
     env = s3_env(s3_proxy, PUSHAGENT_STATE_MIRROR="s3://no-such-bucket-here/agent")
     code, report, stderr = run_push(cluster_url, index, state_dir, data, env=env)
     assert (code, report["indexed"]) == (0, 100), stderr
-    assert "bucket 'no-such-bucket-here' does not exist" in report["mirror"]["error"] and "state mirror: upload failed" in stderr
+    assert "bucket 'no-such-bucket-here' does not exist" in report["mirror"]["error"]
+    assert "state mirror: upload failed" in stderr
 
 
 def test_missing_objects_and_empty_prefixes_are_usage_errors(index, state_dir, bucket, s3_proxy):
