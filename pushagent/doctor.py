@@ -15,7 +15,7 @@ import ssl
 import tempfile
 import time
 from datetime import datetime, timezone
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import requests
 
@@ -23,6 +23,7 @@ from . import __version__
 from .auth import authorization_header, scheme_name
 from .errors import PushAgentError
 from .retry_queue import open_queue
+from .retry_queue.base import redact_url
 from .security import find_ssl_error, secure_session, tls_failure, trust_context
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
@@ -259,7 +260,7 @@ class Doctor:
 
     def _queue(self) -> Check:
         url = self.config.resolved_queue_url
-        shown = _without_password(url)
+        shown = redact_url(url)
         try:
             queue = open_queue(url, self.config.max_attempts, self.config.max_retry_delay)
             try:
@@ -325,14 +326,6 @@ def _json_or_empty(reply) -> dict:
     except ValueError:
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def _without_password(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _summary(stats: dict) -> str:

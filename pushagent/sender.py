@@ -23,7 +23,7 @@ import requests
 
 from . import __version__
 from .chunker import bulk_body
-from .classifier import CURRENT, INDEXED, PERMANENT, RETRYABLE, classify_item, request_outcome
+from .classifier import CURRENT, INDEXED, RETRYABLE, classify_item, request_outcome
 from .errors import AuthError, ClusterUnavailableError, PushAgentError
 from .security import find_ssl_error, secure_session, tls_failure
 
@@ -224,7 +224,8 @@ class FailureTracker:
     def error(self) -> ClusterUnavailableError:
         return ClusterUnavailableError(
             f"{self._count} bulk requests in a row failed; last error: {self.last_error}",
-            hint="the checkpoint is kept: run the same command again when the cluster answers")
+            hint="nothing is lost (push keeps its checkpoint, drain its queue): run the same command again "
+                 "when the cluster answers")
 
 
 class ChunkSender:
@@ -244,7 +245,7 @@ class ChunkSender:
         Raises AuthError on 401/403 and ChunkAborted when the run is stopping.
         """
         outcome = Outcome()
-        pending, last_error, whole_failed = docs, None, False
+        pending, last_error, whole_failed, retry_after = docs, None, False, None
         for attempt in range(self.config.max_retries + 1):
             if attempt:
                 self.stats.record_retry()

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import requests
@@ -16,6 +17,8 @@ S3_TEST_ENV = {"AWS_ACCESS_KEY_ID": "pushagent-test-key-id", "AWS_SECRET_ACCESS_
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import generate_data  # noqa: E402
+from bench_queue import queue_items  # noqa: E402
+from pushagent.retry_queue import open_queue  # noqa: E402
 
 
 def generate(path: Path, count: int, dims: int = 8, seed: int = 42, start: int = 0) -> Path:
@@ -61,3 +64,53 @@ def stored_checksums(url, index) -> dict:
         page = requests.post(f"{url}/_search/scroll", json={"scroll": "1m", "scroll_id": page["_scroll_id"]},
                              timeout=120).json()
     return found
+
+
+def cli_command(*args, url=None, state_dir=None, queue_url=None):
+    command = [sys.executable, "-m", "pushagent", *args, "--json"]
+    for flag, value in (("--url", url), ("--state-dir", state_dir), ("--queue-url", queue_url)):
+        if value is not None:
+            command += [flag, str(value)]
+    return command
+
+
+def run_cli(*args, env=None, timeout=300, **where):
+    """(exit code, JSON report or None, stderr) of one pushagent command."""
+    completed = subprocess.run(cli_command(*args, **where), capture_output=True, text=True, timeout=timeout,
+                               env=agent_env(env))
+    report = json.loads(completed.stdout) if completed.stdout.strip() else None
+    return completed.returncode, report, completed.stderr
+
+
+def fill_queue(queue_url, path, index, batch_id="b1") -> set:
+    """Queue every record of `path` as a due retryable item; returns the ids."""
+    items = queue_items(path, index, batch_id)
+    queue = open_queue(queue_url)
+    try:
+        queue.put(items)
+    finally:
+        queue.close()
+    return {item.doc_id for item in items}
+
+
+def queue_stats(queue_url) -> dict:
+    queue = open_queue(queue_url)
+    try:
+        return queue.stats()
+    finally:
+        queue.close()
+
+
+def queued_ids(queue_url) -> set:
+    queue = open_queue(queue_url)
+    try:
+        return {item.doc_id for item in queue.list(limit=10**7)}
+    finally:
+        queue.close()
+
+
+def wait_for(condition, seconds=120):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)

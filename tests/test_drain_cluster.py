@@ -3,74 +3,22 @@
 import json
 import signal
 import subprocess
-import sys
 import time
 
 import orjson
 import redis
 import requests
 
-from bench_queue import queue_items
 from faultproxy import Fault, FaultProxy
-from pushagent.retry_queue import open_queue
 from redisserver import RedisServer, free_port
-from support import agent_env, count, generate, run_push
-
-
-def cli_command(*args, url=None, state_dir=None, queue_url=None):
-    command = [sys.executable, "-m", "pushagent", *args, "--json"]
-    for flag, value in (("--url", url), ("--state-dir", state_dir), ("--queue-url", queue_url)):
-        if value is not None:
-            command += [flag, str(value)]
-    return command
-
-
-def run_cli(*args, env=None, timeout=300, **where):
-    """(exit code, JSON report or None, stderr) of one pushagent command."""
-    completed = subprocess.run(cli_command(*args, **where), capture_output=True, text=True, timeout=timeout,
-                               env=agent_env(env))
-    report = json.loads(completed.stdout) if completed.stdout.strip() else None
-    return completed.returncode, report, completed.stderr
-
-
-def fill_queue(queue_url, path, index, batch_id="b1") -> set:
-    """Queue every record of `path` as a due retryable item; returns the ids."""
-    items = queue_items(path, index, batch_id)
-    queue = open_queue(queue_url)
-    try:
-        queue.put(items)
-    finally:
-        queue.close()
-    return {item.doc_id for item in items}
-
-
-def queue_stats(queue_url) -> dict:
-    queue = open_queue(queue_url)
-    try:
-        return queue.stats()
-    finally:
-        queue.close()
-
-
-def queued_ids(queue_url) -> set:
-    queue = open_queue(queue_url)
-    try:
-        return {item.doc_id for item in queue.list(limit=10**7)}
-    finally:
-        queue.close()
+from support import (agent_env, cli_command, count, fill_queue, generate, queue_stats, queued_ids, run_cli,
+                     run_push, wait_for)
 
 
 def cluster_ids(url, index) -> set:
     requests.post(f"{url}/{index}/_refresh", timeout=60)
     reply = requests.post(f"{url}/{index}/_search", json={"size": 10000, "_source": False}, timeout=60)
     return {hit["_id"] for hit in reply.json()["hits"]["hits"]} if reply.ok else set()
-
-
-def wait_for(condition, seconds=120):
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 def test_push_failures_go_to_the_queue_and_drain_sends_them(cluster_url, index, state_dir, tmp_path, queue_url):

@@ -18,7 +18,9 @@ import requests
 
 from conftest import FULL, scale
 from faultproxy import Fault, FaultProxy
-from support import agent_env, count, generate, push_command, run_push, stored_checksums
+from redisserver import RedisServer
+from support import (agent_env, cli_command, count, fill_queue, generate, push_command, queue_stats, queued_ids,
+                     run_cli, run_push, stored_checksums)
 
 CHUNK_DOCS, CONCURRENCY = 1000, 2
 
@@ -165,6 +167,9 @@ def test_mixed_faults_on_the_wire(cluster_url, index, state_dir, tmp_path, relia
                   "429 (10%), 503 (5%), resets (2%), lost answers (1%), item 429s (1%), latency")
     reliability_row(**row)
     assert row["lost"] == 0 and row["landed"] + row["queued"] == records
+    code, _, stderr = run_cli("drain", "--all", url=cluster_url, state_dir=state_dir)
+    assert code == 0, stderr
+    assert count(cluster_url, index) == records
 
 
 def test_cluster_down_stops_the_run_and_the_rerun_completes(cluster_url, index, state_dir, tmp_path,
@@ -301,3 +306,74 @@ def test_truncated_gzip_and_empty_file(cluster_url, index, state_dir, tmp_path, 
                   "gzip cut at 60%, a 0-byte file")
     reliability_row(**row)
     assert row["lost"] == 0
+
+
+def drain_row(url, index, queue_url, ids, resent, scenario, injected) -> dict:
+    """The reliability row of a drain: every queued id is in the cluster or still queued."""
+    landed = set(stored_checksums(url, index)) & ids
+    still = queued_ids(queue_url)
+    return {"scenario": scenario, "injected": injected, "records_in": len(ids), "landed": len(landed),
+            "re_sent": resent, "queued": len(still & ids), "dead": queue_stats(queue_url)["dead"], "quarantined": 0,
+            "lost": len(ids - landed - still)}
+
+
+def test_sigkill_during_drain_at_random_points(cluster_url, index, tmp_path, queue_url, reliability_row):
+    records, crashes, chunk_docs = scale(6_000, 40_000), scale(3, 20), scale(200, 1000)
+    ids = fill_queue(queue_url, generate(tmp_path / "words.jsonl", records), index)
+    lease = 2.0
+    env = {"PUSHAGENT_LEASE_SECONDS": str(lease), "PUSHAGENT_CHUNK_DOCS": str(chunk_docs)}
+    rng = random.Random(99)
+    increments = []
+    with FaultProxy(cluster_url) as proxy:
+        proxy.plan = lambda request: Fault.delay(rng.choice((0.01, 0.05, 0.3))) if request.ids else None
+        for _ in range(crashes):
+            before = proxy.resent()
+            process = subprocess.Popen(cli_command("drain", "--all", url=proxy.url, queue_url=queue_url),
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=agent_env(env))
+            wait_for_requests(proxy, len(proxy.bulk_requests()) + rng.randint(1, 4))
+            process.send_signal(signal.SIGKILL)
+            process.wait(timeout=60)
+            time.sleep(lease + 0.2)  # the killed drainer's leases expire
+            increments.append(proxy.resent() - before)
+        before = proxy.resent()
+        code, report, stderr = run_cli("drain", "--all", url=proxy.url, queue_url=queue_url, env=env)
+        increments.append(proxy.resent() - before)
+        resent = proxy.resent()
+    assert code == 0, stderr
+    assert count(cluster_url, index) == records and queue_stats(queue_url)["pending"] == 0
+    # A crash leaves at most `concurrency` leased chunks to be sent again.
+    assert max(increments[1:]) <= CONCURRENCY * chunk_docs, increments
+    backend = queue_url.split(":", 1)[0]
+    row = drain_row(cluster_url, index, queue_url, ids, resent, f"SIGKILL during drain ({backend}) x{crashes}",
+                    f"{crashes} kills at seeded random points")
+    reliability_row(**row)
+    assert row["lost"] == 0
+
+
+def test_redis_killed_mid_drain(cluster_url, index, tmp_path, reliability_row):
+    (tmp_path / "redis").mkdir()
+    server = RedisServer(tmp_path / "redis", persistent=True).start()
+    try:
+        records = scale(5_000, 50_000)
+        ids = fill_queue(server.url(), generate(tmp_path / "words.jsonl", records), index)
+        env = {"PUSHAGENT_LEASE_SECONDS": "2", "PUSHAGENT_CHUNK_DOCS": "500"}
+        with FaultProxy(cluster_url) as proxy:
+            def plan(request):
+                if request.ids and len(proxy.bulk_requests()) == 3:
+                    server.kill()
+                return None
+            proxy.plan = plan
+            code, _, stderr = run_cli("drain", "--all", url=proxy.url, queue_url=server.url(), env=env)
+            assert code == 1 and server.url() in stderr, stderr
+            server.start()
+            time.sleep(2.2)
+            code, report, stderr = run_cli("drain", "--all", url=proxy.url, queue_url=server.url(), env=env)
+            resent = proxy.resent()
+        assert code == 0, stderr
+        assert count(cluster_url, index) == records
+        row = drain_row(cluster_url, index, server.url(), ids, resent, "Redis killed mid-drain",
+                        "SIGKILL of redis-server at the third request, restart, rerun")
+        reliability_row(**row)
+        assert row["lost"] == 0
+    finally:
+        server.stop()
