@@ -16,11 +16,14 @@ from . import __version__
 from .config import load_config
 from .doctor import Doctor, healthy
 from .doctor import as_json as doctor_report
-from .errors import EXIT_FAILURE, EXIT_USAGE, PushAgentError
+from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, PushAgentError
 from .logs import redact, setup_logging
+from .memory import return_large_buffers_to_os
 from .observe import observing
 from .push import PushOptions, PushRun
+from .recording import VerifyOptions, verify_batch
 from .security import insecure_warning
+from .state import AuditLog, SyncStateStore
 from .status import EXIT_CODES, format_status, health_report
 
 log = logging.getLogger("pushagent")
@@ -95,8 +98,9 @@ def cli():
               help="Stop at the first dead-lettered or quarantined record.")
 @click.option("--dry-run", "dry_run", type=click.Path(file_okay=False),
               help="Write the NDJSON request bodies to this directory; send nothing.")
+@click.option("--no-verify", is_flag=True, help="Skip the count, sample and timestamp checks at the end.")
 def push(inputs, config_file, as_json, url, index, state_dir, insecure, embedding_version, batch_id,
-         batch_time, id_field, chunk_docs, concurrency, restart, from_line, on_error, dry_run):
+         batch_time, id_field, chunk_docs, concurrency, restart, from_line, on_error, dry_run, no_verify):
     """Push INPUT files (JSONL, .jsonl.gz, globs, s3://bucket/key, s3://bucket/prefix/) into the cluster.
 
     Resumes by itself when a checkpoint for the same inputs exists.
@@ -111,7 +115,7 @@ def push(inputs, config_file, as_json, url, index, state_dir, insecure, embeddin
                                              id_field=id_field, chunk_docs=chunk_docs, concurrency=concurrency))
     _warn_insecure(config)
     options = PushOptions(list(inputs), batch_id=batch_id, restart=restart, from_line=from_line,
-                          on_error=on_error, dry_run=dry_run)
+                          on_error=on_error, dry_run=dry_run, verify=not no_verify)
     with observing(config) as observers:
         result = _run_until_signal(PushRun(config, options, observers=observers))
     _report_and_exit(result, as_json)
@@ -304,10 +308,126 @@ def _print_report(report: dict, as_json: bool) -> None:
              "  quarantined {quarantined}".format(**report),
              f"  {report['requests']} requests, {report['retries']} retries, {report['bytes_sent']} bytes sent,"
              f" {report['duration_s']} s"]
+    lines += _verification_lines(report.get("verification"))
     click.echo("\n".join(lines), err=True)
 
 
+def _verification_lines(verification) -> list:
+    if not verification:
+        return []
+    lines = [f"  verification: {'passed' if verification['ok'] else 'FAILED'}"]
+    return lines + [f"  - {problem}" for problem in verification.get("problems", [])]
+
+
+@cli.command()
+@config_options
+@connection_options
+@click.option("--batch-id", help="Verify this batch, from its sync-state record.")
+@click.option("--embedding-version", help="Verify the documents stamped with this embedding version.")
+@click.option("--expected-count", type=click.IntRange(min=0), help="Distinct documents expected (without --source).")
+@click.option("--source", "sources", multiple=True, help="Source file (JSONL, .jsonl.gz, glob); repeatable.")
+@click.option("--id-field", help="Record field holding the document id [id] (with --source).")
+@click.option("--batch-time", help="Generation time of the sources, ISO 8601 [newest source mtime].")
+@click.option("--expected-date", help="Documents last updated before this ISO 8601 date are stale [batch time].")
+@click.option("--full", is_flag=True, help="Scan every id and checksum of the index and diff it with the source.")
+@click.option("--enqueue-missing", is_flag=True, help="With --full: put missing documents into the retry queue.")
+@click.option("--recompute", is_flag=True,
+              help="With --full: fetch every _source and recompute its checksum instead of reading the stamp.")
+def verify(config_file, as_json, url, index, state_dir, insecure, batch_id, embedding_version, expected_count,
+           sources, id_field, batch_time, expected_date, full, enqueue_missing, recompute):
+    """Check what arrived: count, sample checksums, timestamps; --full scans everything.
+
+    Exits 0 when every check passes, 3 when one fails.
+
+    Example:
+
+        pushagent verify --batch-id words-3f2a9c1b0d --full --enqueue-missing
+    """
+    if (enqueue_missing or recompute) and not full:
+        raise click.UsageError("--enqueue-missing and --recompute need --full")
+    config = load_config(config_file, _flags(url=url, index=index, state_dir=state_dir, insecure=insecure,
+                                             id_field=id_field, batch_time=batch_time))
+    options = VerifyOptions(batch_id, embedding_version, config.index, expected_count, sources, expected_date, full,
+                            enqueue_missing, recompute)
+    report, exit_code = verify_batch(config, options)
+    if as_json:
+        click.echo(json.dumps(report, sort_keys=True))
+    else:
+        click.echo("\n".join([f"batch {report['batch_id']}: {report['status']}"]
+                              + _verification_lines(report["verification"])), err=True)
+    sys.exit(exit_code)
+
+
+@cli.group()
+def state():
+    """Read sync-state records and check the audit log."""
+
+
+def state_options(command):
+    """--config, --json, --debug and --state-dir: what every `state` command reads."""
+    command = click.option("--state-dir", help="Where sync-state records and audit.jsonl are.")(command)
+    return config_options(command)
+
+
+def _state_path(config_file, state_dir):
+    return load_config(config_file, _flags(state_dir=state_dir)).state_path
+
+
+@state.command("list")
+@state_options
+def state_list(config_file, as_json, state_dir):
+    """List the batches with a sync-state record.
+
+    Example:
+
+        pushagent state list --json
+    """
+    records = SyncStateStore(_state_path(config_file, state_dir)).list()
+    rows = [{key: record.get(key) for key in ("batch_id", "status", "updated_at", "index", "embedding_version",
+                                              "doc_count")} for record in records]
+    if as_json:
+        click.echo(json.dumps(rows, sort_keys=True))
+        return
+    for row in rows:
+        click.echo("{batch_id}  {status}  {updated_at}  {index}  {embedding_version}  {doc_count}".format(**row))
+
+
+@state.command("show")
+@click.argument("batch_id")
+@state_options
+def state_show(batch_id, config_file, as_json, state_dir):
+    """Print the sync-state record of BATCH_ID (JSON).
+
+    Example:
+
+        pushagent state show words-3f2a9c1b0d
+    """
+    record = SyncStateStore(_state_path(config_file, state_dir)).load(batch_id)
+    click.echo(json.dumps(record, sort_keys=True, indent=None if as_json else 1))
+
+
+@state.command("audit")
+@state_options
+def state_audit(config_file, as_json, state_dir):
+    """Check the hash chain of audit.jsonl; exit 1 naming the first bad line.
+
+    Example:
+
+        pushagent state audit --json
+    """
+    log_file = AuditLog(_state_path(config_file, state_dir))
+    result = log_file.check()
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), sort_keys=True))
+    elif result.ok:
+        click.echo(f"{log_file.path}: {result.lines} entries, chain intact", err=True)
+    else:
+        click.echo(f"{log_file.path}:{result.bad_line}: {result.problem}", err=True)
+    sys.exit(EXIT_OK if result.ok else EXIT_FAILURE)
+
+
 def main():
+    return_large_buffers_to_os()
     try:
         cli(standalone_mode=True)
     except KeyboardInterrupt:

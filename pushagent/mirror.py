@@ -10,13 +10,13 @@ import logging
 from .errors import PushAgentError
 
 # Relative to state_dir and to the mirror prefix alike.
-MIRRORED = ("sync-state/{batch_id}.json", "audit.jsonl", "runs/{batch_id}.json")
+MIRRORED = ("sync-state/{batch_id}.json", "audit.jsonl", "audit.head", "runs/{batch_id}.json")
 
 log = logging.getLogger(__name__)
 
 
 def mirror_state(config, batch_id: str) -> dict | None:
-    """Upload the batch's sync-state record, the audit log and the run checkpoint, where they exist.
+    """Upload the batch's sync-state record, the audit log with its head and the run checkpoint, where they exist.
 
     Returns {"uploaded": [urls]} plus "error" when an upload failed, or None
     without `state_mirror`. A failure is logged, not fatal: the push itself

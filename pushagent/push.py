@@ -21,10 +21,11 @@ from .builder import Builder, BuildSettings, Rejected, iso_utc_from_ms
 from .checkpoint import DONE_STATUSES, BatchLock, CheckpointStore, CommitTracker, RunState
 from .chunker import Chunker, Position
 from .errors import (EXIT_FAILURE, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK, ConfigError, InputChangedError,
-                     StorageError)
+                     PushAgentError, StorageError)
 from .ledger import Ledger
 from .mirror import mirror_state
 from .ratelimit import TokenBucket
+from .recording import BatchRecorder
 from .reader import InputReadError, expand_inputs, read_lines
 from .retry_queue import QueueItem, open_queue
 from .sender import ChunkAborted, ChunkSender, DryRunTransport, HttpTransport, TransferStats
@@ -42,6 +43,7 @@ class PushOptions:
     from_line: int | None = None
     on_error: str = "continue"
     dry_run: str | None = None
+    verify: bool = True
 
 
 @dataclasses.dataclass
@@ -57,6 +59,7 @@ class PushResult:
     duration_s: float
     position: Position
     error: Exception | None = None
+    verification: dict | None = None
     mirror: dict | None = None
 
     def report(self) -> dict:
@@ -68,6 +71,8 @@ class PushResult:
                   "position": self.position._asdict(), "statuses": self.stats.statuses}
         if self.error:
             report["error"] = str(self.error)
+        if self.verification is not None:
+            report["verification"] = self.verification
         if self.mirror is not None:
             report["mirror"] = self.mirror
         return report
@@ -126,18 +131,34 @@ class PushRun:
         self._stop_reason = None
         self._fatal = None
         self._sender = None
+        self.recorder = None
 
     def run(self) -> PushResult:
+        """Push, record and verify; observers hear `finished` once the final status is known."""
         if self.options.dry_run:
-            return self._execute(RunState(self.batch_id, self._fingerprints(), self.settings), queue=None)
+            result = self._execute(RunState(self.batch_id, self._fingerprints(), self.settings), queue=None)
+        else:
+            result = self._push_and_record()
+        self.notify("finished", result)
+        return result
+
+    def _push_and_record(self) -> PushResult:
         with BatchLock(self.config.state_path, self.batch_id):
             state = self._initial_state()
             retry_queue = open_queue(self.config.resolved_queue_url, self.config.max_attempts,
                                      self.config.max_retry_delay)
+            self.recorder = BatchRecorder(self.config, self.batch_id, self.build_settings, self.files, self.store,
+                                          self.options.verify)
             try:
-                result = self._execute(state, retry_queue)
+                self.recorder.started(state)
+                result = self.recorder.finished(state, self._execute(state, retry_queue))
+            except PushAgentError:
+                self.recorder.write(state, "failed")
+                raise
             finally:
                 retry_queue.close()
+                self.recorder.close()
+            # After the sync-state record, so the mirror carries it too.
             result.mirror = mirror_state(self.config, self.batch_id)
             return result
 
@@ -274,10 +295,8 @@ class PushRun:
             state.status = status
             state.updated_at = _now_iso()
             self.store.save(state)
-        result = PushResult(self.batch_id, status, exit_code, batch, this_run, self.stats, duration,
-                            state.position, error)
-        self.notify("finished", result)
-        return result
+        return PushResult(self.batch_id, status, exit_code, batch, this_run, self.stats, duration,
+                          state.position, error)
 
 
 class _ChunkPump:
@@ -301,11 +320,12 @@ class _ChunkPump:
         for chunk in iter(self._work.get, None):
             started = time.monotonic()
             try:
-                result = (chunk, sender.resolve(chunk.docs) if chunk.docs else None, None)
+                result = (chunk, sender.resolve(chunk.docs, chunk.body) if chunk.docs else None, None)
             except BaseException as error:  # handed to the main thread, which decides
                 result = (chunk, None, error)
             chunk.seconds = time.monotonic() - started
             self._results.put(result)
+            del chunk, result  # do not hold a resolved chunk's body while waiting for the next one
 
     def submit(self, chunk) -> None:
         self.in_flight += 1
@@ -366,6 +386,7 @@ class _Committer:
             if self.queue is not None:
                 self.queue.put(retry)
                 self.queue.dead_letter(dead)
+                self.run.recorder.delivered(outcome)
         if self.queue is not None:
             self.queue.dead_letter(quarantined)
         self._tell_user(chunk, outcome)
@@ -418,7 +439,7 @@ def _refuse_changed_objects(states, fresh: RunState) -> None:
 
 def _document_item(batch_id: str, doc, reason: str, kind: str) -> QueueItem:
     return QueueItem(QueueItem.document_key(doc.index, doc.doc_id), batch_id, doc.index, doc.doc_id, doc.version,
-                     doc.op, doc.source, doc.file, doc.line, kind, reason or "")
+                     doc.op, doc.source and bytes(doc.source), doc.file, doc.line, kind, reason or "")
 
 
 def _now_iso() -> str:

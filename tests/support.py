@@ -67,7 +67,7 @@ def stored_checksums(url, index) -> dict:
 
 
 def cli_command(*args, url=None, state_dir=None, queue_url=None):
-    command = [sys.executable, "-m", "pushagent", *args, "--json"]
+    command = [sys.executable, "-m", "pushagent", *map(str, args), "--json"]
     for flag, value in (("--url", url), ("--state-dir", state_dir), ("--queue-url", queue_url)):
         if value is not None:
             command += [flag, str(value)]

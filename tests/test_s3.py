@@ -192,6 +192,10 @@ def test_state_mirror_uploads_after_an_interrupt_and_after_the_batch(cluster_url
     code, report, stderr = run_push(cluster_url, index, state_dir, data, env=env)
     assert code == 0, stderr
     assert_mirrored(report["mirror"], state_dir, s3_client, bucket, report["batch_id"])
+    uploaded = {url.removeprefix(f"s3://{bucket}/agent/") for url in report["mirror"]["uploaded"]}
+    assert {f"sync-state/{report['batch_id']}.json", "audit.jsonl", "audit.head"} <= uploaded
+    record = json.loads(remote(s3_client, bucket, f"agent/sync-state/{report['batch_id']}.json"))
+    assert record["status"] == "verified" and record["doc_count"] == 10_000, record
 
 
 def assert_mirrored(mirror, state_dir, s3_client, bucket, batch_id) -> None:

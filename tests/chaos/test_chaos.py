@@ -107,26 +107,31 @@ def test_sigkill_at_random_points_then_rerun(cluster_url, index, state_dir, tmp_
         resent = proxy.resent()
     assert code == 0, stderr
     assert count(cluster_url, index) == records
+    assert_full_verification_passes(cluster_url, state_dir, report["batch_id"])
     # Each run re-sends what the crash before it left uncommitted: at most concurrency x chunk_docs.
     assert max(increments[1:]) <= CONCURRENCY * CHUNK_DOCS, increments
-    assert_no_version_below(cluster_url, index, report)
+    assert_no_version_below(cluster_url, index, data)
     row = account(cluster_url, index, state_dir, [data], resent, f"SIGKILL during push x{crashes}",
                   f"{crashes} kills at seeded random points")
     reliability_row(**row)
     assert row["lost"] == 0
 
 
-def assert_no_version_below(url, index, report):
-    """Every document carries the batch's version: none older than its source."""
-    batch_id = report["batch_id"]
-    del batch_id
-    body = {"size": 0, "aggs": {"lowest": {"min": {"field": "_version"}}}} if False else None
-    del body
+def assert_full_verification_passes(url, state_dir, batch_id):
+    """`verify --full`: every source id stored with its checksum, nothing extra, nothing mismatched."""
+    code, result, stderr = run_cli("verify", "--batch-id", batch_id, "--full", url=url, state_dir=state_dir)
+    full = result["verification"]["full"]
+    assert code == 0 and (full["missing"], full["extra"], full["mismatched"]) == (0, 0, 0), (stderr, full)
+
+
+def assert_no_version_below(url, index, data):
+    """Sampled documents all carry the batch's version (the input's mtime in ms): none is older than its source."""
+    expected = data.stat().st_mtime_ns // 1_000_000
     requests.post(f"{url}/{index}/_refresh", timeout=60)
-    hits = requests.post(f"{url}/{index}/_search", json={"size": 50, "version": True, "_source": False,
+    hits = requests.post(f"{url}/{index}/_search", json={"size": 200, "version": True, "_source": False,
                                                          "query": {"function_score": {"random_score": {}}}},
                          timeout=60).json()["hits"]["hits"]
-    assert len({hit["_version"] for hit in hits}) == 1
+    assert hits and {hit["_version"] for hit in hits} == {expected}
 
 
 def mixed_faults(rng: random.Random, max_latency: float):
@@ -170,6 +175,7 @@ def test_mixed_faults_on_the_wire(cluster_url, index, state_dir, tmp_path, relia
     code, _, stderr = run_cli("drain", "--all", url=cluster_url, state_dir=state_dir)
     assert code == 0, stderr
     assert count(cluster_url, index) == records
+    assert_full_verification_passes(cluster_url, state_dir, report["batch_id"])
 
 
 def test_cluster_down_stops_the_run_and_the_rerun_completes(cluster_url, index, state_dir, tmp_path,

@@ -1,0 +1,149 @@
+"""A batch's documents on disk: one row per (index, id) with its checksum, plus a uniform sample.
+
+Used twice: during a push it records what the cluster acknowledged
+(`<state_dir>/runs/<batch_id>.docs.db`), and `verify --source` / `--full`
+load the source files into a temporary one. SQLite keeps memory bounded for
+millions of ids, sorts checksums for the batch checksum, and lets the full
+scan diff both sides with joins.
+"""
+
+import hashlib
+import random
+import sqlite3
+from pathlib import Path
+
+from .errors import PushAgentError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS docs (idx TEXT, id TEXT, version INTEGER, checksum TEXT, fno INTEGER, line INTEGER,
+                                 PRIMARY KEY (idx, id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS occurrences (fno INTEGER, line INTEGER, PRIMARY KEY (fno, line)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sample (slot INTEGER PRIMARY KEY, idx TEXT, id TEXT);
+CREATE TABLE IF NOT EXISTS files (fno INTEGER PRIMARY KEY, path TEXT UNIQUE);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER);
+"""
+# With the same version the first document the cluster acknowledged stays
+# (a later duplicate gets 409); a higher version always replaces.
+UPSERT = ("INSERT INTO docs VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (idx, id) DO UPDATE SET "
+          "version = excluded.version, checksum = excluded.checksum, fno = excluded.fno, line = excluded.line "
+          "WHERE excluded.version {} docs.version")
+
+
+class DocTable:
+    """Documents of one batch keyed by (index, id); `add` is idempotent per input line."""
+
+    def __init__(self, path, sample_size: int = 100, seed: str = ""):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.sample_size = sample_size
+        self._db = sqlite3.connect(str(self.path), isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+        self._files = dict(self._db.execute("SELECT path, fno FROM files"))
+        self._seen = self._meta("seen")
+        # Reseeded from the number seen so far, so a resumed push keeps sampling reproducibly.
+        self._rng = random.Random(f"{seed}:{self._seen}")
+
+    def _meta(self, key: str) -> int:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else 0
+
+    def reset(self) -> None:
+        """Forget everything (a fresh or restarted batch)."""
+        with self._transaction():
+            for table in ("docs", "occurrences", "sample", "files", "meta"):
+                self._db.execute(f"DELETE FROM {table}")
+        self._files, self._seen = {}, 0
+
+    def add(self, docs, replace_equal: bool) -> None:
+        """Record documents; `replace_equal` when these won against an equal version (indexed, not 409)."""
+        if not docs:
+            return
+        rows = [(d.index, d.doc_id, d.version, d.checksum, self._file_number(d.file), d.line) for d in docs]
+        with self._transaction():
+            self._db.executemany(UPSERT.format(">=" if replace_equal else ">"), rows)
+            self._db.executemany("INSERT OR IGNORE INTO occurrences VALUES (?, ?)", [row[4:] for row in rows])
+            self._sample(rows)
+
+    def _file_number(self, path: str) -> int:
+        if path not in self._files:
+            self._files[path] = len(self._files)
+            self._db.execute("INSERT INTO files VALUES (?, ?)", (self._files[path], path))
+        return self._files[path]
+
+    def _sample(self, rows) -> None:
+        """Reservoir sampling (algorithm R): every document seen has the same chance to be in the sample.
+
+        A push resumed after a crash sees the re-sent chunks twice; that
+        skews the odds of at most `concurrency` chunks, not the uniformity overall.
+        """
+        for index, doc_id, *_ in rows:
+            slot = self._seen if self._seen < self.sample_size else self._rng.randrange(self._seen + 1)
+            self._seen += 1
+            if slot < self.sample_size:
+                self._db.execute("INSERT OR REPLACE INTO sample VALUES (?, ?, ?)", (slot, index, doc_id))
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES ('seen', ?)", (self._seen,))
+
+    def _transaction(self):
+        return _Transaction(self._db, self.path)
+
+    def counts(self) -> dict:
+        """Distinct documents per index, and how many input lines repeated an id already seen."""
+        per_index = dict(self._db.execute("SELECT idx, COUNT(*) FROM docs GROUP BY idx"))
+        lines = self._db.execute("SELECT COUNT(*) FROM occurrences").fetchone()[0]
+        return {"per_index": per_index, "distinct": sum(per_index.values()),
+                "duplicates": lines - sum(per_index.values())}
+
+    def sample(self) -> list:
+        """[(index, id, checksum, version)] of the sampled documents (the winner of a duplicated id)."""
+        return self._db.execute("SELECT s.idx, s.id, d.checksum, d.version FROM sample s JOIN docs d "
+                                "ON d.idx = s.idx AND d.id = s.id ORDER BY s.slot").fetchall()
+
+    def checksum(self) -> str:
+        """sha256 over the sorted per-document checksums, one hex digest and a newline each."""
+        digest = hashlib.sha256()
+        for (checksum,) in self._db.execute("SELECT checksum FROM docs ORDER BY checksum"):
+            digest.update(checksum.encode() + b"\n")
+        return digest.hexdigest()
+
+    def indices(self) -> list:
+        return [row[0] for row in self._db.execute("SELECT DISTINCT idx FROM docs ORDER BY idx")]
+
+    def query(self, sql: str, params=()):
+        """A cursor over the tables (for the full-scan diff)."""
+        return self._db.execute(sql, params)
+
+    def executemany(self, sql: str, rows) -> None:
+        with self._transaction():
+            self._db.executemany(sql, rows)
+
+    def files(self) -> list:
+        """Input paths by file number."""
+        return [row[0] for row in self._db.execute("SELECT path FROM files ORDER BY fno")]
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, ROLLBACK on error; SQLite errors become PushAgentError."""
+
+    def __init__(self, db, path: Path):
+        self.db, self.path = db, path
+
+    def __enter__(self):
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, kind, error, traceback):
+        try:
+            self.db.execute("ROLLBACK" if kind else "COMMIT")
+        except sqlite3.Error as commit_error:
+            kind, error = type(commit_error), commit_error
+        if kind is not None and issubclass(kind, sqlite3.Error):
+            self.db.execute("ROLLBACK") if self.db.in_transaction else None
+            full = getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+            raise PushAgentError(f"cannot write {self.path}: {'No space left on device' if full else error}",
+                                 file=str(self.path), hint="free space or fix permissions in state_dir, then rerun"
+                                 ) from None
+        return False

@@ -1,0 +1,185 @@
+"""`verify --full`: every (_id, checksum) of the index through a point in time, diffed with the source.
+
+Both sides live in one SQLite file (the source DocTable plus a `cluster`
+table), so memory stays bounded for any index size and the diff is three
+joins. Missing documents can be put into the retry queue for `drain`.
+"""
+
+import time
+
+from .builder import Builder, Doc, canonical_checksum
+from .cluster import ClusterRequestError
+from .reader import describe_file, read_lines
+from .retry_queue import QueueItem
+
+KEEP_ALIVE = "5m"
+PAGE_SIZE = 10_000
+ENQUEUE_BATCH = 1_000
+# Only what the diff reads: a 10k-hit page stays around a megabyte.
+SCAN_FILTER = "pit_id,hits.hits._id,hits.hits._source,hits.hits.sort"
+# search_after needs a unique sort. Elasticsearch has _shard_doc for PIT.
+# OpenSearch 2.x has none, and _doc repeats across shards (paging on it
+# loses documents); sorting on _id works but costs a sort of the rest of the
+# index per page (15k ids/s at 1M) and _id fielddata on the heap. So OpenSearch
+# scans one slice per shard (slice.max = shards maps each slice to one shard),
+# where _doc is unique and cheap. The total of the PIT is checked at the end.
+SORT = {"opensearch": [{"_doc": "asc"}], "elasticsearch": [{"_shard_doc": "asc"}]}
+
+
+class IncompleteScan(ClusterRequestError):
+    """The scan returned another number of documents than its point in time holds."""
+
+
+class PointInTime:
+    """Open, page through and close a PIT with the API of either distribution."""
+
+    def __init__(self, client, index: str, flavor: str):
+        self.client, self.index, self.flavor = client, index, flavor
+        self.pit_id = None
+
+    def __enter__(self):
+        if self.flavor == "opensearch":
+            answer = self.client.request("POST", f"/{self.index}/_search/point_in_time",
+                                         params={"keep_alive": KEEP_ALIVE})
+            self.pit_id = answer["pit_id"]
+        else:
+            self.pit_id = self.client.request("POST", f"/{self.index}/_pit", params={"keep_alive": KEEP_ALIVE})["id"]
+        return self
+
+    def total(self) -> dict:
+        """Documents in the point in time, and its number of shards."""
+        body = {"size": 0, "pit": {"id": self.pit_id, "keep_alive": KEEP_ALIVE}, "track_total_hits": True}
+        answer = self.client.request("POST", "/_search", body)
+        return {"docs": answer["hits"]["total"]["value"], "shards": answer["_shards"]["total"]}
+
+    def pages(self, source_fields: list, shard_slice: tuple | None = None):
+        """Yield lists of hits until the index (or the slice (id, max)) is exhausted."""
+        search_after = None
+        while True:
+            body = {"size": PAGE_SIZE, "pit": {"id": self.pit_id, "keep_alive": KEEP_ALIVE},
+                    "sort": SORT[self.flavor], "_source": source_fields, "track_total_hits": False}
+            if shard_slice:
+                body["slice"] = {"id": shard_slice[0], "max": shard_slice[1]}
+            if search_after is not None:
+                body["search_after"] = search_after
+            answer = self.client.request("POST", "/_search", body, params={"filter_path": SCAN_FILTER})
+            self.pit_id = answer.get("pit_id", self.pit_id)  # the id may change between pages
+            hits = answer.get("hits", {}).get("hits", [])
+            if not hits:
+                return
+            yield hits
+            search_after = hits[-1]["sort"]
+
+    def __exit__(self, *exc):
+        try:
+            if self.flavor == "opensearch":
+                self.client.request("DELETE", "/_search/point_in_time", {"pit_id": [self.pit_id]})
+            else:
+                self.client.request("DELETE", "/_pit", {"id": self.pit_id})
+        except ClusterRequestError:
+            pass  # it expires by itself after KEEP_ALIVE
+
+
+def stamped_checksum(checksum_field: str):
+    """Read the stored sync_checksum stamp: only ids and stamps travel."""
+    return [checksum_field], lambda source: source.get(checksum_field)
+
+
+def recomputed_checksum(stamped_fields: tuple):
+    """Recompute from the whole _source (--recompute): also catches content edited behind a stale stamp."""
+    return True, lambda source: canonical_checksum(source, stamped_fields)
+
+
+def scan_into(client, table, index: str, flavor: str, checksum) -> int:
+    """Copy (_id, checksum) of every document of `index` into the table's `cluster` table.
+
+    `checksum` is (source fields to fetch, function of the returned _source).
+    Raises IncompleteScan when the pages do not add up to the PIT's total.
+    """
+    table.query("CREATE TABLE IF NOT EXISTS cluster (idx TEXT, id TEXT, checksum TEXT, "
+                "PRIMARY KEY (idx, id)) WITHOUT ROWID")
+    flavors = [flavor] if flavor in SORT else ["opensearch", "elasticsearch"]
+    for try_flavor in flavors:
+        try:
+            with PointInTime(client, index, try_flavor) as pit:
+                return _scan_pit(pit, table, index, checksum)
+        except IncompleteScan:
+            raise
+        except ClusterRequestError as error:
+            if try_flavor == flavors[-1] or error.status not in (400, 404, 405):
+                raise
+    return 0
+
+
+def _scan_pit(pit: PointInTime, table, index: str, checksum) -> int:
+    fields, checksum_of = checksum
+    total, scanned = pit.total(), 0
+    slices = [None]
+    if pit.flavor == "opensearch" and total["shards"] > 1:
+        slices = [(number, total["shards"]) for number in range(total["shards"])]
+    for shard_slice in slices:
+        for hits in pit.pages(fields, shard_slice):
+            rows = [(index, hit["_id"], checksum_of(hit.get("_source") or {})) for hit in hits]
+            table.executemany("INSERT OR REPLACE INTO cluster VALUES (?, ?, ?)", rows)
+            scanned += len(rows)
+    if scanned != total["docs"]:
+        raise IncompleteScan(f"the scan of {index} returned {scanned} documents, its point in time holds "
+                             f"{total['docs']}", hint="report this: the paging of the full scan is wrong")
+    return scanned
+
+
+DIFF = {
+    "missing": "SELECT d.id FROM docs d LEFT JOIN cluster c ON c.idx = d.idx AND c.id = d.id "
+               "WHERE c.id IS NULL",
+    "extra": "SELECT c.id FROM cluster c LEFT JOIN docs d ON d.idx = c.idx AND d.id = c.id WHERE d.id IS NULL",
+    "mismatched": "SELECT d.id FROM docs d JOIN cluster c ON c.idx = d.idx AND c.id = d.id "
+                  "WHERE c.checksum IS NOT d.checksum",
+}
+
+
+def full_scan(client, table, indices: list, flavor: str, checksum, list_limit: int) -> dict:
+    """Scan every index, diff against the source; counts of each kind plus the first `list_limit` ids."""
+    started = time.monotonic()
+    scanned = sum(scan_into(client, table, index, flavor, checksum) for index in indices)
+    seconds = time.monotonic() - started
+    result = {"scanned": scanned, "seconds": round(seconds, 3),
+              "ids_per_s": round(scanned / seconds, 1) if seconds else None}
+    for kind, sql in DIFF.items():
+        result[kind] = table.query(f"SELECT COUNT(*) FROM ({sql})").fetchone()[0]
+        result[f"{kind}_ids"] = [row[0] for row in table.query(f"{sql} ORDER BY 1 LIMIT ?", (list_limit,))]
+    result["ok"] = not (result["missing"] or result["extra"] or result["mismatched"])
+    return result
+
+
+def enqueue_missing(table, settings, retry_queue, batch_id: str) -> int:
+    """Put every missing document, built again from its source line, into the retry queue, due now.
+
+    The missing lines come sorted by file and line and are merged with one
+    pass over each file that has any, so neither side is held in memory.
+    """
+    missing = DIFF["missing"].replace("SELECT d.id", "SELECT d.fno, d.line")
+    builder, paths, batch, put = Builder(settings), table.files(), [], 0
+    lines, lines_fno = iter(()), None
+    for fno, line in table.query(f"SELECT fno, line FROM ({missing}) ORDER BY fno, line"):
+        if fno != lines_fno:
+            input_file, lines_fno = describe_file(paths[fno]), fno
+            lines = read_lines(input_file)
+        entry = next((entry for entry in lines if entry.number >= line), None)
+        doc = builder.build(entry.data, input_file.path, line) if entry and entry.number == line else None
+        if isinstance(doc, Doc):
+            batch.append(_queue_item(batch_id, doc))
+        if len(batch) >= ENQUEUE_BATCH:
+            put, batch = put + _put(retry_queue, batch), []
+    return put + _put(retry_queue, batch)
+
+
+def _queue_item(batch_id: str, doc: Doc) -> QueueItem:
+    return QueueItem(QueueItem.document_key(doc.index, doc.doc_id), batch_id, doc.index, doc.doc_id, doc.version,
+                     doc.op, doc.source, doc.file, doc.line, "retryable", "missing from the index (verify --full)",
+                     next_attempt_at=time.time())
+
+
+def _put(retry_queue, items) -> int:
+    if items:
+        retry_queue.put(items)
+    return len(items)

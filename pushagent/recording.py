@@ -1,0 +1,210 @@
+"""What a push records for verification and sync-state, and the `verify` command's run.
+
+A push calls BatchRecorder at its start (record `pushing`), for each
+resolved chunk (the acknowledged documents and the sample), and at its end
+(record `pushed`/`interrupted`/..., then verification). `verify_batch`
+checks a batch again later, from its record or from the source files.
+"""
+
+import dataclasses
+import time
+from datetime import datetime, timezone
+
+from .builder import BuildSettings
+from .cluster import ClusterClient
+from .doctable import DocTable
+from .errors import EXIT_INCOMPLETE, EXIT_OK, ConfigError
+from .fullscan import enqueue_missing
+from .retry_queue import open_queue
+from .state import AuditLog, SyncStateStore, runtime_fields
+from .verifier import VerifySpec, add_full_scan, load_sources, run_checks, temporary_table
+
+
+def spec_for(settings: BuildSettings, expected_date=None, expected_count=None) -> VerifySpec:
+    """By default, documents of the batch's embedding version older than the batch time are missed updates;
+    without an embedding version the index may hold other batches, so only an explicit date is checked."""
+    default_date = settings.batch_time_iso if settings.embedding_version is not None else None
+    return VerifySpec(settings.embedding_version, expected_date or default_date,
+                      settings.embedding_version_field, settings.timestamp_field, settings.checksum_field,
+                      expected_count)
+
+
+def settings_from_record(record: dict) -> BuildSettings:
+    values = dict(record["build"])
+    values["allowed_indices"] = frozenset(values["allowed_indices"])
+    return BuildSettings(**values)
+
+
+class BatchRecorder:
+    """Sync-state and delivered documents of one push run."""
+
+    def __init__(self, config, batch_id: str, settings: BuildSettings, files, checkpoints, verify: bool = True):
+        self.config, self.batch_id, self.settings, self.files = config, batch_id, settings, files
+        self.checkpoints, self.verify = checkpoints, verify
+        self.table = DocTable(config.state_path / "runs" / f"{batch_id}.docs.db", config.sample_size, batch_id)
+        self.client = ClusterClient(config)
+        self.cluster = {}
+
+    def started(self, state) -> None:
+        if state.counters["read"] == 0:
+            self.table.reset()
+        self.cluster = self.client.info()
+        self.write(state, "pushing")
+
+    def delivered(self, outcome) -> None:
+        """Documents the cluster acknowledged: 2xx replaces an equal version, 409 does not."""
+        self.table.add(outcome.indexed, replace_equal=True)
+        self.table.add(outcome.current, replace_equal=False)
+
+    def finished(self, state, result):
+        """Write the final record; verify first when the batch was pushed completely."""
+        if result.status == "pushed" and self.verify:
+            self.write(state, "pushed")
+            result.verification = run_checks(self.client, self.table, spec_for(self.settings), self.indices(),
+                                             self.table.sample())
+            result.status = "verified" if result.verification["ok"] else "verification_failed"
+            if not result.verification["ok"] and result.exit_code == EXIT_OK:
+                result.exit_code = EXIT_INCOMPLETE
+            state.status = result.status
+            self.checkpoints.save(state)
+        self.write(state, result.status, getattr(result, "verification", None))
+        return result
+
+    def indices(self) -> list:
+        return self.table.indices() or [self.settings.default_index]
+
+    def write(self, state, status: str, verification=None) -> None:
+        record = batch_record(self, state, status, verification)
+        SyncStateStore(self.config.state_path).save(record)
+        AuditLog(self.config.state_path).append(record)
+
+    def close(self) -> None:
+        self.table.close()
+        self.client.close()
+
+
+def batch_record(recorder: BatchRecorder, state, status: str, verification) -> dict:
+    """Every field SPEC section 6 lists, plus what `verify --batch-id` needs to run again."""
+    counts, settings = recorder.table.counts(), recorder.settings
+    build = dataclasses.asdict(settings)
+    build["allowed_indices"] = sorted(settings.allowed_indices)
+    now = _now_iso()
+    return {"batch_id": recorder.batch_id, "status": status, "started_at": state.started_at,
+            "updated_at": now, "finished_at": None if status == "pushing" else now,
+            "batch_time": settings.batch_time_iso, "embedding_version": settings.embedding_version,
+            "index": settings.default_index,
+            "indices": recorder.indices(), "inputs": [f.path for f in recorder.files],
+            "doc_count": counts["distinct"], "duplicates": counts["duplicates"],
+            "checksum": recorder.table.checksum(), "counters": dict(state.counters),
+            "verification": verification, "cluster": recorder.cluster, "build": build, **runtime_fields()}
+
+
+@dataclasses.dataclass
+class VerifyOptions:
+    batch_id: str | None = None
+    embedding_version: str | None = None
+    index: str | None = None
+    expected_count: int | None = None
+    sources: tuple = ()
+    expected_date: str | None = None
+    full: bool = False
+    enqueue_missing: bool = False
+    recompute: bool = False
+
+
+def verify_batch(config, options: VerifyOptions) -> tuple:
+    """Run `pushagent verify`; returns (report, exit code)."""
+    started = time.monotonic()
+    client = ClusterClient(config)
+    try:
+        if options.batch_id and not options.embedding_version:
+            report = _verify_recorded(config, client, options)
+        else:
+            report = _verify_unrecorded(config, client, options)
+    finally:
+        client.close()
+    report["duration_s"] = round(time.monotonic() - started, 3)
+    return report, EXIT_OK if report["verification"]["ok"] else EXIT_INCOMPLETE
+
+
+def _verify_recorded(config, client, options: VerifyOptions) -> dict:
+    store = SyncStateStore(config.state_path)
+    record = store.load(options.batch_id)
+    settings = settings_from_record(record)
+    spec = spec_for(settings, options.expected_date)
+    table = DocTable(config.state_path / "runs" / f"{options.batch_id}.docs.db", config.sample_size,
+                     options.batch_id)
+    try:
+        result = run_checks(client, table, spec, record["indices"], table.sample())
+    finally:
+        table.close()
+    enqueued = None
+    if options.full:
+        directory, source = temporary_table(config.sample_size, "")
+        try:
+            load_sources(record["inputs"], settings, source)
+            enqueued = _full(config, client, options, result, settings, source, record["indices"])
+        finally:
+            source.close()
+            directory.cleanup()
+    record.update(status="verified" if result["ok"] else "verification_failed", verification=result,
+                  updated_at=_now_iso(), **runtime_fields())
+    store.save(record)
+    AuditLog(config.state_path).append(record)
+    return _report(record["batch_id"], result, enqueued, record.get("counters", {}))
+
+
+def _verify_unrecorded(config, client, options: VerifyOptions) -> dict:
+    if not (options.embedding_version and options.index) or not (options.sources or options.expected_count is not None):
+        raise ConfigError("verify needs --batch-id, or --embedding-version and --index with --source FILE... "
+                          "or --expected-count N")
+    if options.full and not options.sources:
+        raise ConfigError("--full needs the source files: give --source FILE... or --batch-id of a recorded batch")
+    settings = _settings_for_sources(config, options)
+    directory, table = temporary_table(config.sample_size, options.embedding_version)
+    try:
+        load_sources(options.sources, settings, table)
+        expected_date = options.expected_date or (settings.batch_time_iso if options.sources else None)
+        spec = VerifySpec(options.embedding_version, expected_date, settings.embedding_version_field,
+                          settings.timestamp_field, settings.checksum_field,
+                          None if options.sources else options.expected_count)
+        result = run_checks(client, table, spec, [options.index], table.sample())
+        enqueued = _full(config, client, options, result, settings, table, [options.index])
+    finally:
+        table.close()
+        directory.cleanup()
+    return _report(options.batch_id or f"verify-{options.embedding_version}", result, enqueued, {})
+
+
+def _settings_for_sources(config, options: VerifyOptions) -> BuildSettings:
+    from .push import batch_generation_ms, build_settings  # push imports this module
+    from .reader import expand_inputs
+    config = dataclasses.replace(config, index=options.index, embedding_version=options.embedding_version)
+    batch_ms = batch_generation_ms(config, expand_inputs(options.sources)) if options.sources else 0
+    return build_settings(config, batch_ms)
+
+
+def _full(config, client, options: VerifyOptions, result: dict, settings, table, indices) -> int | None:
+    """--full (and --enqueue-missing): diff the whole index against the sources loaded in `table`."""
+    if not options.full:
+        return None
+    add_full_scan(client, result, table, indices, spec_for(settings), options.recompute)
+    if not options.enqueue_missing or not result["full"].get("missing"):
+        return 0 if options.enqueue_missing else None
+    queue = open_queue(config.resolved_queue_url, config.max_attempts, config.max_retry_delay)
+    try:
+        return enqueue_missing(table, settings, queue, options.batch_id or f"verify-{settings.embedding_version}")
+    finally:
+        queue.close()
+
+
+def _report(batch_id: str, result: dict, enqueued, counters: dict) -> dict:
+    report = {"batch_id": batch_id, "status": "verified" if result["ok"] else "verification_failed",
+              **counters, "verification": result}
+    if enqueued is not None:
+        report["enqueued"] = enqueued
+    return report
+
+
+def _now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")

@@ -1,0 +1,151 @@
+"""Sync-state records and the hash-chained audit log: two small, separate interfaces.
+
+SyncStateStore keeps the latest record of each batch in
+`<state_dir>/sync-state/<batch_id>.json` (replaced atomically). AuditLog
+appends every record written to `<state_dir>/audit.jsonl`; each line carries
+the sha256 of the line before it and of its own content, and
+`<state_dir>/audit.head` holds the last line's hash, so an edited, removed,
+reordered or truncated line is found by `check()`.
+"""
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import socket
+from pathlib import Path
+
+from . import __version__
+from .checkpoint import write_atomically
+from .errors import PushAgentError
+
+STATUSES = ("pushing", "interrupted", "pushed", "verified", "verification_failed")
+GENESIS = "0" * 64
+SLURM_VARIABLES = {"job_id": "SLURM_JOB_ID", "array_job_id": "SLURM_ARRAY_JOB_ID",
+                   "array_task_id": "SLURM_ARRAY_TASK_ID"}
+
+
+def runtime_fields(environ=None) -> dict:
+    """Agent version, host and Slurm ids of the process writing a record."""
+    environ = os.environ if environ is None else environ
+    return {"agent_version": __version__, "host": socket.gethostname(),
+            "slurm": {key: environ.get(name) for key, name in SLURM_VARIABLES.items()}}
+
+
+class SyncStateStore:
+    """`<state_dir>/sync-state/<batch_id>.json`: the latest record of each batch."""
+
+    def __init__(self, state_dir):
+        self.directory = Path(state_dir) / "sync-state"
+
+    def path(self, batch_id: str) -> Path:
+        return self.directory / f"{batch_id}.json"
+
+    def save(self, record: dict) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        write_atomically(self.path(record["batch_id"]), json.dumps(record, indent=1, sort_keys=True).encode())
+
+    def load(self, batch_id: str) -> dict:
+        path = self.path(batch_id)
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            raise PushAgentError(f"no sync-state record for batch {batch_id!r}", file=str(path),
+                                 hint="`pushagent state list` shows the known batches") from None
+        except ValueError as error:
+            raise PushAgentError(f"sync-state record is unreadable: {error}", file=str(path)) from None
+
+    def list(self) -> list:
+        """Every record, oldest first."""
+        if not self.directory.is_dir():
+            return []
+        records = [self.load(path.stem) for path in self.directory.glob("*.json")]
+        return sorted(records, key=lambda r: (r.get("started_at") or "", r["batch_id"]))
+
+
+@dataclasses.dataclass
+class AuditResult:
+    ok: bool
+    lines: int
+    bad_line: int | None = None
+    problem: str = ""
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _line_hash(seq: int, previous: str, record: dict) -> str:
+    canonical = json.dumps([seq, previous, record], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class AuditLog:
+    """`<state_dir>/audit.jsonl`: {"seq", "prev_sha256", "sha256", "record"} per line."""
+
+    def __init__(self, state_dir):
+        self.path = Path(state_dir) / "audit.jsonl"
+        self.head = Path(state_dir) / "audit.head"
+
+    def append(self, record: dict) -> None:
+        """Append under an exclusive lock, so concurrent array tasks keep one chain."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a+b") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            seq, previous = self._head()
+            entry = {"seq": seq + 1, "prev_sha256": previous, "record": record}
+            entry["sha256"] = _line_hash(seq + 1, previous, record)
+            handle.write(json.dumps(entry, sort_keys=True, separators=(",", ":")).encode() + b"\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+            write_atomically(self.head, json.dumps({"seq": seq + 1, "sha256": entry["sha256"]}).encode())
+
+    def _head(self) -> tuple:
+        if not self.head.exists():
+            return 0, GENESIS
+        data = json.loads(self.head.read_text())
+        return data["seq"], data["sha256"]
+
+    def check(self) -> AuditResult:
+        """Walk the chain; the first line whose hash, predecessor or number is wrong is named."""
+        if not self.path.exists():
+            return AuditResult(not self.head.exists(), 0, None if not self.head.exists() else 1,
+                               "" if not self.head.exists() else "audit.jsonl is missing but audit.head exists")
+        previous, number = GENESIS, 0
+        with open(self.path, "rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                problem = self._line_problem(raw, number, previous)
+                if problem:
+                    return AuditResult(False, number, number, problem)
+                previous = json.loads(raw)["sha256"]
+        return self._check_head(number, previous)
+
+    @staticmethod
+    def _line_problem(raw: bytes, number: int, previous: str) -> str:
+        try:
+            entry = json.loads(raw)
+            seq, prev, record, own = entry["seq"], entry["prev_sha256"], entry["record"], entry["sha256"]
+        except (ValueError, KeyError, TypeError):
+            return "not a valid audit entry"
+        if own != _line_hash(seq, prev, record):
+            return "edited: its content does not match its sha256"
+        if prev != previous:
+            return "chain broken: the line before it was removed, edited or reordered"
+        if seq != number:
+            return f"out of sequence: entry {seq} found at line {number} (lines removed or reordered)"
+        return ""
+
+    def _check_head(self, lines: int, last: str) -> AuditResult:
+        seq, expected = self._head()
+        if self.head.exists() and (seq, expected) != (lines, last):
+            return AuditResult(False, lines, lines + 1 if seq > lines else lines,
+                               f"the log ends at entry {lines} but audit.head records entry {seq}: "
+                               "lines were removed from the end or appended by hand")
+        return AuditResult(True, lines)
+
+    def entries(self):
+        """The records in order (no checking)."""
+        if self.path.exists():
+            with open(self.path, "rb") as handle:
+                for raw in handle:
+                    yield json.loads(raw)

@@ -1,0 +1,211 @@
+"""Verification and sync-state against the real OpenSearch."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+
+import orjson
+import pytest
+import requests
+
+from faultproxy import Fault, FaultProxy
+from pushagent.builder import canonical_checksum
+from support import agent_env, generate, push_command, run_cli, run_push
+
+V1 = ["--embedding-version", "v1"]
+
+
+def verify(url, state_dir, batch_id, *extra):
+    return run_cli("verify", "--url", url, "--state-dir", state_dir, "--batch-id", batch_id, *extra)
+
+
+def record(state_dir, batch_id) -> dict:
+    return json.loads((state_dir / "sync-state" / f"{batch_id}.json").read_text())
+
+
+def refresh(url, index) -> None:
+    """Make direct edits searchable now, as if verify ran a while later (the agent itself never refreshes)."""
+    requests.post(f"{url}/{index}/_refresh", timeout=60).raise_for_status()
+
+
+def pushed(cluster_url, index, state_dir, tmp_path, count=3_000, extra=()):
+    data = generate(tmp_path / "words.jsonl", count)
+    code, report, stderr = run_push(cluster_url, index, state_dir, data, extra=[*V1, *extra])
+    assert code == 0, stderr
+    return data, report
+
+
+def test_clean_push_verifies_and_records_every_field(cluster_url, index, state_dir, tmp_path):
+    data, report = pushed(cluster_url, index, state_dir, tmp_path)
+    assert report["status"] == "verified"
+    check = report["verification"]
+    assert check["ok"] and check["count"]["expected"] == check["count"]["actual"] == 3_000
+    assert check["sample"]["size"] == 100 and not check["sample"]["mismatched"]
+    assert check["timestamp"]["older"] == 0
+    saved = record(state_dir, report["batch_id"])
+    assert saved["status"] == "verified" and saved["doc_count"] == 3_000 and saved["index"] == index
+    assert saved["counters"]["indexed"] == 3_000 and saved["cluster"]["version"] == "2.19.1"
+    assert {"host", "agent_version", "slurm", "checksum", "started_at", "embedding_version"} <= set(saved)
+    checksums = sorted(canonical_checksum(orjson.loads(line)) for line in data.read_bytes().splitlines())
+    import hashlib
+    assert saved["checksum"] == hashlib.sha256("".join(c + "\n" for c in checksums).encode()).hexdigest()
+    code, listed, _ = run_cli("state", "list", "--state-dir", state_dir)
+    assert code == 0 and [r["status"] for r in listed] == ["verified"]
+    code, audit, _ = run_cli("state", "audit", "--state-dir", state_dir)
+    assert code == 0 and audit["ok"] and audit["lines"] == 3  # pushing, pushed, verified
+
+
+def test_no_verify_leaves_the_batch_pushed(cluster_url, index, state_dir, tmp_path):
+    _, report = pushed(cluster_url, index, state_dir, tmp_path, count=200, extra=["--no-verify"])
+    assert report["status"] == "pushed" and "verification" not in report
+    assert record(state_dir, report["batch_id"])["status"] == "pushed"
+
+
+def test_duplicated_ids_are_counted_once_and_reported(cluster_url, index, state_dir, tmp_path):
+    data = generate(tmp_path / "words.jsonl", 500)
+    lines = data.read_bytes().splitlines()
+    data.write_bytes(b"\n".join(lines + lines[:7]) + b"\n")
+    code, report, stderr = run_push(cluster_url, index, state_dir, data, extra=V1)
+    assert code == 0, stderr
+    assert (report["indexed"], report["current"]) == (500, 7)
+    assert report["verification"]["count"] == {"ok": True, "expected": 500, "actual": 500, "duplicates": 7,
+                                               "per_index": {index: 500}}
+
+
+def test_changed_document_is_caught_by_the_sample_and_the_full_scan(cluster_url, index, state_dir, tmp_path):
+    _, report = pushed(cluster_url, index, state_dir, tmp_path)
+    batch_id = report["batch_id"]
+    edited, rewritten = report["verification"]["sample"]["ids"][:2]  # the seeded sample of this batch
+    requests.post(f"{cluster_url}/{index}/_update/{edited}", json={"doc": {"word": "changed"}},
+                  timeout=30).raise_for_status()
+    # Another writer replacing a document with its own content and stamp.
+    requests.put(f"{cluster_url}/{index}/_doc/{rewritten}", json={"ipa_id": rewritten, "embedding_version": "v1"},
+                 timeout=30).raise_for_status()
+    refresh(cluster_url, index)
+    code, result, stderr = verify(cluster_url, state_dir, batch_id)
+    assert code == 3, stderr
+    assert sorted(result["verification"]["sample"]["mismatched"]) == sorted([edited, rewritten])
+    assert "sample: 2 of 100 sampled documents differ" in result["verification"]["problems"][0]
+    code, result, _ = verify(cluster_url, state_dir, batch_id, "--full")
+    assert code == 3 and result["verification"]["full"]["mismatched_ids"] == [rewritten]
+    code, result, _ = verify(cluster_url, state_dir, batch_id, "--full", "--recompute")
+    assert code == 3 and result["verification"]["full"]["mismatched_ids"] == sorted([edited, rewritten])
+    assert record(state_dir, batch_id)["status"] == "verification_failed"
+
+
+def test_deleted_documents_fail_the_count_and_are_enqueued_then_repaired(cluster_url, index, state_dir, tmp_path):
+    # Deleted documents leave a tombstone one version above ours for gc_deletes (60 s): a repair inside that
+    # window is answered 409. Zero here, so the repair can be shown right away.
+    requests.put(f"{cluster_url}/{index}", json={"settings": {"index.gc_deletes": "0s"}}, timeout=30)
+    data, report = pushed(cluster_url, index, state_dir, tmp_path)
+    batch_id = report["batch_id"]
+    deleted = [f"w{n:08d}" for n in range(100, 3_000, 290)]
+    for doc_id in deleted:
+        requests.delete(f"{cluster_url}/{index}/_doc/{doc_id}", timeout=30).raise_for_status()
+    refresh(cluster_url, index)
+    code, result, stderr = verify(cluster_url, state_dir, batch_id)
+    assert code == 3, stderr
+    assert (result["verification"]["count"]["expected"], result["verification"]["count"]["actual"]) == (3_000, 2_990)
+    assert "count: the index holds 2990 documents" in result["verification"]["problems"][0]
+    code, result, _ = verify(cluster_url, state_dir, batch_id, "--full", "--enqueue-missing")
+    full = result["verification"]["full"]
+    assert (code, full["missing_ids"], full["extra"], full["mismatched"]) == (3, deleted, 0, 0)
+    assert result["enqueued"] == 10
+    items = queued_items(state_dir)
+    assert sorted(items) == deleted
+    sources = {record["ipa_id"]: record for record in map(orjson.loads, data.read_bytes().splitlines())}
+    for doc_id, (version, source) in items.items():
+        stamped = orjson.loads(source)
+        assert canonical_checksum(stamped, ("embedding_version", "last_updated", "sync_checksum")) == \
+            stamped["sync_checksum"] == canonical_checksum(sources[doc_id])
+    assert (drain(cluster_url, state_dir)["indexed"]) == 10
+    code, result, stderr = verify(cluster_url, state_dir, batch_id, "--full")
+    assert code == 0, (stderr, result)
+    assert record(state_dir, batch_id)["status"] == "verified"
+
+
+def queued_items(state_dir) -> dict:
+    with sqlite3.connect(state_dir / "queue.db") as db:
+        rows = db.execute("SELECT doc_id, version, source FROM items WHERE kind = 'retryable' AND status = 'pending'"
+                          " AND next_attempt_at <= ?", (time.time(),)).fetchall()
+    return {doc_id: (version, source) for doc_id, version, source in rows}
+
+
+def drain(cluster_url, state_dir) -> dict:
+    code, report, stderr = run_cli("drain", "--url", cluster_url, "--state-dir", state_dir, "--all")
+    assert code == 0, stderr
+    return report
+
+
+def test_an_older_batch_pushed_after_a_newer_one_verifies(cluster_url, index, state_dir, tmp_path):
+    newer = generate(tmp_path / "newer.jsonl", 300, seed=1)
+    older = generate(tmp_path / "older.jsonl", 300, seed=2)
+    code, _, stderr = run_push(cluster_url, index, state_dir, newer,
+                               extra=[*V1, "--batch-time", "2026-01-02T00:00:00Z"])
+    assert code == 0, stderr
+    code, report, stderr = run_push(cluster_url, index, state_dir, older,
+                                    extra=[*V1, "--batch-time", "2026-01-01T00:00:00Z"])
+    assert code == 0, stderr
+    sample = report["verification"]["sample"]
+    assert (report["current"], len(sample["newer"]), sample["mismatched"]) == (300, 100, [])
+
+
+def test_verify_from_sources_without_a_record(cluster_url, index, state_dir, tmp_path):
+    data, _ = pushed(cluster_url, index, state_dir, tmp_path, count=1_000, extra=["--no-verify"])
+    common = ["--url", cluster_url, "--state-dir", state_dir, "--embedding-version", "v1", "--index", index]
+    code, result, stderr = run_cli("verify", *common, "--source", data, "--id-field", "ipa_id", "--full")
+    assert code == 0, stderr
+    assert result["verification"]["full"]["scanned"] == 1_000 and result["verification"]["sample"]["size"] == 100
+    code, result, _ = run_cli("verify", *common, "--expected-count", 1_001)
+    assert code == 3 and result["verification"]["count"]["actual"] == 1_000
+    code, _, stderr = run_cli("verify", "--url", cluster_url, "--state-dir", state_dir, "--embedding-version", "v1")
+    assert code == 2 and "verify needs --batch-id" in stderr
+
+
+def test_full_scan_of_a_multi_shard_index_sees_every_document(cluster_url, index, state_dir, tmp_path):
+    # OpenSearch has no _shard_doc: the scan goes slice by shard, where _doc is unique (two pages a shard).
+    requests.put(f"{cluster_url}/{index}", json={"settings": {"number_of_shards": 3, "number_of_replicas": 0}},
+                 timeout=30).raise_for_status()
+    _, report = pushed(cluster_url, index, state_dir, tmp_path, count=36_000, extra=["--no-verify"])
+    code, result, stderr = verify(cluster_url, state_dir, report["batch_id"], "--full")
+    assert code == 0, stderr
+    assert result["verification"]["full"]["scanned"] == 36_000
+
+
+def test_interrupted_push_writes_an_interrupted_record(cluster_url, index, state_dir, tmp_path):
+    data = generate(tmp_path / "words.jsonl", 6_000)
+    with FaultProxy(cluster_url) as proxy:
+        proxy.plan = lambda request: Fault.delay(0.2) if request.ids else None
+        process = subprocess.Popen(push_command(proxy.url, index, state_dir, data, extra=["--chunk-docs", "500"]),
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=agent_env())
+        deadline = time.monotonic() + 60
+        while len(proxy.bulk_requests()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 75, stderr
+    batch_id = json.loads(stdout)["batch_id"]
+    saved = record(state_dir, batch_id)
+    assert saved["status"] == "interrupted" and 0 < saved["doc_count"] < 6_000
+    code, report, stderr = run_push(cluster_url, index, state_dir, data, extra=["--chunk-docs", "500"])
+    assert code == 0 and report["status"] == "verified", stderr
+    assert record(state_dir, batch_id)["doc_count"] == 6_000
+
+
+@pytest.mark.skipif(not os.environ.get("PUSHAGENT_TEST_ES_URL"), reason="set PUSHAGENT_TEST_ES_URL to an Elasticsearch")
+def test_full_scan_through_the_elasticsearch_pit_api(state_dir, tmp_path):
+    url, index = os.environ["PUSHAGENT_TEST_ES_URL"].rstrip("/"), f"test-es-{tmp_path.name[-8:].lower()}"
+    requests.put(f"{url}/{index}", json={"settings": {"number_of_shards": 3, "number_of_replicas": 0}}, timeout=60)
+    try:
+        _, report = pushed(url, index, state_dir, tmp_path, count=25_000)
+        assert report["status"] == "verified"
+        requests.delete(f"{url}/{index}/_doc/w00000042", timeout=30).raise_for_status()
+        refresh(url, index)
+        code, result, _ = verify(url, state_dir, report["batch_id"], "--full")
+        full = result["verification"]["full"]
+        assert (code, full["scanned"], full["missing_ids"]) == (3, 24_999, ["w00000042"])
+    finally:
+        requests.delete(f"{url}/{index}", timeout=60)
