@@ -15,6 +15,7 @@ from .chunker import Position
 from .errors import BatchLockedError, PushAgentError
 
 COUNTERS = ("read", "indexed", "current", "queued", "dead", "quarantined")
+DONE_STATUSES = ("pushed", "verified", "verification_failed")
 
 
 @dataclasses.dataclass
@@ -68,6 +69,14 @@ class CheckpointStore:
         except (ValueError, KeyError, TypeError) as error:
             raise PushAgentError(f"checkpoint is unreadable: {error}", file=str(path),
                                  hint="rerun with --restart to start the batch over") from None
+
+    def states(self):
+        """Every readable run state of this state_dir (unreadable ones are skipped)."""
+        for path in sorted(self.directory.glob("*.json")):
+            try:
+                yield RunState.from_json(json.loads(path.read_text()))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
 
     def save(self, state: RunState) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)

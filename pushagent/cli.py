@@ -101,13 +101,14 @@ def cli():
 @click.option("--no-verify", is_flag=True, help="Skip the count, sample and timestamp checks at the end.")
 def push(inputs, config_file, as_json, url, index, state_dir, insecure, embedding_version, batch_id,
          batch_time, id_field, chunk_docs, concurrency, restart, from_line, on_error, dry_run, no_verify):
-    """Push INPUT files (JSONL, .jsonl.gz, globs) into the cluster.
+    """Push INPUT files (JSONL, .jsonl.gz, globs, s3://bucket/key, s3://bucket/prefix/) into the cluster.
 
     Resumes by itself when a checkpoint for the same inputs exists.
 
     Example:
 
         pushagent push --index words --id-field ipa_id data/*.jsonl.gz
+        pushagent push --index words --id-field ipa_id s3://batches/2026-11/
     """
     config = load_config(config_file, _flags(url=url, index=index, state_dir=state_dir, insecure=insecure,
                                              embedding_version=embedding_version, batch_time=batch_time,

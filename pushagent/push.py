@@ -18,10 +18,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .builder import Builder, BuildSettings, Rejected, iso_utc_from_ms
-from .checkpoint import BatchLock, CheckpointStore, CommitTracker, RunState
+from .checkpoint import DONE_STATUSES, BatchLock, CheckpointStore, CommitTracker, RunState
 from .chunker import Chunker, Position
-from .errors import EXIT_FAILURE, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK, ConfigError, PushAgentError
+from .errors import (EXIT_FAILURE, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK, ConfigError, InputChangedError,
+                     PushAgentError, StorageError)
 from .ledger import Ledger
+from .mirror import mirror_state
 from .ratelimit import TokenBucket
 from .recording import BatchRecorder
 from .reader import InputReadError, expand_inputs, read_lines
@@ -29,7 +31,6 @@ from .retry_queue import QueueItem, open_queue
 from .sender import ChunkAborted, ChunkSender, DryRunTransport, HttpTransport, TransferStats
 from .auth import authorization_header
 
-DONE_STATUSES = ("pushed", "verified", "verification_failed")
 MAX_WARNINGS = 20
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class PushResult:
     position: Position
     error: Exception | None = None
     verification: dict | None = None
+    mirror: dict | None = None
 
     def report(self) -> dict:
         report = {"batch_id": self.batch_id, "status": self.status, **self.batch.as_dict(),
@@ -71,6 +73,8 @@ class PushResult:
             report["error"] = str(self.error)
         if self.verification is not None:
             report["verification"] = self.verification
+        if self.mirror is not None:
+            report["mirror"] = self.mirror
         return report
 
 
@@ -117,7 +121,7 @@ class PushRun:
         self.options = options
         self.stop_event = stop_event or threading.Event()
         self.stats = TransferStats()
-        self.files = expand_inputs(options.inputs)
+        self.files = expand_inputs(options.inputs, config.s3_endpoint_url)
         batch_ms = batch_generation_ms(config, self.files)
         self.build_settings = build_settings(config, batch_ms)
         self.settings = {"index": config.index, "index_field": config.index_field, "batch_version": batch_ms,
@@ -147,13 +151,16 @@ class PushRun:
                                           self.options.verify)
             try:
                 self.recorder.started(state)
-                return self.recorder.finished(state, self._execute(state, retry_queue))
+                result = self.recorder.finished(state, self._execute(state, retry_queue))
             except PushAgentError:
                 self.recorder.write(state, "failed")
                 raise
             finally:
                 retry_queue.close()
                 self.recorder.close()
+            # After the sync-state record, so the mirror carries it too.
+            result.mirror = mirror_state(self.config, self.batch_id)
+            return result
 
     def _fingerprints(self) -> list:
         return [f.fingerprint() for f in self.files]
@@ -161,8 +168,12 @@ class PushRun:
     def _initial_state(self) -> RunState:
         state = self.store.load(self.batch_id)
         fresh = RunState(self.batch_id, self._fingerprints(), self.settings, started_at=_now_iso())
-        if state is None or self.options.restart or self.options.from_line or state.status in DONE_STATUSES:
+        if self.options.restart or self.options.from_line:
             return fresh
+        if state is None or state.status in DONE_STATUSES:
+            _refuse_changed_objects(self.store.states(), fresh)
+            return fresh
+        _refuse_changed_objects([state], fresh)
         if state.inputs != fresh.inputs or state.settings != fresh.settings:
             raise ConfigError(f"batch {self.batch_id} has a checkpoint for other inputs or settings",
                               file=str(self.store.path(self.batch_id)),
@@ -203,6 +214,9 @@ class PushRun:
                     chunk = chunker.feed(item, Position(file_index, entry.end_offset, entry.number))
                     if chunk and not self._submit(chunk, pump, committer):
                         return
+            except (InputChangedError, StorageError) as error:
+                self.fail(error)
+                return
             except InputReadError as error:
                 rejected = Rejected(error.message, b"", input_file.path, error.line)
                 chunk = chunker.feed(rejected, Position(file_index + 1, 0, 0))
@@ -400,6 +414,27 @@ class _Committer:
         if not self.run.options.dry_run:
             self.run.store.save(self.state)
         self.run.notify("committed", self.state, self.this_run)
+
+
+def _refuse_changed_objects(states, fresh: RunState) -> None:
+    """Refuse when the latest run over an S3 object left it unfinished and its ETag has changed since.
+
+    Changed local files simply make a new batch; for an S3 object, whose ETag
+    is its identity, an abandoned half-pushed version is refused instead, so
+    the user decides (restore it, or --restart with the new version).
+    """
+    etags = {f["path"]: f["etag"] for f in fresh.inputs if f.get("etag")}
+    latest = {}                                     # path -> (updated_at, state, etag then)
+    for state in states if etags else ():
+        for old in state.inputs:
+            if old["path"] in etags and latest.get(old["path"], ("",))[0] <= state.updated_at:
+                latest[old["path"]] = (state.updated_at, state, old.get("etag"))
+    for path, (_, state, etag) in latest.items():
+        if state.status not in DONE_STATUSES and etag != etags[path]:
+            raise InputChangedError(
+                f"object changed since batch {state.batch_id} was checkpointed: ETag {etag} is now {etags[path]}; "
+                "refusing to mix the two versions", file=path,
+                hint="restore the object, or rerun with --restart to push the new version from the start")
 
 
 def _document_item(batch_id: str, doc, reason: str, kind: str) -> QueueItem:
