@@ -95,6 +95,7 @@ class Builder:
     def __init__(self, settings: BuildSettings):
         self.settings = settings
         self._stamp_prefix = self._make_stamp_prefix(settings)
+        self._action_parts = {}
 
     @staticmethod
     def _make_stamp_prefix(settings: BuildSettings) -> bytes:
@@ -127,7 +128,8 @@ class Builder:
         op = self._operation(record)
         for field in settings.stamped_fields:
             record.pop(field, None)
-        action = action_line(op, index, doc_id, version)
+        before_id, after_id = self._action_around_id(op, index, version)
+        action = b"".join((before_id, orjson.dumps(doc_id), after_id))
         try:
             canonical = canonical_json(record)
         except orjson.JSONEncodeError as error:
@@ -136,8 +138,19 @@ class Builder:
         source = None
         if op == "index":
             joiner = b"," if len(canonical) > 2 else b""
-            source = canonical[:-1] + joiner + self._stamp_prefix + b'"' + checksum.encode() + b'"}\n'
+            source = b"".join((memoryview(canonical)[:-1], joiner, self._stamp_prefix, b'"', checksum.encode(),
+                               b'"}\n'))
         return Doc(index, doc_id, version, op, action, source, checksum, file, line)
+
+    def _action_around_id(self, op: str, index: str, version: int) -> tuple:
+        """The action line's bytes before and after the _id value, made once per (op, index, version)."""
+        key = (op, index, version)
+        parts = self._action_parts.get(key)
+        if parts is None:
+            marker = "\x00id\x00"
+            before, after = action_line(op, index, marker, version).split(orjson.dumps(marker))
+            parts = self._action_parts[key] = (before, after)
+        return parts
 
     def _document_id(self, record: dict) -> str:
         field = self.settings.id_field

@@ -76,6 +76,14 @@ class CheckpointStore:
             raise PushAgentError(f"checkpoint is unreadable: {error}", file=str(path),
                                  hint="rerun with --restart to start the batch over") from None
 
+    def states(self):
+        """Every readable run state of this state_dir (unreadable ones are skipped)."""
+        for path in sorted(self.directory.glob("*.json")):
+            try:
+                yield RunState.from_json(json.loads(path.read_text()))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+
     def save(self, state: RunState) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         write_atomically(self.path(state.key), json.dumps(state.to_json(), indent=1).encode())

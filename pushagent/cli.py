@@ -18,6 +18,7 @@ from .doctor import Doctor, healthy
 from .doctor import as_json as doctor_report
 from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, PushAgentError
 from .logs import redact, setup_logging
+from .memory import return_large_buffers_to_os
 from .observe import observing
 from .push import PushOptions, PushRun
 from .recording import VerifyOptions, verify_batch
@@ -110,13 +111,14 @@ def cli():
               help="Push only part K (0-based) of N of the inputs, for Slurm arrays; the parts share the batch id.")
 def push(inputs, config_file, as_json, url, index, state_dir, insecure, embedding_version, batch_id,
          batch_time, id_field, chunk_docs, concurrency, restart, from_line, on_error, dry_run, no_verify, shard):
-    """Push INPUT files (JSONL, .jsonl.gz, globs) into the cluster.
+    """Push INPUT files (JSONL, .jsonl.gz, globs, s3://bucket/key, s3://bucket/prefix/) into the cluster.
 
     Resumes by itself when a checkpoint for the same inputs exists.
 
     Example:
 
         pushagent push --index words --id-field ipa_id data/*.jsonl.gz
+        pushagent push --index words --id-field ipa_id s3://batches/2026-11/
 
         pushagent push --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT data/*.jsonl.gz
     """
@@ -447,6 +449,7 @@ def state_audit(config_file, as_json, state_dir):
 
 
 def main():
+    return_large_buffers_to_os()
     try:
         cli(standalone_mode=True)
     except KeyboardInterrupt:

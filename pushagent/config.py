@@ -210,17 +210,22 @@ def validate(config: Config) -> None:
         raise ConfigError("max_retries must be >= 0 and max_consecutive_failures >= 1")
     if config.progress_seconds <= 0 or config.push_interval <= 0:
         raise ConfigError("progress_seconds and push_interval must be positive durations")
-    _validate_url(config)
+    _validate_url("url", config.url, config.insecure)
+    if config.s3_endpoint_url:
+        _validate_url("s3_endpoint_url", config.s3_endpoint_url, config.insecure)
+    if config.state_mirror and not re.fullmatch(r"s3://[^/]+(/.*)?", config.state_mirror):
+        raise ConfigError(f"state_mirror must be s3://bucket[/prefix], got {config.state_mirror!r}")
 
 
-def _validate_url(config: Config) -> None:
-    parts = urlsplit(config.url)
+def _validate_url(key: str, url: str, insecure: bool) -> None:
+    parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"url must be http(s)://host[:port], got {config.url!r}")
+        raise ConfigError(f"{key} must be http(s)://host[:port], got {url!r}")
     if parts.username or parts.password:
-        raise ConfigError("url must not carry credentials",
-                          hint="put the API key in api_key_file or PUSHAGENT_API_KEY")
-    if parts.scheme == "http" and not is_loopback(parts.hostname) and not config.insecure:
+        raise ConfigError(f"{key} must not carry credentials",
+                          hint="put the API key in api_key_file or PUSHAGENT_API_KEY; S3 credentials in "
+                               "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or an AWS profile")
+    if parts.scheme == "http" and not is_loopback(parts.hostname) and not insecure:
         raise ConfigError(f"refusing plain http:// to {parts.hostname}: only loopback may be reached without TLS",
                           hint="use https://, or pass --insecure if you really mean it")
 

@@ -64,3 +64,13 @@ class LedgerError(PushAgentError):
     """Records read != indexed + current + queued + dead + quarantined."""
 
     exit_code = EXIT_FAILURE
+
+
+class InputChangedError(ConfigError):
+    """An input object changed since it was listed or checkpointed: its versions are never mixed."""
+
+
+class StorageError(PushAgentError):
+    """S3-compatible storage failed or refused a request."""
+
+    exit_code = EXIT_FAILURE

@@ -20,8 +20,10 @@ from pathlib import Path
 from .builder import Builder, BuildSettings, Rejected, iso_utc_from_ms
 from .checkpoint import DONE_STATUSES, BatchLock, CheckpointStore, CommitTracker, RunState
 from .chunker import Chunker, Position
-from .errors import EXIT_FAILURE, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK, ConfigError, PushAgentError
+from .errors import (EXIT_FAILURE, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK, ConfigError, InputChangedError,
+                     PushAgentError, StorageError)
 from .ledger import Ledger
+from .mirror import mirror_state
 from .ratelimit import TokenBucket
 from .recording import BatchRecorder
 from .reader import InputReadError, expand_inputs, next_line_start, read_lines
@@ -63,6 +65,7 @@ class PushResult:
     shard: str = ""
     slurm: dict = dataclasses.field(default_factory=dict)
     verification: dict | None = None
+    mirror: dict | None = None
 
     def report(self) -> dict:
         report = {"batch_id": self.batch_id, "status": self.status, **self.batch.as_dict(),
@@ -76,6 +79,8 @@ class PushResult:
             report["error"] = str(self.error)
         if self.verification is not None:
             report["verification"] = self.verification
+        if self.mirror is not None:
+            report["mirror"] = self.mirror
         return report
 
 
@@ -122,7 +127,7 @@ class PushRun:
         self.options = options
         self.stop_event = stop_event or threading.Event()
         self.stats = TransferStats()
-        self.files = expand_inputs(options.inputs)
+        self.files = expand_inputs(options.inputs, config.s3_endpoint_url)
         batch_ms = batch_generation_ms(config, self.files)
         self.build_settings = build_settings(config, batch_ms)
         self.settings = {"index": config.index, "index_field": config.index_field, "batch_version": batch_ms,
@@ -138,8 +143,15 @@ class PushRun:
         self.recorder = None
 
     def run(self) -> PushResult:
+        """Push, record and verify; observers hear `finished` once the final status is known."""
         if self.options.dry_run:
-            return self._execute(self._fresh_state(), queue=None)
+            result = self._execute(self._fresh_state(), queue=None)
+        else:
+            result = self._push_and_record()
+        self.notify("finished", result)
+        return result
+
+    def _push_and_record(self) -> PushResult:
         with BatchLock(self.config.state_path, self.run_key):
             state = self._initial_state()
             retry_queue = open_queue(self.config.resolved_queue_url, self.config.max_attempts,
@@ -148,22 +160,30 @@ class PushRun:
                                           self.options.verify, self.options.shard)
             try:
                 self.recorder.started(state)
-                return self.recorder.finished(state, self._execute(state, retry_queue))
+                result = self.recorder.finished(state, self._execute(state, retry_queue))
             except PushAgentError:
                 self.recorder.write(state, "failed")
                 raise
             finally:
                 retry_queue.close()
                 self.recorder.close()
+            # After the sync-state record, so the mirror carries it too.
+            result.mirror = mirror_state(self.config, self.batch_id, self.run_key)
+            return result
 
     def _fingerprints(self) -> list:
         return [f.fingerprint() for f in self.files]
 
     def _initial_state(self) -> RunState:
         state = self.store.load(self.run_key)
-        if state is None or self.options.restart or self.options.from_line or state.status in DONE_STATUSES:
+        inputs = self._fingerprints()
+        if self.options.restart or self.options.from_line:
             return self._fresh_state()
-        if state.inputs != self._fingerprints() or state.settings != self.settings:
+        if state is None or state.status in DONE_STATUSES:
+            _refuse_changed_objects(self.store.states(), inputs)
+            return self._fresh_state()
+        _refuse_changed_objects([state], inputs)
+        if state.inputs != inputs or state.settings != self.settings:
             raise ConfigError(f"batch {self.batch_id} has a checkpoint for other inputs or settings",
                               file=str(self.store.path(self.run_key)),
                               hint="push the original files, use another --batch-id, or --restart")
@@ -215,6 +235,9 @@ class PushRun:
                     chunk = chunker.feed(item, Position(file_index, entry.end_offset, entry.number))
                     if chunk and not self._submit(chunk, pump, committer):
                         return
+            except (InputChangedError, StorageError) as error:
+                self.fail(error)
+                return
             except InputReadError as error:
                 rejected = Rejected(error.message, b"", input_file.path, error.line)
                 chunk = chunker.feed(rejected, Position(file_index + 1, 0, 0))
@@ -293,10 +316,8 @@ class PushRun:
             state.status = status
             state.updated_at = _now_iso()
             self.store.save(state)
-        result = PushResult(self.batch_id, status, exit_code, batch, this_run, self.stats, duration,
-                            state.position, error, state.shard, state.slurm)
-        self.notify("finished", result)
-        return result
+        return PushResult(self.batch_id, status, exit_code, batch, this_run, self.stats, duration,
+                          state.position, error, state.shard, state.slurm)
 
 
 class _ChunkPump:
@@ -320,11 +341,12 @@ class _ChunkPump:
         for chunk in iter(self._work.get, None):
             started = time.monotonic()
             try:
-                result = (chunk, sender.resolve(chunk.docs) if chunk.docs else None, None)
+                result = (chunk, sender.resolve(chunk.docs, chunk.body) if chunk.docs else None, None)
             except BaseException as error:  # handed to the main thread, which decides
                 result = (chunk, None, error)
             chunk.seconds = time.monotonic() - started
             self._results.put(result)
+            del chunk, result  # do not hold a resolved chunk's body while waiting for the next one
 
     def submit(self, chunk) -> None:
         self.in_flight += 1
@@ -415,9 +437,30 @@ class _Committer:
         self.run.notify("committed", self.state, self.this_run)
 
 
+def _refuse_changed_objects(states, inputs: list) -> None:
+    """Refuse when the latest run over an S3 object left it unfinished and its ETag has changed since.
+
+    Changed local files simply make a new batch; for an S3 object, whose ETag
+    is its identity, an abandoned half-pushed version is refused instead, so
+    the user decides (restore it, or --restart with the new version).
+    """
+    etags = {f["path"]: f["etag"] for f in inputs if f.get("etag")}
+    latest = {}                                     # path -> (updated_at, state, etag then)
+    for state in states if etags else ():
+        for old in state.inputs:
+            if old["path"] in etags and latest.get(old["path"], ("",))[0] <= state.updated_at:
+                latest[old["path"]] = (state.updated_at, state, old.get("etag"))
+    for path, (_, state, etag) in latest.items():
+        if state.status not in DONE_STATUSES and etag != etags[path]:
+            raise InputChangedError(
+                f"object changed since batch {state.batch_id} was checkpointed: ETag {etag} is now {etags[path]}; "
+                "refusing to mix the two versions", file=path,
+                hint="restore the object, or rerun with --restart to push the new version from the start")
+
+
 def _document_item(batch_id: str, doc, reason: str, kind: str) -> QueueItem:
     return QueueItem(QueueItem.document_key(doc.index, doc.doc_id), batch_id, doc.index, doc.doc_id, doc.version,
-                     doc.op, doc.source, doc.file, doc.line, kind, reason or "")
+                     doc.op, doc.source and bytes(doc.source), doc.file, doc.line, kind, reason or "")
 
 
 def _now_iso() -> str:

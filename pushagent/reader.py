@@ -21,17 +21,25 @@ _HEAD_BYTES = 64 * 1024
 
 @dataclasses.dataclass(frozen=True)
 class InputFile:
-    path: str
+    path: str                           # absolute local path, or s3://bucket/key
     size: int
-    mtime_ns: int
-    head_sha256: str
+    mtime_ns: int                       # S3: Last-Modified, whole seconds
+    head_sha256: str | None = None      # local files: sha256 of the first 64 KiB
+    etag: str | None = None             # S3 objects: the ETag every GET is pinned to
+    endpoint_url: str | None = dataclasses.field(default=None, compare=False)
 
     @property
     def is_gzip(self) -> bool:
         return self.path.endswith(".gz")
 
+    @property
+    def source(self) -> str:
+        return "s3" if self.path.startswith("s3://") else "file"
+
     def fingerprint(self) -> dict:
-        return dataclasses.asdict(self)
+        """What identifies this input's content in a checkpoint (not where it is served from)."""
+        fields = ("path", "size", "mtime_ns", "head_sha256", "etag")
+        return {name: getattr(self, name) for name in fields if getattr(self, name) is not None}
 
 
 class InputReadError(PushAgentError):
@@ -46,20 +54,24 @@ class Line(NamedTuple):
     end_offset: int
 
 
-def expand_inputs(patterns) -> list[InputFile]:
-    """Resolve paths and globs to existing files, in the order given, each once."""
+def expand_inputs(patterns, s3_endpoint_url: str | None = None) -> list[InputFile]:
+    """Resolve paths, globs and s3:// URLs to existing inputs, in the order given, each once."""
     paths = []
     for pattern in patterns:
+        if pattern.startswith("s3://"):
+            from . import s3  # boto3 is imported only when an input needs it
+            paths.extend(s3.list_inputs(pattern, s3_endpoint_url))
+            continue
         matches = sorted(glob.glob(os.path.expanduser(pattern))) if glob.has_magic(pattern) else [pattern]
         if not matches:
             raise ConfigError(f"no input matches {pattern!r}")
         paths.extend(matches)
     seen, files = set(), []
     for path in paths:
-        absolute = os.path.abspath(os.path.expanduser(path))
-        if absolute not in seen:
-            seen.add(absolute)
-            files.append(describe_file(absolute))
+        described = path if isinstance(path, InputFile) else describe_file(os.path.abspath(os.path.expanduser(path)))
+        if described.path not in seen:
+            seen.add(described.path)
+            files.append(described)
     return files
 
 
@@ -74,11 +86,18 @@ def describe_file(path: str) -> InputFile:
     return InputFile(path, stat.st_size, stat.st_mtime_ns, head)
 
 
-def open_input(input_file: InputFile):
-    """Binary stream of the file's uncompressed bytes."""
+def open_input(input_file: InputFile, offset: int = 0):
+    """Binary stream of the input's uncompressed bytes, positioned at `offset`."""
+    if input_file.source == "s3":
+        from . import s3
+        return s3.open_object(input_file, offset)
     if input_file.is_gzip:
-        return gzip.open(input_file.path, "rb")
-    return open(input_file.path, "rb", buffering=1024 * 1024)
+        stream = gzip.open(input_file.path, "rb")
+    else:
+        stream = open(input_file.path, "rb", buffering=1024 * 1024)
+    if offset:
+        stream.seek(offset)
+    return stream
 
 
 def read_lines(input_file: InputFile, offset: int = 0, line: int = 0, end: int | None = None) -> Iterator[Line]:
@@ -86,10 +105,8 @@ def read_lines(input_file: InputFile, offset: int = 0, line: int = 0, end: int |
 
     Blank lines are skipped but counted, so line numbers match an editor's.
     """
-    with open_input(input_file) as stream:
-        try:
-            if offset:
-                stream.seek(offset)
+    try:
+        with open_input(input_file, offset) as stream:
             for data in stream:
                 if end is not None and offset >= end:
                     return
@@ -99,13 +116,13 @@ def read_lines(input_file: InputFile, offset: int = 0, line: int = 0, end: int |
                     data = data[len(BOM):]
                 if data.strip():
                     yield Line(data, line, offset)
-        except (EOFError, OSError, zlib.error) as error:
-            raise InputReadError(f"cannot read past line {line}, the file is truncated or damaged: {error}",
-                                 file=input_file.path, line=line + 1, hint="regenerate the file") from None
+    except (EOFError, OSError, zlib.error) as error:
+        raise InputReadError(f"cannot read past line {line}, the file is truncated or damaged: {error}",
+                             file=input_file.path, line=line + 1, hint="regenerate the file") from None
 
 
 def next_line_start(input_file: InputFile, offset: int) -> tuple[int, int]:
-    """The first line start at or after byte `offset` of a plain file, and how many lines come before it.
+    """The first line start at or after byte `offset` of a plain input, and how many lines come before it.
 
     Counting those lines reads the file up to `offset`: line numbers stay the
     file's own, so a shard's dead-letter entries name the right line.
@@ -113,7 +130,7 @@ def next_line_start(input_file: InputFile, offset: int) -> tuple[int, int]:
     if offset == 0:
         return 0, 0
     lines, remaining = 0, offset - 1
-    with open(input_file.path, "rb") as handle:
+    with open_input(input_file) as handle:
         while remaining:
             block = handle.read(min(remaining, 1024 * 1024))
             if not block:

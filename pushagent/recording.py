@@ -17,6 +17,7 @@ from .cluster import ClusterClient
 from .doctable import DocTable, table_path
 from .errors import EXIT_INCOMPLETE, EXIT_OK, ConfigError
 from .fullscan import enqueue_missing
+from .mirror import mirror_state
 from .retry_queue import open_queue
 from .shard import Shard, run_key
 from .sharded import batch_fields, check_finished, merged_table, shard_states
@@ -168,7 +169,11 @@ def _verify_recorded(config, client, options: VerifyOptions) -> dict:
                   updated_at=_now_iso(), **runtime_fields())
     store.save(record)
     AuditLog(config.state_path).append(record)
-    return _report(record["batch_id"], result, enqueued, record.get("counters", {}))
+    report = _report(record["batch_id"], result, enqueued, record.get("counters", {}))
+    mirrored = mirror_state(config, record["batch_id"])  # a sharded batch's record is final only here
+    if mirrored is not None:
+        report["mirror"] = mirrored
+    return report
 
 
 def _batch_table(config, record: dict) -> DocTable:

@@ -36,12 +36,18 @@ def make_record(rng: random.Random, number: int, dims: int) -> dict:
             "frequency": rng.randint(1, 1_000_000), "embedding": [round(v * SCALE, 6) for v in raw]}
 
 
-def write_records(out, count: int, dims: int, seed: int, start: int = 0) -> None:
+def make_tiny_record(rng: random.Random, number: int) -> dict:
+    """About 32 bytes: stresses the per-document cost of a client."""
+    return {"ipa_id": f"w{number:08d}", "n": rng.randint(0, 9999)}
+
+
+def write_records(out, count: int, dims: int, seed: int, start: int = 0, tiny: bool = False) -> None:
     rng = random.Random(seed)
     opener = gzip.open if out.endswith(".gz") else open
     with opener(out, "wb") as handle:
         for number in range(start, start + count):
-            handle.write(orjson.dumps(make_record(rng, number, dims)) + b"\n")
+            record = make_tiny_record(rng, number) if tiny else make_record(rng, number, dims)
+            handle.write(orjson.dumps(record) + b"\n")
 
 
 def main(argv=None) -> int:
@@ -50,9 +56,10 @@ def main(argv=None) -> int:
     parser.add_argument("--dims", type=int, default=384, help="embedding dimensions [384]")
     parser.add_argument("--seed", type=int, default=42, help="random seed [42]")
     parser.add_argument("--start", type=int, default=0, help="number of the first ipa_id [0]")
+    parser.add_argument("--tiny", action="store_true", help="~32-byte records (ipa_id and a number) instead")
     parser.add_argument("--out", required=True, help="output file; .gz compresses")
     args = parser.parse_args(argv)
-    write_records(args.out, args.count, args.dims, args.seed, args.start)
+    write_records(args.out, args.count, args.dims, args.seed, args.start, args.tiny)
     print(f"wrote {args.count} records to {args.out}", file=sys.stderr)
     return 0
 

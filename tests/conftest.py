@@ -1,9 +1,12 @@
-"""Fixtures: a real OpenSearch (scripts/dev-cluster.sh), per-test indices, state dirs."""
+"""Fixtures: a real OpenSearch (scripts/dev-cluster.sh), a moto S3 server, per-test indices and buckets, state dirs."""
 
 import os
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -12,7 +15,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from support import ROOT  # noqa: E402
+from support import ROOT, S3_TEST_ENV  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -48,6 +51,57 @@ def state_dir(tmp_path):
     path = tmp_path / "state"
     path.mkdir()
     return path
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """URL of moto's standalone S3 server on a loopback port, stopped by PID after the session.
+
+    The dummy AWS_* variables are set for this process and every agent it starts.
+    """
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("AWS_PROFILE", raising=False)
+        for name, value in S3_TEST_ENV.items():
+            patch.setenv(name, value)
+        server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            _wait_until_up(url, server)
+            yield url
+        finally:
+            os.kill(server.pid, signal.SIGTERM)
+            server.wait(timeout=30)
+
+
+def _wait_until_up(url, server, seconds=60):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail("moto server exited; install the test extras: pip install -e '.[test]'")
+        try:
+            requests.get(url, timeout=1)
+            return
+        except requests.ConnectionError:
+            time.sleep(0.1)
+    pytest.fail(f"moto server did not answer at {url} within {seconds} s")
+
+
+@pytest.fixture
+def s3_client(moto_server):
+    import boto3
+    return boto3.client("s3", endpoint_url=moto_server)
+
+
+@pytest.fixture
+def bucket(s3_client):
+    """A fresh, empty bucket on the moto server."""
+    name = f"pushagent-{uuid.uuid4().hex[:10]}"
+    s3_client.create_bucket(Bucket=name)
+    return name
 
 
 @pytest.fixture(scope="session")

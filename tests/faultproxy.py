@@ -37,10 +37,11 @@ class Fault:
     """What to do instead of (or after) forwarding."""
 
     kind: str                       # status | reset | reset_after_forward | drop_answer | truncate_items | delay
-    status: int = 0
+    status: int = 0                 # | item_status | cut_body
     headers: dict = dataclasses.field(default_factory=dict)
     body: bytes = b""
     seconds: float = 0.0
+    limit: int = 0
 
     @classmethod
     def reply(cls, status: int, retry_after: str | None = None, body: bytes = b'{"error":"injected"}'):
@@ -62,6 +63,11 @@ class Fault:
     @classmethod
     def delay(cls, seconds: float):
         return cls("delay", seconds=seconds)
+
+    @classmethod
+    def cut_body(cls, after: int):
+        """Forward, announce the whole answer, send its first `after` bytes and close: a connection lost mid-body."""
+        return cls("cut_body", limit=after)
 
     @classmethod
     def item_status(cls, status: int, every: int = 2):
@@ -167,17 +173,22 @@ class FaultProxy:
                     return self._answer(status, headers, orjson.dumps(data))
                 if fault.kind == "item_status":
                     return self._answer(status, headers, rewrite_items(body, fault.status, int(fault.seconds)))
+                if fault.kind == "cut_body":
+                    self.close_connection = True
+                    return self._answer(status, headers, body, send=fault.limit)
                 raise ValueError(f"unknown fault {fault.kind}")
 
-            def _answer(self, status, headers, body):
+            def _answer(self, status, headers, body, send=None):
                 self.send_response(status)
                 for name, value in headers.items():
                     if name.lower() not in ("content-length", "transfer-encoding", "connection",
                                             "content-encoding"):
                         self.send_header(name, value)
-                self.send_header("Content-Length", str(len(body)))
+                # A HEAD answer has no body but announces the length a GET would have (S3 sizes come from it).
+                upstream_length = next((v for k, v in headers.items() if k.lower() == "content-length"), "0")
+                self.send_header("Content-Length", upstream_length if self.command == "HEAD" else str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                self.wfile.write(body[:send])
 
             def _reset(self):
                 self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
@@ -192,7 +203,8 @@ class FaultProxy:
         connection = http.client.HTTPConnection(self.upstream_host, self.upstream_port, timeout=120)
         try:
             # Ask for a plain answer, so faults can rewrite it and tests can read it.
-            forwarded = {k: v for k, v in headers.items() if k.lower() not in ("host", "connection", "accept-encoding")}
+            forwarded = {k: v for k, v in headers.items()
+                         if k.lower() not in ("host", "connection", "accept-encoding", "expect")}
             connection.request(method, path, body=raw, headers=forwarded)
             reply = connection.getresponse()
             return reply.status, dict(reply.getheaders()), reply.read()

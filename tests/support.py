@@ -10,6 +10,10 @@ from pathlib import Path
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
+# Dummy credentials for the moto S3 server (which accepts any): boto3 signs with them. Never real ones.
+S3_TEST_ENV = {"AWS_ACCESS_KEY_ID": "pushagent-test-key-id", "AWS_SECRET_ACCESS_KEY": "pushagent-test-secret-key",
+               "AWS_SESSION_TOKEN": "pushagent-test-session-token", "AWS_DEFAULT_REGION": "us-east-1",
+               "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import generate_data  # noqa: E402
@@ -63,7 +67,7 @@ def stored_checksums(url, index) -> dict:
 
 
 def cli_command(*args, url=None, state_dir=None, queue_url=None):
-    command = [sys.executable, "-m", "pushagent", *args, "--json"]
+    command = [sys.executable, "-m", "pushagent", *map(str, args), "--json"]
     for flag, value in (("--url", url), ("--state-dir", state_dir), ("--queue-url", queue_url)):
         if value is not None:
             command += [flag, str(value)]

@@ -137,7 +137,8 @@ def test_metrics_textfile_equals_the_runs_ledger(cluster_url, index, state_dir, 
     assert value(found, "pushagent_request_duration_seconds_count", chunk_size="1-100") == 1
     assert value(found, "pushagent_queue_items", state="dead") == 3
     assert value(found, "pushagent_queue_items", state="due") == 0
-    assert value(found, "pushagent_run_info", status="pushed", batch_id=report["batch_id"]) == 1
+    assert report["status"] == "verified"  # metrics are written once verification has run
+    assert value(found, "pushagent_run_info", status="verified", batch_id=report["batch_id"]) == 1
     assert abs(value(found, "pushagent_run_duration_seconds") - report["duration_s"]) < 0.01
     assert started <= value(found, "pushagent_last_success_timestamp_seconds") <= time.time()
     assert list(metrics_file.parent.iterdir()) == [metrics_file]  # the temp file was renamed, not left
@@ -204,5 +205,5 @@ def test_metrics_pushed_to_a_real_pushgateway_during_and_after_the_run(cluster_u
     report, found = json.loads(stdout), pushed(pushgateway)
     assert value(found, "pushagent_documents_total", outcome="indexed") == report["indexed"] == 1_500
     assert value(found, "pushagent_bulk_requests_total", status="200") == report["requests"]
-    assert value(found, "pushagent_run_info", status="pushed") == 1
+    assert value(found, "pushagent_run_info", status="verified") == 1
     assert value(found, "pushagent_documents_total", outcome="indexed", instance=socket.gethostname()) == 1_500

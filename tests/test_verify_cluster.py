@@ -6,7 +6,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 
 import orjson
@@ -15,17 +14,9 @@ import requests
 
 from faultproxy import Fault, FaultProxy
 from pushagent.builder import canonical_checksum
-from support import agent_env, generate, push_command, run_push
+from support import agent_env, generate, push_command, run_cli, run_push
 
 V1 = ["--embedding-version", "v1"]
-
-
-def run_cli(*args, timeout=600):
-    """`python -m pushagent ARGS --json`; returns (exit code, report, stderr)."""
-    completed = subprocess.run([sys.executable, "-m", "pushagent", *map(str, args), "--json"], capture_output=True,
-                               text=True, timeout=timeout, env=agent_env())
-    report = json.loads(completed.stdout) if completed.stdout.strip() else None
-    return completed.returncode, report, completed.stderr
 
 
 def verify(url, state_dir, batch_id, *extra):

@@ -28,11 +28,9 @@ def reliability_row():
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if not ROWS:
-        return
     target = os.environ.get("PUSHAGENT_RELIABILITY_OUT")
-    if not target:
-        return
+    if not ROWS or not target or exitstatus != 0:
+        return  # a failed session's table would publish a partial run
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in ROWS:
         lines.append("| " + " | ".join(str(row.get(column.replace(" ", "_").replace("-", "_"), ""))

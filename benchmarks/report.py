@@ -1,0 +1,116 @@
+"""Turn the harness's results (results.json) into results.md and chart.png."""
+
+import sys
+from pathlib import Path
+
+import orjson
+
+
+def _row(r: dict) -> str:
+    wire = f"{r['bytes'] / 1e6:.0f}" if r.get("bytes") else "-"
+    return (f"| {r['workload']} | {r['target']} | {r['client']} | {'on' if r['gzip'] else 'off'} | "
+            f"{r['docs_per_s']:,.0f} | {r['cpu_s_per_100k']:.2f} | {r['rss_mib']:.0f} | {wire} |")
+
+
+def _find(rows, client, target="sink", workload="embedding"):
+    return next((r for r in rows if r["client"] == client and r["target"] == target and r["workload"] == workload),
+                None)
+
+
+def targets(results: dict) -> list:
+    """(target, measured, met) for each of the issue's targets that the results cover."""
+    rows, out = results["rows"], []
+    push_plain, push_gzip = _find(rows, "pushagent best"), _find(rows, "pushagent best gzip")
+    streaming = _find(rows, "opensearch-py streaming_bulk")
+    minimal, minimal_gzip = _find(rows, "minimal orjson client"), _find(rows, "minimal orjson client gzip")
+    if push_plain and streaming:
+        ratio = push_plain["cpu_s"] / streaming["cpu_s"]
+        out.append(("CPU/doc <= 0.2x opensearch-py streaming_bulk (gzip off)", f"{ratio:.2f}x", ratio <= 0.2))
+    for mine, theirs, label in ((push_plain, minimal, "off"), (push_gzip, minimal_gzip, "on")):
+        if mine and theirs:
+            ratio = mine["cpu_s"] / theirs["cpu_s"]
+            out.append((f"CPU/doc <= 1.5x minimal orjson client (gzip {label})", f"{ratio:.2f}x", ratio <= 1.5))
+    if push_plain and streaming:
+        ratio = push_plain["docs_per_s"] / streaming["docs_per_s"]
+        out.append(("null-sink docs/s >= 5x streaming_bulk", f"{ratio:.1f}x", ratio >= 5))
+    cluster = [r for r in rows if r["target"] == "cluster"]
+    peers = [r for r in cluster if not r["client"].startswith(("pushagent", "curl"))]
+    ours = [r for r in cluster if r["client"].startswith("pushagent")]
+    if peers and ours:
+        best_peer, best_ours = max(peers, key=lambda r: r["docs_per_s"]), max(ours, key=lambda r: r["docs_per_s"])
+        ratio = best_ours["docs_per_s"] / best_peer["docs_per_s"]
+        out.append((f"cluster docs/s >= 0.95x best peer ({best_peer['client']})", f"{ratio:.2f}x", ratio >= 0.95))
+    specifics = results.get("pushagent", {})
+    default = _find(rows, "pushagent default")
+    if default:
+        out.append(("peak RSS <= 150 MiB at default settings", f"{default['rss_mib']:.0f} MiB",
+                    default["rss_mib"] <= 150))
+    if specifics.get("rss_1m_mib"):
+        ratio = specifics["rss_1m_mib"] / specifics["rss_small_mib"]
+        out.append((f"peak RSS at 1M <= 1.2x at {specifics['small_records'] // 1000}k",
+                    f"{specifics['rss_1m_mib']:.0f} / {specifics['rss_small_mib']:.0f} MiB = {ratio:.2f}x",
+                    ratio <= 1.2))
+    if specifics.get("resume_first_request_s") is not None:
+        seconds = specifics["resume_first_request_s"]
+        out.append(("resume at 90% of 1M: first request within 1 s", f"{seconds:.2f} s", seconds <= 1))
+    return out
+
+
+def write_report(results: dict, directory: Path) -> None:
+    machine = results.get("machine", {})
+    lines = [f"# Benchmark results ({results['mode']} mode)", "",
+             f"Produced by `python benchmarks/run.py{' --quick' if results['mode'] == 'quick' else ''}` on "
+             f"{results['started']}: {results['records']:,} records per workload, median of {results['runs']} "
+             "runs per row, in one session, the runs going round-robin over the clients of a table section. "
+             "Chunks of 5000 documents; parallel clients use 2 threads, like pushagent's default concurrency. "
+             "What the numbers mean and what is left: [analysis.md](analysis.md).", "",
+             "Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()), "",
+             "Null-sink capacity with prebuilt 5000-document bodies from 2 threads: "
+             + ", ".join(f"{k} {v:,.0f} docs/s" for k, v in results.get("sink_capacity", {}).items()), "",
+             "## Targets", "", "| target | measured | met |", "| --- | --- | --- |"]
+    lines += [f"| {name} | {value} | {'yes' if met else '**no**'} |" for name, value, met in targets(results)]
+    lines += ["", "## All runs", "",
+              "CPU is the client process's user+sys time (GNU time), per 100k documents; RSS is its peak; "
+              "wire MB is the request bodies the null sink received.", "",
+              "| workload | target | client | gzip | docs/s | CPU s / 100k docs | peak RSS MiB | wire MB |",
+              "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    lines += [_row(r) for r in results["rows"]]
+    specifics = results.get("pushagent")
+    if specifics:
+        lines += ["", "## pushagent at 1M records and resume", "",
+                  f"- default settings (request rate limit lifted), null sink: peak RSS "
+                  f"{specifics['rss_small_mib']:.0f} MiB at {specifics['small_records']:,} records, "
+                  f"{specifics['rss_1m_mib']:.0f} MiB at 1,000,000 ({specifics['docs_per_s_1m']:,.0f} docs/s, "
+                  f"{specifics['cpu_s_per_100k_1m']:.2f} s CPU per 100k)",
+                  f"- resume at 90%: a push from line 900,001 was stopped by SIGTERM (exit "
+                  f"{specifics['interrupted_exit']}) with its checkpoint at line {specifics['checkpoint_line']:,}; "
+                  f"the resumed run sent its first request {specifics['resume_first_request_s']:.2f} s after "
+                  "it was started (Python start-up included)"]
+    lines += ["", "![chart](chart.png)", ""]
+    (directory / "results.md").write_text("\n".join(lines))
+    chart(results, directory / "chart.png")
+
+
+def chart(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results["rows"] if r["workload"] == "embedding"]
+    fig, axes = plt.subplots(1, 3, figsize=(18, 0.45 * len(rows) + 2), sharey=True)
+    labels = [f"{r['client']} ({r['target']})" for r in rows]
+    colors = ["tab:green" if r["client"].startswith("pushagent") else "tab:gray" for r in rows]
+    for axis, key, title in zip(axes, ("docs_per_s", "cpu_s_per_100k", "rss_mib"),
+                                ("docs/s (higher is better)", "client CPU s per 100k docs", "peak RSS MiB")):
+        axis.barh(labels, [r[key] for r in rows], color=colors)
+        axis.set_title(title)
+        axis.invert_yaxis()
+    fig.suptitle(f"pushagent vs peers, {results['records']:,} records x 384-float embeddings ({results['mode']} mode)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    directory = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent / "results"
+    write_report(orjson.loads((directory / "results.json").read_bytes()), directory)
