@@ -2,7 +2,6 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,7 +14,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from support import ROOT, S3_TEST_ENV  # noqa: E402
+from support import ROOT, S3_TEST_ENV, free_port  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -59,9 +58,7 @@ def moto_server():
 
     The dummy AWS_* variables are set for this process and every agent it starts.
     """
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("AWS_PROFILE", raising=False)

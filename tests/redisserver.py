@@ -3,17 +3,12 @@
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 
 import redis
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from support import free_port
 
 
 class RedisServer:

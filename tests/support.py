@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -24,6 +25,22 @@ from pushagent.retry_queue import open_queue  # noqa: E402
 def generate(path: Path, count: int, dims: int = 8, seed: int = 42, start: int = 0) -> Path:
     generate_data.write_records(str(path), count, dims, seed, start)
     return path
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct free loopback ports: the probes stay bound until all are chosen, so no port comes twice."""
+    probes = [socket.socket() for _ in range(count)]
+    try:
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
 
 
 def push_command(url, index, state_dir, *inputs, extra=()):

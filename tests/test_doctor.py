@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from support import ROOT, agent_env
 from pushagent.cli import cli
 from pushagent.config import Config
-from pushagent.doctor import Doctor, auto_create_allows, healthy
+from pushagent.doctor import Doctor, auto_create_allows
 from tlsnginx import KEY, certs, nginx, tls_env  # noqa: F401 (fixtures)
 
 BASE = "http://localhost:9201"

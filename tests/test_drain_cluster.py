@@ -10,8 +10,8 @@ import redis
 import requests
 
 from faultproxy import Fault, FaultProxy
-from redisserver import RedisServer, free_port
-from support import (agent_env, cli_command, count, fill_queue, generate, queue_stats, queued_ids, run_cli,
+from redisserver import RedisServer
+from support import (agent_env, cli_command, count, fill_queue, free_port, generate, queue_stats, queued_ids, run_cli,
                      run_push, wait_for)
 
 

@@ -14,7 +14,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from support import agent_env, generate, push_command, run_push
+from support import agent_env, free_port, generate, push_command, run_push
 
 SECRET = "c2VjcmV0LWlkOnNlY3JldC1hcGkta2V5"
 
@@ -142,12 +142,6 @@ def test_metrics_textfile_equals_the_runs_ledger(cluster_url, index, state_dir, 
     assert abs(value(found, "pushagent_run_duration_seconds") - report["duration_s"]) < 0.01
     assert started <= value(found, "pushagent_last_success_timestamp_seconds") <= time.time()
     assert list(metrics_file.parent.iterdir()) == [metrics_file]  # the temp file was renamed, not left
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture

@@ -190,7 +190,7 @@ def test_items_survive_reopening(open_test_queue):
 
 
 def test_unreachable_redis_names_the_url_without_password():
-    from redisserver import free_port
+    from support import free_port
     url = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
     with pytest.raises(QueueError) as raised:
         open_queue(url)

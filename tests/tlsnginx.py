@@ -24,6 +24,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from support import free_ports
+
 VARIANTS = ("good", "expired", "wronghost")
 # A recognisable key in the usual encoded form: base64("<id>:<secret>").
 KEY_ID, KEY_SECRET = "canaryid7Q", "canary-secret-5b9e0d4c"
@@ -106,12 +108,6 @@ class TestCertificates:
         return builder.sign(self._ca_key, hashes.SHA256())
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 class Nginx:
     """nginx in front of `upstream`: one TLS server per certificate variant, ApiKey required, limit_req 429."""
 
@@ -123,7 +119,7 @@ class Nginx:
         self.api_key = api_key
         self.rate = rate_per_second
         self.readonly_key = readonly_key    # accepted, but answered 403 on _bulk
-        self.ports = {variant: free_port() for variant in VARIANTS}
+        self.ports = dict(zip(VARIANTS, free_ports(len(VARIANTS))))  # distinct: one server per port
         self.process = None
 
     def url(self, variant: str = "good", host: str = "localhost") -> str:
