@@ -19,7 +19,8 @@ from pushagent.errors import ConfigError, InputChangedError
 from pushagent.config import load_config
 from pushagent.reader import InputFile, describe_file, expand_inputs, read_lines
 from pushagent.s3 import parse_url
-from support import S3_TEST_ENV, agent_env, count, generate, push_command, run_cli, run_push, stored_checksums
+from support import (S3_TEST_ENV, agent_env, count, generate, interrupt_after, push_command, run_cli, run_push,
+                     stored_checksums)
 
 
 @pytest.fixture
@@ -178,14 +179,9 @@ def test_state_mirror_uploads_after_an_interrupt_and_after_the_batch(cluster_url
     env = s3_env(s3_proxy, PUSHAGENT_STATE_MIRROR=f"s3://{bucket}/agent/")
     with FaultProxy(cluster_url) as cluster:
         cluster.plan = lambda request: Fault.delay(0.1) if request.ids else None
-        process = subprocess.Popen(push_command(cluster.url, index, state_dir, data, extra=["--chunk-docs", "500"]),
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=agent_env(env))
-        while len(cluster.bulk_requests()) < 3 and process.poll() is None:
-            time.sleep(0.02)
-        process.send_signal(signal.SIGTERM)
-        stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 75, stderr
-    interrupted = json.loads(stdout)
+        code, interrupted, stderr = interrupt_after(
+            cluster, push_command(cluster.url, index, state_dir, data, extra=["--chunk-docs", "500"]), env=env)
+    assert code == 75, stderr
     assert_mirrored(interrupted["mirror"], state_dir, s3_client, bucket, interrupted["batch_id"])
     assert json.loads(remote(s3_client, bucket, f"agent/runs/{interrupted['batch_id']}.json"))["status"] == \
         "interrupted"

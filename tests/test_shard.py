@@ -1,10 +1,6 @@
 """`--shard K/N`: the split, the reader's ranges, Slurm facts; sharded runs of the CLI, dry and real."""
 
-import json
 import random
-import signal
-import subprocess
-import time
 
 import orjson
 import pytest
@@ -16,7 +12,7 @@ from pushagent.reader import describe_file, next_line_start, read_lines
 from pushagent.shard import FileRange, Shard, file_ranges, parse_shard, run_key
 from pushagent.slurm_env import slurm_facts
 from faultproxy import Fault, FaultProxy
-from support import agent_env, generate, push_command, run_push
+from support import generate, interrupt_after, push_command, run_push
 
 
 def read_shard(files, shard):
@@ -133,14 +129,8 @@ def test_an_interrupted_shard_resumes_inside_its_own_range(cluster_url, index, s
     mine = [orjson.loads(line)["ipa_id"] for _, _, line in read_shard([describe_file(str(data))], Shard(1, 2))]
     extra = ["--shard", "1/2", "--chunk-docs", "200"]
     with FaultProxy(cluster_url, plan=lambda request: Fault.delay(0.2) if request.ids else None) as proxy:
-        process = subprocess.Popen(push_command(proxy.url, index, state_dir, data, extra=extra),
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=agent_env())
-        while len(proxy.bulk_requests()) < 3 and process.poll() is None:
-            time.sleep(0.02)
-        process.send_signal(signal.SIGTERM)
-        stdout, stderr = process.communicate(timeout=60)
-        assert process.returncode == 75, stderr
-        first = json.loads(stdout)
+        code, first, stderr = interrupt_after(proxy, push_command(proxy.url, index, state_dir, data, extra=extra))
+        assert code == 75, stderr
         code, second, stderr = run_push(proxy.url, index, state_dir, data, extra=extra)
         sent = proxy.id_counts()
     assert code == 0, stderr

@@ -3,9 +3,7 @@
 import hashlib
 import json
 import os
-import signal
 import sqlite3
-import subprocess
 import time
 
 import orjson
@@ -14,7 +12,7 @@ import requests
 
 from faultproxy import Fault, FaultProxy
 from pushagent.builder import canonical_checksum
-from support import agent_env, generate, push_command, run_cli, run_push
+from support import generate, interrupt_after, push_command, run_cli, run_push
 
 V1 = ["--embedding-version", "v1"]
 
@@ -199,15 +197,10 @@ def test_interrupted_push_writes_an_interrupted_record(cluster_url, index, state
     data = generate(tmp_path / "words.jsonl", 6_000)
     with FaultProxy(cluster_url) as proxy:
         proxy.plan = lambda request: Fault.delay(0.2) if request.ids else None
-        process = subprocess.Popen(push_command(proxy.url, index, state_dir, data, extra=["--chunk-docs", "500"]),
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=agent_env())
-        deadline = time.monotonic() + 60
-        while len(proxy.bulk_requests()) < 3 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        process.send_signal(signal.SIGTERM)
-        stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 75, stderr
-    batch_id = json.loads(stdout)["batch_id"]
+        code, interrupted, stderr = interrupt_after(
+            proxy, push_command(proxy.url, index, state_dir, data, extra=["--chunk-docs", "500"]))
+    assert code == 75, stderr
+    batch_id = interrupted["batch_id"]
     saved = record(state_dir, batch_id)
     assert saved["status"] == "interrupted" and 0 < saved["doc_count"] < 6_000
     code, report, stderr = run_push(cluster_url, index, state_dir, data, extra=["--chunk-docs", "500"])
