@@ -15,7 +15,7 @@ from .chunker import Position
 from .errors import BatchLockedError, PushAgentError
 
 COUNTERS = ("read", "indexed", "current", "queued", "dead", "quarantined")
-DONE_STATUSES = ("pushed", "verified", "verification_failed")
+DONE_STATUSES = ("pushed", "verified", "verification_failed")   # every record read; a new push starts over
 
 
 @dataclasses.dataclass
@@ -28,6 +28,12 @@ class RunState:
     status: str = "pushing"
     started_at: str = ""
     updated_at: str = ""
+    key: str = ""                # file name: the batch id, plus the shard of an array task (shard.run_key)
+    shard: str = ""              # "K/N" when one task of an array pushes its part of the batch
+    slurm: dict = dataclasses.field(default_factory=dict)   # the Slurm job of the latest run (slurm_env)
+
+    def __post_init__(self):
+        self.key = self.key or self.batch_id
 
     def to_json(self) -> dict:
         data = dataclasses.asdict(self)
@@ -57,11 +63,11 @@ class CheckpointStore:
     def __init__(self, state_dir: Path):
         self.directory = Path(state_dir) / "runs"
 
-    def path(self, batch_id: str) -> Path:
-        return self.directory / f"{batch_id}.json"
+    def path(self, key: str) -> Path:
+        return self.directory / f"{key}.json"
 
-    def load(self, batch_id: str) -> RunState | None:
-        path = self.path(batch_id)
+    def load(self, key: str) -> RunState | None:
+        path = self.path(key)
         if not path.exists():
             return None
         try:
@@ -80,7 +86,7 @@ class CheckpointStore:
 
     def save(self, state: RunState) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        write_atomically(self.path(state.batch_id), json.dumps(state.to_json(), indent=1).encode())
+        write_atomically(self.path(state.key), json.dumps(state.to_json(), indent=1).encode())
 
 
 def write_atomically(path: Path, data: bytes) -> None:

@@ -23,6 +23,7 @@ from .observe import observing
 from .push import PushOptions, PushRun
 from .recording import VerifyOptions, verify_batch
 from .security import insecure_warning
+from .shard import parse_shard
 from .state import AuditLog, SyncStateStore
 from .status import EXIT_CODES, format_status, health_report
 
@@ -72,6 +73,13 @@ def _fail(message: str, exit_code: int, debug: bool) -> None:
     sys.exit(exit_code)
 
 
+def _parse_shard(ctx, param, value):
+    try:
+        return parse_shard(value) if value else None
+    except PushAgentError as error:
+        raise click.BadParameter(error.message) from None
+
+
 def _flags(**values) -> dict:
     return {key: value for key, value in values.items() if value is not None}
 
@@ -99,8 +107,10 @@ def cli():
 @click.option("--dry-run", "dry_run", type=click.Path(file_okay=False),
               help="Write the NDJSON request bodies to this directory; send nothing.")
 @click.option("--no-verify", is_flag=True, help="Skip the count, sample and timestamp checks at the end.")
+@click.option("--shard", metavar="K/N", callback=_parse_shard,
+              help="Push only part K (0-based) of N of the inputs, for Slurm arrays; the parts share the batch id.")
 def push(inputs, config_file, as_json, url, index, state_dir, insecure, embedding_version, batch_id,
-         batch_time, id_field, chunk_docs, concurrency, restart, from_line, on_error, dry_run, no_verify):
+         batch_time, id_field, chunk_docs, concurrency, restart, from_line, on_error, dry_run, no_verify, shard):
     """Push INPUT files (JSONL, .jsonl.gz, globs, s3://bucket/key, s3://bucket/prefix/) into the cluster.
 
     Resumes by itself when a checkpoint for the same inputs exists.
@@ -109,13 +119,15 @@ def push(inputs, config_file, as_json, url, index, state_dir, insecure, embeddin
 
         pushagent push --index words --id-field ipa_id data/*.jsonl.gz
         pushagent push --index words --id-field ipa_id s3://batches/2026-11/
+
+        pushagent push --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT data/*.jsonl.gz
     """
     config = load_config(config_file, _flags(url=url, index=index, state_dir=state_dir, insecure=insecure,
                                              embedding_version=embedding_version, batch_time=batch_time,
                                              id_field=id_field, chunk_docs=chunk_docs, concurrency=concurrency))
     _warn_insecure(config)
     options = PushOptions(list(inputs), batch_id=batch_id, restart=restart, from_line=from_line,
-                          on_error=on_error, dry_run=dry_run, verify=not no_verify)
+                          on_error=on_error, dry_run=dry_run, verify=not no_verify, shard=shard)
     with observing(config) as observers:
         result = _run_until_signal(PushRun(config, options, observers=observers))
     _report_and_exit(result, as_json)
@@ -269,6 +281,7 @@ class _stop_on_signals:
     def __init__(self, run):
         self.run = run
         self._previous = {}
+        self._received = False
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -278,10 +291,19 @@ class _stop_on_signals:
 
     def _handle(self, number, frame):
         name = signal.Signals(number).name
-        log.warning("%s received: finishing requests in flight, then saving the checkpoint", name)
+        if self._received:
+            log.info("%s received: already stopping", name)
+        else:
+            log.warning("%s received: finishing requests in flight, then saving the checkpoint", name)
+        self._received = True
         self.run.request_stop(name)
 
     def __exit__(self, *exc):
+        # Once stopping, keep the handlers: the same signal often comes twice (Slurm signals every
+        # process of a job, and the batch script forwards it) and must not kill the process with the
+        # default action while it prints its report and exits 75.
+        if self._received:
+            return
         for number, handler in self._previous.items():
             signal.signal(number, handler)
 

@@ -1,13 +1,16 @@
 """A batch's documents on disk: one row per (index, id) with its checksum, plus a uniform sample.
 
-Used twice: during a push it records what the cluster acknowledged
-(`<state_dir>/runs/<batch_id>.docs.db`), and `verify --source` / `--full`
-load the source files into a temporary one. SQLite keeps memory bounded for
-millions of ids, sorts checksums for the batch checksum, and lets the full
-scan diff both sides with joins.
+Used three ways: during a push it records what the index should hold, the
+documents the cluster acknowledged and those left in the retry queue
+(`<state_dir>/runs/<batch_id>.docs.db`, one per shard of an array);
+`verify` merges the shards' tables into the batch's; and `verify --source` /
+`--full` load the source files into a temporary one. SQLite keeps memory
+bounded for millions of ids, sorts checksums for the batch checksum, and lets
+the full scan diff both sides with joins.
 """
 
 import hashlib
+import itertools
 import random
 import sqlite3
 from pathlib import Path
@@ -24,9 +27,21 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER);
 """
 # With the same version the first document the cluster acknowledged stays
 # (a later duplicate gets 409); a higher version always replaces.
-UPSERT = ("INSERT INTO docs VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (idx, id) DO UPDATE SET "
-          "version = excluded.version, checksum = excluded.checksum, fno = excluded.fno, line = excluded.line "
-          "WHERE excluded.version {} docs.version")
+ON_CONFLICT = ("ON CONFLICT (idx, id) DO UPDATE SET version = excluded.version, checksum = excluded.checksum, "
+               "fno = excluded.fno, line = excluded.line WHERE excluded.version {} docs.version")
+UPSERT = "INSERT INTO docs VALUES (?, ?, ?, ?, ?, ?) " + ON_CONFLICT
+# A shard's rows with its file numbers translated (`file_map`). Two shards hold one id only when the
+# input repeats it; with equal versions the earlier shard's row stays. "WHERE true" lets SQLite
+# parse the upsert clause after a SELECT.
+MERGE_DOCS = ("INSERT INTO docs SELECT d.idx, d.id, d.version, d.checksum, m.new, d.line FROM shard.docs d "
+              "JOIN file_map m ON m.old = d.fno WHERE true " + ON_CONFLICT.format(">"))
+MERGE_OCCURRENCES = ("INSERT OR IGNORE INTO occurrences SELECT m.new, o.line FROM shard.occurrences o "
+                     "JOIN file_map m ON m.old = o.fno")
+
+
+def table_path(state_dir, key: str) -> Path:
+    """Where a push keeps the table of a batch (`key` = batch id) or of one shard of it (shard.run_key)."""
+    return Path(state_dir) / "runs" / f"{key}.docs.db"
 
 
 class DocTable:
@@ -122,8 +137,70 @@ class DocTable:
         """Input paths by file number."""
         return [row[0] for row in self._db.execute("SELECT path FROM files ORDER BY fno")]
 
+    def merge(self, paths, seed: str) -> None:
+        """Replace the contents with the union of the tables at `paths` (the shards of one batch).
+
+        The sample stays uniform over the union: see `combined_sample`.
+        """
+        self.reset()
+        populations = [self._absorb(Path(path)) for path in paths]
+        rows = combined_sample(populations, self.sample_size, random.Random(seed))
+        self._seen = sum(seen for seen, _ in populations)
+        with self._transaction():
+            self._db.executemany("INSERT INTO sample VALUES (?, ?, ?)",
+                                 [(slot, index, doc_id) for slot, (index, doc_id) in enumerate(rows)])
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('seen', ?)", (self._seen,))
+
+    def _absorb(self, path: Path) -> tuple:
+        """Add the documents and input lines of the table at `path`; (documents it saw, its sample)."""
+        if not path.is_file():
+            raise PushAgentError("this table of a shard's documents is missing", file=str(path),
+                                 hint="push that shard again (same inputs, --batch-id and --shard) to rebuild it")
+        try:
+            self._db.execute("ATTACH DATABASE ? AS shard", (str(path),))
+        except sqlite3.Error as error:
+            raise PushAgentError(f"cannot read this table of a shard's documents: {error}", file=str(path)) from None
+        try:
+            with self._transaction():
+                self._map_files()
+                self._db.execute(MERGE_DOCS)
+                self._db.execute(MERGE_OCCURRENCES)
+                seen = self._db.execute("SELECT value FROM shard.meta WHERE key = 'seen'").fetchone()
+                sample = self._db.execute("SELECT idx, id FROM shard.sample ORDER BY slot").fetchall()
+        finally:
+            self._db.execute("DETACH DATABASE shard")
+        return (seen[0] if seen else 0), sample
+
+    def _map_files(self) -> None:
+        """temp.file_map: the attached shard's file numbers -> ours (numbers stay 0, 1, ... in order seen)."""
+        self._db.execute("CREATE TEMP TABLE IF NOT EXISTS file_map (old INTEGER PRIMARY KEY, new INTEGER)")
+        self._db.execute("DELETE FROM file_map")
+        shard_files = self._db.execute("SELECT fno, path FROM shard.files").fetchall()
+        self._db.executemany("INSERT INTO file_map VALUES (?, ?)",
+                             [(fno, self._file_number(path)) for fno, path in shard_files])
+
     def close(self) -> None:
         self._db.close()
+
+
+def combined_sample(populations, size: int, rng: random.Random) -> list:
+    """`size` items drawn uniformly from the union of populations given as (number seen, uniform sample).
+
+    Drawing one item at a time from the shards in proportion to what each
+    has left is a draw without replacement from the union: it says how many
+    items each shard gives. A shard gives them at random from its own
+    uniform sample, which holds that many unless the shard was pushed with a
+    smaller `sample_size`.
+    """
+    left = [seen for seen, _ in populations]
+    taken = [0] * len(populations)
+    for _ in range(min(size, sum(left))):
+        pick = rng.randrange(sum(left))
+        shard = next(number for number, total in enumerate(itertools.accumulate(left)) if pick < total)
+        left[shard] -= 1
+        taken[shard] += 1
+    return [row for (_, sample), count in zip(populations, taken)
+            for row in rng.sample(sample, min(count, len(sample)))]
 
 
 class _Transaction:

@@ -10,13 +10,15 @@ import logging
 from .errors import PushAgentError
 
 # Relative to state_dir and to the mirror prefix alike.
-MIRRORED = ("sync-state/{batch_id}.json", "audit.jsonl", "audit.head", "runs/{batch_id}.json")
+MIRRORED = ("sync-state/{batch_id}.json", "audit.jsonl", "audit.head", "runs/{run_key}.json")
 
 log = logging.getLogger(__name__)
 
 
-def mirror_state(config, batch_id: str) -> dict | None:
+def mirror_state(config, batch_id: str, run_key: str | None = None) -> dict | None:
     """Upload the batch's sync-state record, the audit log with its head and the run checkpoint, where they exist.
+
+    `run_key` names the run checkpoint of one shard; the batch id names a whole batch's.
 
     Returns {"uploaded": [urls]} plus "error" when an upload failed, or None
     without `state_mirror`. A failure is logged, not fatal: the push itself
@@ -27,7 +29,7 @@ def mirror_state(config, batch_id: str) -> dict | None:
     from . import s3  # boto3 is imported only when a mirror is configured
     uploaded = []
     try:
-        for relative in (name.format(batch_id=batch_id) for name in MIRRORED):
+        for relative in (name.format(batch_id=batch_id, run_key=run_key or batch_id) for name in MIRRORED):
             path = config.state_path / relative
             if path.is_file():
                 url = f"{config.state_mirror.rstrip('/')}/{relative}"

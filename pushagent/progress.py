@@ -46,11 +46,26 @@ def input_sizes(fingerprints: list) -> list:
     return [estimated_size(f["path"], f["size"]) for f in fingerprints]
 
 
-def bytes_done(sizes: list, position) -> int:
-    """Input bytes before `position` (file index, offset, line)."""
-    if position.file_index >= len(sizes):
-        return sum(sizes)
-    return sum(sizes[:position.file_index]) + min(position.offset, sizes[position.file_index])
+def bytes_done(sizes: list, position, ranges=None) -> int:
+    """Input bytes before `position` (file index, offset, line); of a shard's `ranges` only, when given."""
+    done = 0
+    for file_index, start, end in _spans(sizes, ranges):
+        if file_index < position.file_index:
+            done += end - start
+        elif file_index == position.file_index:
+            done += min(max(position.offset - start, 0), end - start)
+    return done
+
+
+def bytes_total(sizes: list, ranges=None) -> int:
+    """Input bytes a run reads: all of `sizes`, or a shard's `ranges` (shard.FileRange) of them."""
+    return sum(end - start for _, start, end in _spans(sizes, ranges))
+
+
+def _spans(sizes: list, ranges) -> list:
+    if ranges is None:
+        return [(number, 0, size) for number, size in enumerate(sizes)]
+    return [(number, start, sizes[number] if end is None else end) for number, start, end in ranges]
 
 
 @dataclasses.dataclass
@@ -134,6 +149,7 @@ class _Tracker:
         self._state = None
         self._started = time.monotonic()
         self._sizes = []
+        self._ranges = None
         self._first_bytes = 0
         self._first_records = 0
 
@@ -141,7 +157,8 @@ class _Tracker:
         with self._lock:
             self._run, self._state = run, state
             self._sizes = input_sizes([f.fingerprint() for f in run.files])
-            self._first_bytes = bytes_done(self._sizes, state.position)
+            self._ranges = run.ranges
+            self._first_bytes = bytes_done(self._sizes, state.position, self._ranges)
             self._first_records = state.counters.get("read", 0)
             self._started = time.monotonic()
 
@@ -149,9 +166,11 @@ class _Tracker:
         with self._lock:
             if self._state is None:
                 return None
-            counters, done = self._state.counters, bytes_done(self._sizes, self._state.position)
+            counters = self._state.counters
+            done = bytes_done(self._sizes, self._state.position, self._ranges)
+            total = bytes_total(self._sizes, self._ranges)
             return Snapshot(self._run.batch_id, counters.get("read", 0), counters.get("read", 0) - self._first_records,
-                            done, sum(self._sizes), done - self._first_bytes, time.monotonic() - self._started,
+                            done, total, done - self._first_bytes, time.monotonic() - self._started,
                             self._run.stats.retries, counters.get("queued", 0), counters.get("dead", 0))
 
 

@@ -26,9 +26,11 @@ from .ledger import Ledger
 from .mirror import mirror_state
 from .ratelimit import TokenBucket
 from .recording import BatchRecorder
-from .reader import InputReadError, expand_inputs, read_lines
+from .reader import InputReadError, expand_inputs, next_line_start, read_lines
 from .retry_queue import QueueItem, open_queue
 from .sender import ChunkAborted, ChunkSender, DryRunTransport, HttpTransport, TransferStats
+from .shard import Shard, file_ranges, run_key
+from .slurm_env import slurm_facts
 from .auth import authorization_header
 
 MAX_WARNINGS = 20
@@ -43,6 +45,7 @@ class PushOptions:
     from_line: int | None = None
     on_error: str = "continue"
     dry_run: str | None = None
+    shard: Shard | None = None
     verify: bool = True
 
 
@@ -59,6 +62,8 @@ class PushResult:
     duration_s: float
     position: Position
     error: Exception | None = None
+    shard: str = ""
+    slurm: dict = dataclasses.field(default_factory=dict)
     verification: dict | None = None
     mirror: dict | None = None
 
@@ -69,6 +74,7 @@ class PushResult:
                   "bytes_sent": self.stats.bytes_sent, "duration_s": round(self.duration_s, 3),
                   "docs_per_s": round(self.this_run.read / self.duration_s, 1) if self.duration_s else 0.0,
                   "position": self.position._asdict(), "statuses": self.stats.statuses}
+        report.update({key: value for key, value in (("shard", self.shard), ("slurm", self.slurm)) if value})
         if self.error:
             report["error"] = str(self.error)
         if self.verification is not None:
@@ -126,7 +132,10 @@ class PushRun:
         self.build_settings = build_settings(config, batch_ms)
         self.settings = {"index": config.index, "index_field": config.index_field, "batch_version": batch_ms,
                          "embedding_version": config.embedding_version, "id_field": config.id_field}
+        # Shards of one batch share its id (documents, queue, sync-state), not their run state.
         self.batch_id = options.batch_id or default_batch_id(self.files, self.settings)
+        self.ranges = file_ranges(self.files, options.shard)
+        self.run_key = run_key(self.batch_id, options.shard)
         self.store = CheckpointStore(config.state_path)
         self._stop_reason = None
         self._fatal = None
@@ -136,19 +145,19 @@ class PushRun:
     def run(self) -> PushResult:
         """Push, record and verify; observers hear `finished` once the final status is known."""
         if self.options.dry_run:
-            result = self._execute(RunState(self.batch_id, self._fingerprints(), self.settings), queue=None)
+            result = self._execute(self._fresh_state(), queue=None)
         else:
             result = self._push_and_record()
         self.notify("finished", result)
         return result
 
     def _push_and_record(self) -> PushResult:
-        with BatchLock(self.config.state_path, self.batch_id):
+        with BatchLock(self.config.state_path, self.run_key):
             state = self._initial_state()
             retry_queue = open_queue(self.config.resolved_queue_url, self.config.max_attempts,
                                      self.config.max_retry_delay)
             self.recorder = BatchRecorder(self.config, self.batch_id, self.build_settings, self.files, self.store,
-                                          self.options.verify)
+                                          self.options.verify, self.options.shard)
             try:
                 self.recorder.started(state)
                 result = self.recorder.finished(state, self._execute(state, retry_queue))
@@ -159,27 +168,36 @@ class PushRun:
                 retry_queue.close()
                 self.recorder.close()
             # After the sync-state record, so the mirror carries it too.
-            result.mirror = mirror_state(self.config, self.batch_id)
+            result.mirror = mirror_state(self.config, self.batch_id, self.run_key)
             return result
 
     def _fingerprints(self) -> list:
         return [f.fingerprint() for f in self.files]
 
     def _initial_state(self) -> RunState:
-        state = self.store.load(self.batch_id)
-        fresh = RunState(self.batch_id, self._fingerprints(), self.settings, started_at=_now_iso())
+        state = self.store.load(self.run_key)
+        inputs = self._fingerprints()
         if self.options.restart or self.options.from_line:
-            return fresh
+            return self._fresh_state()
         if state is None or state.status in DONE_STATUSES:
-            _refuse_changed_objects(self.store.states(), fresh)
-            return fresh
-        _refuse_changed_objects([state], fresh)
-        if state.inputs != fresh.inputs or state.settings != fresh.settings:
+            _refuse_changed_objects(self.store.states(), inputs)
+            return self._fresh_state()
+        _refuse_changed_objects([state], inputs)
+        if state.inputs != inputs or state.settings != self.settings:
             raise ConfigError(f"batch {self.batch_id} has a checkpoint for other inputs or settings",
-                              file=str(self.store.path(self.batch_id)),
+                              file=str(self.store.path(self.run_key)),
                               hint="push the original files, use another --batch-id, or --restart")
-        state.status = "pushing"
+        state.status, state.slurm = "pushing", slurm_facts()
         return state
+
+    def _fresh_state(self) -> RunState:
+        """Nothing read yet: the position is the start of this run's first range (of its shard)."""
+        position = Position(len(self.files), 0, 0)
+        if self.ranges:
+            first = self.ranges[0]
+            position = Position(first.file_index, *next_line_start(self.files[first.file_index], first.start))
+        return RunState(self.batch_id, self._fingerprints(), self.settings, position, started_at=_now_iso(),
+                        key=self.run_key, shard=str(self.options.shard or ""), slurm=slurm_facts())
 
     def _execute(self, state: RunState, queue) -> PushResult:
         started = time.monotonic()
@@ -203,11 +221,14 @@ class PushRun:
         builder = Builder(self.build_settings)
         chunker = Chunker(self.config.chunk_docs, self.config.chunk_bytes, first_seq=committer.tracker.next_seq)
         from_line = self.options.from_line or 0
-        for file_index in range(start.file_index, len(self.files)):
+        for file_index, _, end in self.ranges:
+            if file_index < start.file_index:
+                continue
             input_file = self.files[file_index]
+            # Only a run's first range starts inside a file, and the start position already points there.
             offset, line = (start.offset, start.line) if file_index == start.file_index else (0, 0)
             try:
-                for entry in read_lines(input_file, offset, line):
+                for entry in read_lines(input_file, offset, line, end):
                     if file_index == 0 and entry.number < from_line:
                         continue
                     item = builder.build(entry.data, input_file.path, entry.number)
@@ -296,7 +317,7 @@ class PushRun:
             state.updated_at = _now_iso()
             self.store.save(state)
         return PushResult(self.batch_id, status, exit_code, batch, this_run, self.stats, duration,
-                          state.position, error)
+                          state.position, error, state.shard, state.slurm)
 
 
 class _ChunkPump:
@@ -386,7 +407,7 @@ class _Committer:
             if self.queue is not None:
                 self.queue.put(retry)
                 self.queue.dead_letter(dead)
-                self.run.recorder.delivered(outcome)
+                self.run.recorder.resolved(outcome)
         if self.queue is not None:
             self.queue.dead_letter(quarantined)
         self._tell_user(chunk, outcome)
@@ -416,14 +437,14 @@ class _Committer:
         self.run.notify("committed", self.state, self.this_run)
 
 
-def _refuse_changed_objects(states, fresh: RunState) -> None:
+def _refuse_changed_objects(states, inputs: list) -> None:
     """Refuse when the latest run over an S3 object left it unfinished and its ETag has changed since.
 
     Changed local files simply make a new batch; for an S3 object, whose ETag
     is its identity, an abandoned half-pushed version is refused instead, so
     the user decides (restore it, or --restart with the new version).
     """
-    etags = {f["path"]: f["etag"] for f in fresh.inputs if f.get("etag")}
+    etags = {f["path"]: f["etag"] for f in inputs if f.get("etag")}
     latest = {}                                     # path -> (updated_at, state, etag then)
     for state in states if etags else ():
         for old in state.inputs:

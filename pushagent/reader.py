@@ -100,14 +100,16 @@ def open_input(input_file: InputFile, offset: int = 0):
     return stream
 
 
-def read_lines(input_file: InputFile, offset: int = 0, line: int = 0) -> Iterator[Line]:
-    """Yield the lines after `offset` (which ends line number `line`).
+def read_lines(input_file: InputFile, offset: int = 0, line: int = 0, end: int | None = None) -> Iterator[Line]:
+    """Yield the lines after `offset` (which ends line number `line`) that start before `end`.
 
     Blank lines are skipped but counted, so line numbers match an editor's.
     """
     try:
         with open_input(input_file, offset) as stream:
             for data in stream:
+                if end is not None and offset >= end:
+                    return
                 offset += len(data)
                 line += 1
                 if line == 1 and data.startswith(BOM):
@@ -117,3 +119,23 @@ def read_lines(input_file: InputFile, offset: int = 0, line: int = 0) -> Iterato
     except (EOFError, OSError, zlib.error) as error:
         raise InputReadError(f"cannot read past line {line}, the file is truncated or damaged: {error}",
                              file=input_file.path, line=line + 1, hint="regenerate the file") from None
+
+
+def next_line_start(input_file: InputFile, offset: int) -> tuple[int, int]:
+    """The first line start at or after byte `offset` of a plain input, and how many lines come before it.
+
+    Counting those lines reads the file up to `offset`: line numbers stay the
+    file's own, so a shard's dead-letter entries name the right line.
+    """
+    if offset == 0:
+        return 0, 0
+    lines, remaining = 0, offset - 1
+    with open_input(input_file) as handle:
+        while remaining:
+            block = handle.read(min(remaining, 1024 * 1024))
+            if not block:
+                break
+            lines += block.count(b"\n")
+            remaining -= len(block)
+        rest = handle.readline()    # from offset - 1: just b"\n" when offset already starts a line
+    return offset - 1 + len(rest), lines + (1 if rest else 0)

@@ -1,23 +1,30 @@
 """What a push records for verification and sync-state, and the `verify` command's run.
 
 A push calls BatchRecorder at its start (record `pushing`), for each
-resolved chunk (the acknowledged documents and the sample), and at its end
-(record `pushed`/`interrupted`/..., then verification). `verify_batch`
-checks a batch again later, from its record or from the source files.
+resolved chunk (the documents the index should hold, and the sample), and at
+its end (record `pushed`/`interrupted`/..., then verification). `verify_batch`
+checks a batch again later, from its record (merging the tables of a sharded
+batch) or from the source files.
 """
 
 import dataclasses
+import logging
 import time
 from datetime import datetime, timezone
 
 from .builder import BuildSettings
 from .cluster import ClusterClient
-from .doctable import DocTable
+from .doctable import DocTable, table_path
 from .errors import EXIT_INCOMPLETE, EXIT_OK, ConfigError
 from .fullscan import enqueue_missing
+from .mirror import mirror_state
 from .retry_queue import open_queue
+from .shard import Shard, run_key
+from .sharded import batch_fields, check_finished, merged_table, shard_states
 from .state import AuditLog, SyncStateStore, runtime_fields
 from .verifier import VerifySpec, add_full_scan, load_sources, run_checks, temporary_table
+
+log = logging.getLogger(__name__)
 
 
 def spec_for(settings: BuildSettings, expected_date=None, expected_count=None) -> VerifySpec:
@@ -36,12 +43,14 @@ def settings_from_record(record: dict) -> BuildSettings:
 
 
 class BatchRecorder:
-    """Sync-state and delivered documents of one push run."""
+    """Sync-state and documents of one push run (of a whole batch, or of one `shard` of it)."""
 
-    def __init__(self, config, batch_id: str, settings: BuildSettings, files, checkpoints, verify: bool = True):
+    def __init__(self, config, batch_id: str, settings: BuildSettings, files, checkpoints, verify: bool = True,
+                 shard: Shard | None = None):
         self.config, self.batch_id, self.settings, self.files = config, batch_id, settings, files
-        self.checkpoints, self.verify = checkpoints, verify
-        self.table = DocTable(config.state_path / "runs" / f"{batch_id}.docs.db", config.sample_size, batch_id)
+        self.checkpoints, self.verify, self.shard = checkpoints, verify, shard
+        # A shard has a table of its own: each has one writer, on whatever node its task runs.
+        self.table = DocTable(table_path(config.state_path, run_key(batch_id, shard)), config.sample_size, batch_id)
         self.client = ClusterClient(config)
         self.cluster = {}
 
@@ -51,14 +60,15 @@ class BatchRecorder:
         self.cluster = self.client.info()
         self.write(state, "pushing")
 
-    def delivered(self, outcome) -> None:
-        """Documents the cluster acknowledged: 2xx replaces an equal version, 409 does not."""
+    def resolved(self, outcome) -> None:
+        """Documents the index should hold: acknowledged ones (2xx replaces an equal version, 409 does not),
+        and queued ones, which `drain` delivers later; dead-lettered ones are not expected."""
         self.table.add(outcome.indexed, replace_equal=True)
-        self.table.add(outcome.current, replace_equal=False)
+        self.table.add(outcome.current + [doc for doc, _ in outcome.retry], replace_equal=False)
 
     def finished(self, state, result):
-        """Write the final record; verify first when the batch was pushed completely."""
-        if result.status == "pushed" and self.verify:
+        """Write the final record; verify first when the batch was pushed completely and can be verified now."""
+        if result.status == "pushed" and self.verify and self._ready_to_verify(state):
             self.write(state, "pushed")
             result.verification = run_checks(self.client, self.table, spec_for(self.settings), self.indices(),
                                              self.table.sample())
@@ -69,6 +79,22 @@ class BatchRecorder:
             self.checkpoints.save(state)
         self.write(state, result.status, getattr(result, "verification", None))
         return result
+
+    def _ready_to_verify(self, state) -> bool:
+        """Not while other shards may still push, nor while records wait in the retry queue: the index
+        cannot hold the whole batch yet, so verifying could only fail. Says when to verify instead."""
+        waiting_for = self._waiting_for(state)
+        if waiting_for:
+            log.info("batch %s can be verified after %s: `pushagent verify --batch-id %s`", self.batch_id,
+                     waiting_for, self.batch_id)
+        return not waiting_for
+
+    def _waiting_for(self, state) -> str:
+        if self.shard:
+            return f"its other shards have finished (this is shard {self.shard})"
+        if state.counters["queued"]:
+            return f"`pushagent drain` has sent the {state.counters['queued']} records waiting in the retry queue"
+        return ""
 
     def indices(self) -> list:
         return self.table.indices() or [self.settings.default_index]
@@ -89,6 +115,7 @@ def batch_record(recorder: BatchRecorder, state, status: str, verification) -> d
     build = dataclasses.asdict(settings)
     build["allowed_indices"] = sorted(settings.allowed_indices)
     now = _now_iso()
+    shard = {"shard": str(recorder.shard)} if recorder.shard else {}
     return {"batch_id": recorder.batch_id, "status": status, "started_at": state.started_at,
             "updated_at": now, "finished_at": None if status == "pushing" else now,
             "batch_time": settings.batch_time_iso, "embedding_version": settings.embedding_version,
@@ -96,7 +123,7 @@ def batch_record(recorder: BatchRecorder, state, status: str, verification) -> d
             "indices": recorder.indices(), "inputs": [f.path for f in recorder.files],
             "doc_count": counts["distinct"], "duplicates": counts["duplicates"],
             "checksum": recorder.table.checksum(), "counters": dict(state.counters),
-            "verification": verification, "cluster": recorder.cluster, "build": build, **runtime_fields()}
+            "verification": verification, "cluster": recorder.cluster, "build": build, **shard, **runtime_fields()}
 
 
 @dataclasses.dataclass
@@ -131,27 +158,47 @@ def _verify_recorded(config, client, options: VerifyOptions) -> dict:
     store = SyncStateStore(config.state_path)
     record = store.load(options.batch_id)
     settings = settings_from_record(record)
-    spec = spec_for(settings, options.expected_date)
-    table = DocTable(config.state_path / "runs" / f"{options.batch_id}.docs.db", config.sample_size,
-                     options.batch_id)
+    table = _batch_table(config, record)
     try:
-        result = run_checks(client, table, spec, record["indices"], table.sample())
+        result = run_checks(client, table, spec_for(settings, options.expected_date), record["indices"],
+                            table.sample())
     finally:
         table.close()
-    enqueued = None
-    if options.full:
-        directory, source = temporary_table(config.sample_size, "")
-        try:
-            load_sources(record["inputs"], settings, source)
-            enqueued = _full(config, client, options, result, settings, source, record["indices"])
-        finally:
-            source.close()
-            directory.cleanup()
+    enqueued = _full_from_inputs(config, client, options, result, settings, record) if options.full else None
     record.update(status="verified" if result["ok"] else "verification_failed", verification=result,
                   updated_at=_now_iso(), **runtime_fields())
     store.save(record)
     AuditLog(config.state_path).append(record)
-    return _report(record["batch_id"], result, enqueued, record.get("counters", {}))
+    report = _report(record["batch_id"], result, enqueued, record.get("counters", {}))
+    mirrored = mirror_state(config, record["batch_id"])  # a sharded batch's record is final only here
+    if mirrored is not None:
+        report["mirror"] = mirrored
+    return report
+
+
+def _batch_table(config, record: dict) -> DocTable:
+    """The documents the batch's index should hold. A sharded batch's come from all its shards, once they
+    have finished; `record`, the one its last shard wrote, then gets the batch's totals and shards."""
+    batch_id = record["batch_id"]
+    states = shard_states(config.state_path, batch_id)
+    if not states:
+        return DocTable(table_path(config.state_path, batch_id), config.sample_size, batch_id)
+    check_finished(batch_id, states)
+    table = merged_table(config.state_path, batch_id, states, config.sample_size)
+    record.pop("shard", None)
+    record.update(batch_fields(table, states, record["indices"]))
+    return table
+
+
+def _full_from_inputs(config, client, options: VerifyOptions, result: dict, settings, record: dict) -> int | None:
+    """--full for a recorded batch: the source is its inputs, read again."""
+    directory, source = temporary_table(config.sample_size, "")
+    try:
+        load_sources(record["inputs"], settings, source)
+        return _full(config, client, options, result, settings, source, record["indices"])
+    finally:
+        source.close()
+        directory.cleanup()
 
 
 def _verify_unrecorded(config, client, options: VerifyOptions) -> dict:

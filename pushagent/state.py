@@ -19,18 +19,15 @@ from pathlib import Path
 from . import __version__
 from .checkpoint import write_atomically
 from .errors import PushAgentError
+from .slurm_env import slurm_facts
 
 STATUSES = ("pushing", "interrupted", "pushed", "verified", "verification_failed")
 GENESIS = "0" * 64
-SLURM_VARIABLES = {"job_id": "SLURM_JOB_ID", "array_job_id": "SLURM_ARRAY_JOB_ID",
-                   "array_task_id": "SLURM_ARRAY_TASK_ID"}
 
 
 def runtime_fields(environ=None) -> dict:
-    """Agent version, host and Slurm ids of the process writing a record."""
-    environ = os.environ if environ is None else environ
-    return {"agent_version": __version__, "host": socket.gethostname(),
-            "slurm": {key: environ.get(name) for key, name in SLURM_VARIABLES.items()}}
+    """Agent version, host and Slurm job (ids, restart count, node) of the process writing a record."""
+    return {"agent_version": __version__, "host": socket.gethostname(), "slurm": slurm_facts(environ)}
 
 
 class SyncStateStore:

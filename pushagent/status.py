@@ -13,9 +13,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .chunker import Position
-from .progress import bytes_done, input_sizes
+from .errors import PushAgentError
+from .progress import bytes_done, bytes_total, input_sizes
+from .reader import InputFile
 from .retry_queue import open_queue
 from .retry_queue.base import DEAD, PENDING
+from .shard import file_ranges, parse_shard
 
 HEALTHY, WARNING, CRITICAL = "healthy", "warning", "critical"
 EXIT_CODES = {HEALTHY: 0, WARNING: 1, CRITICAL: 2}
@@ -120,9 +123,11 @@ def _input_progress(run: dict) -> dict:
         inputs = run["inputs"]
         position = Position(**run["position"])
         sizes = input_sizes(inputs)
-    except (KeyError, TypeError):
+        shard = parse_shard(run["shard"]) if run.get("shard") else None
+        ranges = file_ranges([InputFile(**fp) for fp in inputs], shard) if shard else None
+    except (KeyError, TypeError, PushAgentError):
         return {}
-    done, total = bytes_done(sizes, position), sum(sizes)
+    done, total = bytes_done(sizes, position, ranges), bytes_total(sizes, ranges)
     resume = None
     if position.file_index < len(inputs) and run.get("status") not in SUCCESS_STATUSES:
         resume = {"file": inputs[position.file_index].get("path"), "line": position.line, "offset": position.offset}

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what pushagent, its tests and its demo need on a fresh Debian machine:
 # system packages (Java 17 and Maven for the local OpenSearch, servers the tests
-# talk to), then this package with its test extras. Safe to run again.
+# talk to, Slurm and munge for the single-node Slurm the slurm/ tests start), then
+# this package with its test extras. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,6 +19,7 @@ retry() {
 # command -> Debian package providing it
 declare -A PACKAGES=(
   [java]=openjdk-17-jre-headless [mvn]=maven [unzip]=unzip [curl]=curl
+  [sbatch]=slurm-wlm [munge]=munge
   [prometheus-pushgateway]=prometheus-pushgateway
   [redis-server]=redis-server
   [nginx]=nginx   # TLS + API key + limit_req front of the test cluster (tests/tlsnginx.py)

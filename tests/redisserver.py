@@ -8,7 +8,7 @@ import time
 
 import redis
 
-from support import free_port
+from support import free_port, run_cli
 
 
 class RedisServer:
@@ -56,3 +56,20 @@ class RedisServer:
                 self.process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+def drain_killed_mid_way(server: RedisServer, proxy, env: dict, at_request: int = 3) -> None:
+    """`drain --all` through `proxy` while redis-server is SIGKILLed at bulk request `at_request`.
+
+    The drain must fail naming the server; then the server restarts (with its
+    append-only file) and the killed drain's leases run out.
+    """
+    def plan(request):
+        if request.ids and len(proxy.bulk_requests()) == at_request:
+            server.kill()
+        return None
+    proxy.plan = plan
+    code, _, stderr = run_cli("drain", "--all", url=proxy.url, queue_url=server.url(), env=env)
+    assert code == 1 and server.url() in stderr, stderr
+    server.start()
+    time.sleep(float(env["PUSHAGENT_LEASE_SECONDS"]) + 0.2)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -131,3 +132,16 @@ def wait_for(condition, seconds=120):
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
+
+
+def interrupt_after(proxy, command, requests=3, env=None, timeout=120):
+    """Run `command` through `proxy`, SIGTERM it once `requests` bulk requests arrived.
+
+    Returns (exit code, JSON report or None, stderr).
+    """
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=agent_env(env))
+    wait_for(lambda: len(proxy.bulk_requests()) >= requests or process.poll() is not None)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=timeout)
+    return process.returncode, json.loads(stdout) if stdout.strip() else None, stderr

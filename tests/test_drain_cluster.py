@@ -10,7 +10,7 @@ import redis
 import requests
 
 from faultproxy import Fault, FaultProxy
-from redisserver import RedisServer
+from redisserver import RedisServer, drain_killed_mid_way
 from support import (agent_env, cli_command, count, fill_queue, free_port, generate, queue_stats, queued_ids, run_cli,
                      run_push, wait_for)
 
@@ -167,15 +167,7 @@ def killed_push_then_rerun(cluster_url, index, state_dir, tmp_path, server):
 def killed_drain_then_rerun(cluster_url, index, server):
     env = {"PUSHAGENT_LEASE_SECONDS": "2", "PUSHAGENT_CHUNK_DOCS": "500", "PUSHAGENT_CONCURRENCY": "1"}
     with FaultProxy(cluster_url) as proxy:
-        def plan(request):
-            if request.ids and len(proxy.bulk_requests()) == 3:
-                server.kill()
-            return None
-        proxy.plan = plan
-        code, report, stderr = run_cli("drain", "--all", url=proxy.url, queue_url=server.url(), env=env)
-    assert code == 1 and server.url() in stderr, stderr
-    server.start()
-    time.sleep(2.2)
+        drain_killed_mid_way(server, proxy, env)
     code, report, stderr = run_cli("drain", "--all", url=cluster_url, queue_url=server.url(), env=env)
     assert code == 0, stderr
     assert count(cluster_url, index) == 5_000 and queue_stats(server.url())["pending"] == 0

@@ -19,7 +19,8 @@ from pushagent.errors import ConfigError, InputChangedError
 from pushagent.config import load_config
 from pushagent.reader import InputFile, describe_file, expand_inputs, read_lines
 from pushagent.s3 import parse_url
-from support import S3_TEST_ENV, agent_env, count, generate, push_command, run_push, stored_checksums
+from support import (S3_TEST_ENV, agent_env, count, generate, interrupt_after, push_command, run_cli, run_push,
+                     stored_checksums)
 
 
 @pytest.fixture
@@ -178,14 +179,9 @@ def test_state_mirror_uploads_after_an_interrupt_and_after_the_batch(cluster_url
     env = s3_env(s3_proxy, PUSHAGENT_STATE_MIRROR=f"s3://{bucket}/agent/")
     with FaultProxy(cluster_url) as cluster:
         cluster.plan = lambda request: Fault.delay(0.1) if request.ids else None
-        process = subprocess.Popen(push_command(cluster.url, index, state_dir, data, extra=["--chunk-docs", "500"]),
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=agent_env(env))
-        while len(cluster.bulk_requests()) < 3 and process.poll() is None:
-            time.sleep(0.02)
-        process.send_signal(signal.SIGTERM)
-        stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 75, stderr
-    interrupted = json.loads(stdout)
+        code, interrupted, stderr = interrupt_after(
+            cluster, push_command(cluster.url, index, state_dir, data, extra=["--chunk-docs", "500"]), env=env)
+    assert code == 75, stderr
     assert_mirrored(interrupted["mirror"], state_dir, s3_client, bucket, interrupted["batch_id"])
     assert json.loads(remote(s3_client, bucket, f"agent/runs/{interrupted['batch_id']}.json"))["status"] == \
         "interrupted"
@@ -245,3 +241,24 @@ def test_s3_urls_and_settings_are_checked():
     with pytest.raises(ConfigError, match="refusing plain http:// to minio.example.org"):
         load_config(flags={"s3_endpoint_url": "http://minio.example.org:9000"}, environ={})
     assert load_config(flags={"s3_endpoint_url": "https://fra1.digitaloceanspaces.com"}, environ={})
+
+
+def test_shards_split_one_object_by_byte_ranges_and_verify_mirrors_the_batch_record(
+        cluster_url, index, state_dir, tmp_path, s3_client, bucket, s3_proxy):
+    data = generate(tmp_path / "words.jsonl", 3_000)
+    put(s3_client, bucket, "words.jsonl", data)
+    env = s3_env(s3_proxy, PUSHAGENT_STATE_MIRROR=f"s3://{bucket}/agent/")
+    reports = []
+    for shard in ("0/2", "1/2"):
+        code, report, stderr = run_push(cluster_url, index, state_dir, f"s3://{bucket}/words.jsonl", env=env,
+                                        extra=["--shard", shard, "--batch-id", "words-s3"])
+        assert code == 0, stderr
+        reports.append(report)
+    assert sum(report["read"] for report in reports) == 3_000 and all(report["read"] for report in reports)
+    assert count(cluster_url, index) == 3_000
+    code, verified, stderr = run_cli("verify", "--batch-id", "words-s3", url=cluster_url, state_dir=state_dir,
+                                     env=env)
+    assert code == 0, stderr
+    assert f"s3://{bucket}/agent/sync-state/words-s3.json" in verified["mirror"]["uploaded"]
+    record = json.loads(remote(s3_client, bucket, "agent/sync-state/words-s3.json"))
+    assert record["status"] == "verified" and record["doc_count"] == 3_000, record

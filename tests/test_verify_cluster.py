@@ -1,10 +1,9 @@
 """Verification and sync-state against the real OpenSearch."""
 
+import hashlib
 import json
 import os
-import signal
 import sqlite3
-import subprocess
 import time
 
 import orjson
@@ -13,7 +12,7 @@ import requests
 
 from faultproxy import Fault, FaultProxy
 from pushagent.builder import canonical_checksum
-from support import agent_env, generate, push_command, run_cli, run_push
+from support import generate, interrupt_after, push_command, run_cli, run_push
 
 V1 = ["--embedding-version", "v1"]
 
@@ -49,13 +48,17 @@ def test_clean_push_verifies_and_records_every_field(cluster_url, index, state_d
     assert saved["status"] == "verified" and saved["doc_count"] == 3_000 and saved["index"] == index
     assert saved["counters"]["indexed"] == 3_000 and saved["cluster"]["version"] == "2.19.1"
     assert {"host", "agent_version", "slurm", "checksum", "started_at", "embedding_version"} <= set(saved)
-    checksums = sorted(canonical_checksum(orjson.loads(line)) for line in data.read_bytes().splitlines())
-    import hashlib
-    assert saved["checksum"] == hashlib.sha256("".join(c + "\n" for c in checksums).encode()).hexdigest()
+    assert saved["checksum"] == batch_checksum(data)
     code, listed, _ = run_cli("state", "list", "--state-dir", state_dir)
     assert code == 0 and [r["status"] for r in listed] == ["verified"]
     code, audit, _ = run_cli("state", "audit", "--state-dir", state_dir)
     assert code == 0 and audit["ok"] and audit["lines"] == 3  # pushing, pushed, verified
+
+
+def batch_checksum(data) -> str:
+    """sha256 over the sorted checksums of every record of `data`, one hex digest and newline each."""
+    checksums = sorted(canonical_checksum(orjson.loads(line)) for line in data.read_bytes().splitlines())
+    return hashlib.sha256("".join(c + "\n" for c in checksums).encode()).hexdigest()
 
 
 def test_no_verify_leaves_the_batch_pushed(cluster_url, index, state_dir, tmp_path):
@@ -140,6 +143,21 @@ def drain(cluster_url, state_dir) -> dict:
     return report
 
 
+def test_records_left_in_the_retry_queue_are_verified_after_the_drain(cluster_url, index, state_dir, tmp_path):
+    data = generate(tmp_path / "words.jsonl", 2_000)
+    with FaultProxy(cluster_url) as proxy:
+        # The first chunk's items refused with 429 and, without in-run retries, queued.
+        proxy.plan = lambda request: Fault.item_status(429, every=1) if request.ids[:1] == ["w00000000"] else None
+        code, report, stderr = run_push(proxy.url, index, state_dir, data, extra=[*V1, "--chunk-docs", "500"],
+                                        env={"PUSHAGENT_MAX_RETRIES": "0"})
+    assert (code, report["queued"], report["status"], "verification" in report) == (3, 500, "pushed", False), stderr
+    assert "can be verified after `pushagent drain` has sent the 500 records" in stderr
+    assert record(state_dir, report["batch_id"])["doc_count"] == 2_000
+    assert drain(cluster_url, state_dir)["acked"] == 500
+    code, result, stderr = verify(cluster_url, state_dir, report["batch_id"])
+    assert code == 0 and result["verification"]["count"]["actual"] == 2_000, stderr
+
+
 def test_an_older_batch_pushed_after_a_newer_one_verifies(cluster_url, index, state_dir, tmp_path):
     newer = generate(tmp_path / "newer.jsonl", 300, seed=1)
     older = generate(tmp_path / "older.jsonl", 300, seed=2)
@@ -179,20 +197,42 @@ def test_interrupted_push_writes_an_interrupted_record(cluster_url, index, state
     data = generate(tmp_path / "words.jsonl", 6_000)
     with FaultProxy(cluster_url) as proxy:
         proxy.plan = lambda request: Fault.delay(0.2) if request.ids else None
-        process = subprocess.Popen(push_command(proxy.url, index, state_dir, data, extra=["--chunk-docs", "500"]),
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=agent_env())
-        deadline = time.monotonic() + 60
-        while len(proxy.bulk_requests()) < 3 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        process.send_signal(signal.SIGTERM)
-        stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 75, stderr
-    batch_id = json.loads(stdout)["batch_id"]
+        code, interrupted, stderr = interrupt_after(
+            proxy, push_command(proxy.url, index, state_dir, data, extra=["--chunk-docs", "500"]))
+    assert code == 75, stderr
+    batch_id = interrupted["batch_id"]
     saved = record(state_dir, batch_id)
     assert saved["status"] == "interrupted" and 0 < saved["doc_count"] < 6_000
     code, report, stderr = run_push(cluster_url, index, state_dir, data, extra=["--chunk-docs", "500"])
     assert code == 0 and report["status"] == "verified", stderr
     assert record(state_dir, batch_id)["doc_count"] == 6_000
+
+
+def test_a_batch_pushed_in_three_shards_is_verified_as_one(cluster_url, index, state_dir, tmp_path):
+    data = generate(tmp_path / "words.jsonl", 3_000)
+    shard = [*V1, "--batch-id", "words-sharded", "--chunk-docs", "400", "--shard"]
+    reports = []
+    for part in ("0/3", "1/3"):
+        code, report, stderr = run_push(cluster_url, index, state_dir, data, extra=[*shard, part])
+        assert (code, report["status"], "verification" in report) == (0, "pushed", False), stderr
+        assert f"can be verified after its other shards have finished (this is shard {part})" in stderr
+        reports.append(report)
+    code, _, stderr = verify(cluster_url, state_dir, "words-sharded")
+    assert code == 1 and "cannot be verified before all its shards have finished: shard 2/3 never ran" in stderr
+    code, report, stderr = run_push(cluster_url, index, state_dir, data, extra=[*shard, "2/3"])
+    assert code == 0, stderr
+    reports.append(report)
+    code, result, stderr = verify(cluster_url, state_dir, "words-sharded")
+    assert code == 0, stderr
+    check = result["verification"]
+    assert (check["count"]["expected"], check["count"]["actual"], check["sample"]["size"]) == (3_000, 3_000, 100)
+    assert result["read"] == sum(r["read"] for r in reports) == 3_000
+    saved = record(state_dir, "words-sharded")
+    assert (saved["status"], saved["doc_count"], saved["checksum"]) == ("verified", 3_000, batch_checksum(data))
+    assert [(s["shard"], s["status"], s["counters"]["read"]) for s in saved["shards"]] == [
+        (r["shard"], "pushed", r["read"]) for r in reports]
+    code, result, stderr = verify(cluster_url, state_dir, "words-sharded", "--full")
+    assert code == 0 and result["verification"]["full"]["scanned"] == 3_000, stderr
 
 
 @pytest.mark.skipif(not os.environ.get("PUSHAGENT_TEST_ES_URL"), reason="set PUSHAGENT_TEST_ES_URL to an Elasticsearch")

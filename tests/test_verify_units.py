@@ -3,6 +3,7 @@
 import dataclasses
 import hashlib
 import json
+import random
 
 import orjson
 import pytest
@@ -13,9 +14,11 @@ from pushagent.builder import Builder, BuildSettings
 from pushagent.cli import cli
 from pushagent.cluster import ClusterClient
 from pushagent.config import Config
-from pushagent.doctable import DocTable
+from pushagent.checkpoint import CheckpointStore, RunState
+from pushagent.doctable import DocTable, combined_sample
 from pushagent.errors import PushAgentError
 from pushagent.fullscan import full_scan, stamped_checksum
+from pushagent.sharded import check_finished, shard_states
 from pushagent.state import AuditLog, SyncStateStore
 
 SETTINGS = BuildSettings("id", "words", None, frozenset({"words"}), 1000, "2026-01-01T00:00:00.000Z",
@@ -154,6 +157,62 @@ def test_verification_requests_ride_out_429_and_503():
 
 def test_records_carry_the_slurm_job_and_array_ids():
     from pushagent.state import runtime_fields
-    fields = runtime_fields({"SLURM_JOB_ID": "4242", "SLURM_ARRAY_JOB_ID": "4200", "SLURM_ARRAY_TASK_ID": "7"})
-    assert fields["slurm"] == {"job_id": "4242", "array_job_id": "4200", "array_task_id": "7"}
+    fields = runtime_fields({"SLURM_JOB_ID": "4242", "SLURM_ARRAY_JOB_ID": "4200", "SLURM_ARRAY_TASK_ID": "7",
+                             "SLURM_RESTART_COUNT": "2", "SLURMD_NODENAME": "cn7"})
+    assert fields["slurm"] == {"job_id": 4242, "array_job_id": 4200, "array_task_id": 7, "restart_count": 2,
+                               "node": "cn7", "job_name": None}
     assert fields["host"] and fields["agent_version"]
+
+
+def shard_tables(tmp_path, parts) -> list:
+    """One table per shard, each with the documents of its part, and its path."""
+    paths = []
+    for number, part in enumerate(parts):
+        table = DocTable(tmp_path / f"shard{number}.db", sample_size=100, seed="b")
+        table.add(part, replace_equal=True)
+        table.close()
+        paths.append(tmp_path / f"shard{number}.db")
+    return paths
+
+
+def test_merged_shard_tables_hold_the_batch_as_one_table_would(tmp_path):
+    built = docs(*({"id": str(n)} for n in range(300)))
+    repeated = docs({"id": "7", "x": "again"}, line=900)       # an id the input repeats in another shard
+    newer = docs({"id": "8", "x": "newer"}, version=2000, line=901)
+    whole = DocTable(tmp_path / "whole.db", sample_size=100, seed="b")
+    for part in (built, repeated, newer):
+        whole.add(part, replace_equal=False)
+    merged = DocTable(tmp_path / "merged.db", sample_size=100, seed="b")
+    merged.merge(shard_tables(tmp_path, [built[:250], built[250:] + repeated, newer, []]), "b")
+    assert merged.counts() == whole.counts() == {"per_index": {"words": 300}, "distinct": 300, "duplicates": 2}
+    assert merged.checksum() == whole.checksum()
+    rows = {doc_id: (checksum, version) for doc_id, checksum, version in whole.query(
+        "SELECT id, checksum, version FROM docs")}
+    sample = merged.sample()   # of input lines, like a push's: a repeated id may be drawn twice
+    assert len(sample) == 100 and len({doc_id for _, doc_id, _, _ in sample}) >= 98
+    assert all(rows[doc_id] == (checksum, version) for _, doc_id, checksum, version in sample)
+    with pytest.raises(PushAgentError, match="this table of a shard's documents is missing"):
+        merged.merge([tmp_path / "shard0.db", tmp_path / "gone.db"], "b")
+
+
+def test_combined_sample_draws_from_each_shard_in_proportion_to_its_size():
+    big = (9_000, [("words", f"big{n}") for n in range(100)])
+    small = (1_000, [("words", f"small{n}") for n in range(100)])
+    picks = [row for seed in range(50) for row in combined_sample([big, small, (0, [])], 100, random.Random(seed))]
+    assert len(picks) == 5_000
+    assert sum(doc_id.startswith("big") for _, doc_id in picks) in range(4_350, 4_650)   # 90 %, within 3 sigma
+    few = (3, [("words", "a"), ("words", "b"), ("words", "c")])
+    assert sorted(combined_sample([few, (0, [])], 100, random.Random(1))) == few[1]
+
+
+def test_verify_refuses_a_sharded_batch_until_every_shard_of_one_split_has_finished(tmp_path):
+    store = CheckpointStore(tmp_path)
+    # bb's shard 2 is another batch's.
+    for key, status in (("b.shard-0-of-3", "pushed"), ("b.shard-1-of-3", "interrupted"), ("bb.shard-2-of-3", "pushed")):
+        store.save(RunState("b", [], {}, status=status, key=key))
+    with pytest.raises(PushAgentError, match="shard 1/3 is interrupted; shard 2/3 never ran") as refused:
+        check_finished("b", shard_states(tmp_path, "b"))
+    assert "--batch-id b --shard K/3" in refused.value.hint
+    store.save(RunState("b", [], {}, status="pushed", key="b.shard-0-of-2"))
+    with pytest.raises(PushAgentError, match="pushed in 2 and in 3 shards"):
+        check_finished("b", shard_states(tmp_path, "b"))

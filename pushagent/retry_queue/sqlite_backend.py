@@ -4,6 +4,8 @@ BEGIN IMMEDIATE takes the write lock before the select of a take, so two
 drainers (threads or processes) never lease the same row.
 """
 
+import contextlib
+import fcntl
 import sqlite3
 import threading
 from pathlib import Path
@@ -70,14 +72,27 @@ class SqliteQueue(RetryQueue):
         self._lock = threading.Lock()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(self.path), timeout=30, check_same_thread=False,
-                                       isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(SCHEMA)
-            self._add_lease_token()
+            with self._opening_lock():
+                self._db = sqlite3.connect(str(self.path), timeout=30, check_same_thread=False,
+                                           isolation_level=None)
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._db.executescript(SCHEMA)
+                self._add_lease_token()
         except (sqlite3.Error, OSError) as error:
             raise QueueError(f"cannot open the retry queue {self.path}: {error}") from None
+
+    @contextlib.contextmanager
+    def _opening_lock(self):
+        """Processes opening the queue take turns, e.g. the tasks of an array starting together.
+
+        Opening a new queue switches it to WAL and adds columns. SQLite answers
+        a second process doing the same with "database is locked" at once,
+        without waiting for its busy timeout, or lets both add a column.
+        """
+        with open(self.path.with_name(f"{self.path.name}.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
 
     def _add_lease_token(self) -> None:
         # Queues written before leases had tokens lack the column; adding it keeps their items.

@@ -20,7 +20,7 @@ from pushagent.reader import BOM
 
 from conftest import FULL, scale
 from faultproxy import Fault, FaultProxy
-from redisserver import RedisServer
+from redisserver import RedisServer, drain_killed_mid_way
 from support import (agent_env, cli_command, count, fill_queue, generate, push_command, queue_stats, queued_ids,
                      run_cli, run_push, stored_checksums)
 
@@ -378,15 +378,7 @@ def test_redis_killed_mid_drain(cluster_url, index, tmp_path, reliability_row):
         ids = fill_queue(server.url(), generate(tmp_path / "words.jsonl", records), index)
         env = {"PUSHAGENT_LEASE_SECONDS": "2", "PUSHAGENT_CHUNK_DOCS": "500"}
         with FaultProxy(cluster_url) as proxy:
-            def plan(request):
-                if request.ids and len(proxy.bulk_requests()) == 3:
-                    server.kill()
-                return None
-            proxy.plan = plan
-            code, _, stderr = run_cli("drain", "--all", url=proxy.url, queue_url=server.url(), env=env)
-            assert code == 1 and server.url() in stderr, stderr
-            server.start()
-            time.sleep(2.2)
+            drain_killed_mid_way(server, proxy, env)
             code, report, stderr = run_cli("drain", "--all", url=proxy.url, queue_url=server.url(), env=env)
             resent = proxy.resent()
         assert code == 0, stderr

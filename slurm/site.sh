@@ -1,0 +1,17 @@
+# shellcheck shell=bash
+# Site settings of the pushagent Slurm jobs: the one file a site edits.
+# Every value can also be set in the environment of the shell that submits.
+# Read by submit.sh (the sbatch options) and by every job, through pushagent-job.sh.
+
+# sbatch options; submit.sh passes them (with a plain `sbatch`, give them yourself, e.g. --account=...)
+PUSHAGENT_ACCOUNT=${PUSHAGENT_ACCOUNT:-}                  # --account, e.g. proj0042; empty: your default account
+PUSHAGENT_PARTITION=${PUSHAGENT_PARTITION:-}              # --partition; empty: the cluster's default
+PUSHAGENT_MAIL_TYPE=${PUSHAGENT_MAIL_TYPE:-FAIL,REQUEUE}  # --mail-type: mail the owner when a job fails or requeues
+PUSHAGENT_MAIL_USER=${PUSHAGENT_MAIL_USER:-}              # --mail-user; empty: the submitting user
+
+# inside every job
+PUSHAGENT_ACTIVATE=${PUSHAGENT_ACTIVATE:-}   # e.g. 'module load python/3.11 && source ~/venvs/pushagent/bin/activate'
+PUSHAGENT_CMD=${PUSHAGENT_CMD:-pushagent}    # the command, once activated (or e.g. "python3 -m pushagent")
+PUSHAGENT_CONFIG=${PUSHAGENT_CONFIG:-}       # --config FILE; empty: pushagent's own search (./pushagent.yaml, ...)
+PUSHAGENT_MAX_REQUEUES=${PUSHAGENT_MAX_REQUEUES:-5}  # requeues of an interrupted push before the job gives up
+PUSHAGENT_REPORT_DIR=${PUSHAGENT_REPORT_DIR:-.}      # each run's JSON report; "." is beside the %x-%j.out log
