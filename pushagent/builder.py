@@ -107,8 +107,9 @@ class Builder:
     def build(self, raw: bytes, file: str, line: int) -> Doc | Rejected:
         if len(raw) > self.settings.max_record_bytes:
             # It could never fit in a request: refuse it before spending memory on parsing it.
-            return Rejected(f"record of {len(raw)} bytes is larger than chunk_bytes "
-                            f"({self.settings.max_record_bytes}): split it or raise chunk_bytes", raw[:1024], file, line)
+            limit = self.settings.max_record_bytes
+            return Rejected(f"record of {len(raw)} bytes is larger than chunk_bytes ({limit}): split it or raise "
+                            "chunk_bytes", raw[:1024], file, line)
         try:
             record = orjson.loads(raw)
         except orjson.JSONDecodeError as error:

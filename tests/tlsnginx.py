@@ -194,7 +194,8 @@ http {{
 """
 
     def _server(self, variant: str) -> str:
-        readonly = f'if ($http_authorization = "ApiKey {self.readonly_key}") {{ return 403 \'{{"error":"forbidden"}}\'; }}'
+        readonly = (f'if ($http_authorization = "ApiKey {self.readonly_key}") '
+                    '{ return 403 \'{"error":"forbidden"}\'; }')
         return f"""    server {{
         listen 127.0.0.1:{self.ports[variant]} ssl;
         server_name localhost;
