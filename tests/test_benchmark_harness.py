@@ -33,8 +33,10 @@ def test_every_client_delivers_every_document_to_the_null_sink(sink, tmp_path):
               for gzip in (False, True)}
     rows = bench.measure(clients, "sink", sink, data, RECORDS, 1, chunks, tmp_path)  # asserts the sink's count
     assert [row["client"] for row in rows] == [client[0] for client in clients]
+    python_clients = {client[0] for client in clients if client[1] != "curl"}  # curl may finish in under a tick
     for row in rows:
-        assert row["docs_per_s"] > 0 and row["cpu_s"] > 0 and row["rss_mib"] > 0, row
+        assert row["docs_per_s"] > 0 and row["rss_mib"] > 0, row
+        assert row["cpu_s"] > 0 or row["client"] not in python_clients, row
     wire = {(row["client"].removesuffix(" gzip"), row["gzip"]): row["bytes"] for row in rows}
     for (client, gzip), sent in wire.items():
         if gzip and (client, False) in wire:
