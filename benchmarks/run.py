@@ -117,7 +117,7 @@ class Cluster:
 
     def __init__(self, directory: Path):
         self.directory = directory
-        env = {**os.environ, "PUSHAGENT_OPENSEARCH_HEAP": os.environ.get("PUSHAGENT_OPENSEARCH_HEAP", "1g")}
+        env = {**os.environ, "PUSHAGENT_CLUSTER_HEAP": os.environ.get("PUSHAGENT_CLUSTER_HEAP", "1g")}
         started = subprocess.run([str(ROOT / "scripts/dev-cluster.sh"), "start", str(directory)], env=env,
                                  capture_output=True, text=True)
         if started.returncode:

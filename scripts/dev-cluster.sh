@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Start and stop a local single-node OpenSearch for tests, the demo and the benchmarks.
+# Start and stop a local single-node OpenSearch (default) or Elasticsearch for tests, the demo and the benchmarks.
 #
 #   scripts/dev-cluster.sh start [DIR] [PORT]   start (DIR default $TMPDIR/pushagent-dev-cluster,
 #                                                PORT default a free one);
@@ -8,25 +8,43 @@
 #   scripts/dev-cluster.sh url [DIR]             print the URL of the node running in DIR
 #   scripts/dev-cluster.sh fetch                 only download and unpack the distribution
 #
+# PUSHAGENT_CLUSTER=elasticsearch picks Elasticsearch 8.15.0 instead of OpenSearch 2.19.1: the
+# tests start one for the code paths only Elasticsearch has (its point-in-time API). Versions:
+# PUSHAGENT_OPENSEARCH_VERSION, PUSHAGENT_ELASTICSEARCH_VERSION; heap: PUSHAGENT_CLUSTER_HEAP (512m).
 # The integ-test zip comes from Maven Central through Maven (cached in ~/.m2) and is
-# unpacked once (~/.cache/pushagent, or /var/cache/pushagent for root). OpenSearch
-# refuses to run as root, so as root the node runs as the system user
+# unpacked once (~/.cache/pushagent, or /var/cache/pushagent for root). Both distributions
+# refuse to run as root, so as root the node runs as the system user
 # `pushagent-search`, created on first use; DIR must then be reachable by that user.
 set -euo pipefail
 
-OPENSEARCH_VERSION="${PUSHAGENT_OPENSEARCH_VERSION:-2.19.1}"
-ARTIFACT="org.opensearch.distribution.integ-test-zip:opensearch:${OPENSEARCH_VERSION}:zip"
-ZIP="$HOME/.m2/repository/org/opensearch/distribution/integ-test-zip/opensearch/${OPENSEARCH_VERSION}/opensearch-${OPENSEARCH_VERSION}.zip"
+DISTRIBUTION="${PUSHAGENT_CLUSTER:-opensearch}"
+case "$DISTRIBUTION" in
+  opensearch)
+    VERSION="${PUSHAGENT_OPENSEARCH_VERSION:-2.19.1}"; GROUP="org.opensearch"; ENV_PREFIX="OPENSEARCH"
+    DISTRIBUTION_SETTINGS=() ;;
+  elasticsearch)
+    VERSION="${PUSHAGENT_ELASTICSEARCH_VERSION:-8.15.0}"; GROUP="org.elasticsearch"; ENV_PREFIX="ES"
+    # The integ-test zip ships the security module, which would demand TLS and passwords; the
+    # tests talk plain HTTP to loopback like they do to OpenSearch.
+    DISTRIBUTION_SETTINGS=(-Expack.security.enabled=false) ;;
+  *) echo "dev-cluster: PUSHAGENT_CLUSTER is opensearch or elasticsearch, not $DISTRIBUTION" >&2; exit 2 ;;
+esac
+ARTIFACT="${GROUP}.distribution.integ-test-zip:${DISTRIBUTION}:${VERSION}:zip"
+MAVEN_DIR="$HOME/.m2/repository/${GROUP//.//}/distribution/integ-test-zip/${DISTRIBUTION}/${VERSION}"
+ZIP="$MAVEN_DIR/${DISTRIBUTION}-${VERSION}.zip"
 if [ "$(id -u)" -eq 0 ]; then CACHE="${PUSHAGENT_CACHE:-/var/cache/pushagent}"; else CACHE="${PUSHAGENT_CACHE:-$HOME/.cache/pushagent}"; fi
 DEFAULT_DIR="${TMPDIR:-/tmp}/pushagent-dev-cluster"
-HOME_DIR="$CACHE/opensearch-${OPENSEARCH_VERSION}"
+HOME_DIR="$CACHE/${DISTRIBUTION}-${VERSION}"
+PID_FILE="${DISTRIBUTION}.pid"
 RUN_USER="pushagent-search"
-HEAP="${PUSHAGENT_OPENSEARCH_HEAP:-512m}"
+HEAP="${PUSHAGENT_CLUSTER_HEAP:-512m}"
+NAME="$DISTRIBUTION $VERSION"
 
 log() { echo "dev-cluster: $*" >&2; }
 
 find_java_home() {
-  if [ -n "${OPENSEARCH_JAVA_HOME:-}" ]; then echo "$OPENSEARCH_JAVA_HOME"; return; fi
+  local override="${ENV_PREFIX}_JAVA_HOME"
+  if [ -n "${!override:-}" ]; then echo "${!override}"; return; fi
   for candidate in /usr/lib/jvm/java-17-openjdk-amd64 /usr/lib/jvm/java-17-openjdk-arm64 /usr/lib/jvm/java-17-openjdk; do
     [ -x "$candidate/bin/java" ] && { echo "$candidate"; return; }
   done
@@ -42,11 +60,11 @@ fetch() {
     mvn -q -B dependency:get -Dartifact="$ARTIFACT" -Dtransitive=false >&2 || sleep $((attempt * 5))
   done
   [ -s "$ZIP" ] || { log "could not download $ARTIFACT from Maven Central"; exit 1; }
-  if [ ! -x "$HOME_DIR/bin/opensearch" ]; then
+  if [ ! -x "$HOME_DIR/bin/$DISTRIBUTION" ]; then
     mkdir -p "$CACHE"
     local tmp; tmp=$(mktemp -d "$CACHE/unpack.XXXXXX")
     unzip -q "$ZIP" -d "$tmp"
-    rm -rf "$HOME_DIR"; mv "$tmp/opensearch-${OPENSEARCH_VERSION}" "$HOME_DIR"; rm -rf "$tmp"
+    rm -rf "$HOME_DIR"; mv "$tmp/${DISTRIBUTION}-${VERSION}" "$HOME_DIR"; rm -rf "$tmp"
   fi
 }
 
@@ -67,7 +85,7 @@ start() {
   local dir port java_home
   dir=$(mkdir -p "${1:-$DEFAULT_DIR}" && cd "${1:-$DEFAULT_DIR}" && pwd)
   port="${2:-$(free_port)}"
-  if [ -s "$dir/url" ] && [ -s "$dir/opensearch.pid" ] && kill -0 "$(cat "$dir/opensearch.pid")" 2>/dev/null; then
+  if [ -s "$dir/url" ] && [ -s "$dir/$PID_FILE" ] && kill -0 "$(cat "$dir/$PID_FILE")" 2>/dev/null; then
     cat "$dir/url"; return
   fi
   fetch; ensure_run_user
@@ -76,13 +94,13 @@ start() {
   cp -r "$HOME_DIR/config" "$dir/config"
   mkdir -p "$dir/data" "$dir/logs"
   [ "$(id -u)" -eq 0 ] && chown -R "$RUN_USER" "$dir" "$HOME_DIR"
-  (cd "$dir" && as_run_user env OPENSEARCH_JAVA_HOME="$java_home" OPENSEARCH_PATH_CONF="$dir/config" \
-      OPENSEARCH_JAVA_OPTS="-Xms$HEAP -Xmx$HEAP" "$HOME_DIR/bin/opensearch" -d -p "$dir/opensearch.pid" \
-      -Ecluster.name=pushagent-dev -Enode.name=dev -Ediscovery.type=single-node \
+  (cd "$dir" && as_run_user env "${ENV_PREFIX}_JAVA_HOME=$java_home" "${ENV_PREFIX}_PATH_CONF=$dir/config" \
+      "${ENV_PREFIX}_JAVA_OPTS=-Xms$HEAP -Xmx$HEAP" "$HOME_DIR/bin/$DISTRIBUTION" -d -p "$dir/$PID_FILE" \
+      "${DISTRIBUTION_SETTINGS[@]}" -Ecluster.name=pushagent-dev -Enode.name=dev -Ediscovery.type=single-node \
       -Enetwork.host=127.0.0.1 -Ehttp.port="$port" -Etransport.port=0 \
       -Epath.data="$dir/data" -Epath.logs="$dir/logs" \
       -Ecluster.routing.allocation.disk.threshold_enabled=false >"$dir/stdout.log" 2>&1) || {
-    log "OpenSearch did not start; see $dir/stdout.log"; tail -20 "$dir/stdout.log" >&2; exit 1; }
+    log "$NAME did not start; see $dir/stdout.log"; tail -20 "$dir/stdout.log" >&2; exit 1; }
   local url="http://127.0.0.1:$port"
   for _ in $(seq 1 180); do
     if curl -fsS "$url/_cluster/health?wait_for_status=yellow&timeout=1s" >/dev/null 2>&1; then
@@ -90,17 +108,17 @@ start() {
     fi
     sleep 1
   done
-  log "OpenSearch did not answer on $url within 180 s; logs in $dir/logs"; stop "$dir"; exit 1
+  log "$NAME did not answer on $url within 180 s; logs in $dir/logs"; stop "$dir"; exit 1
 }
 
 stop() {
   local dir="${1:-$DEFAULT_DIR}" pid
-  [ -s "$dir/opensearch.pid" ] || { log "no node running in $dir"; return 0; }
-  pid=$(cat "$dir/opensearch.pid")
+  [ -s "$dir/$PID_FILE" ] || { log "no $DISTRIBUTION node running in $dir"; return 0; }
+  pid=$(cat "$dir/$PID_FILE")
   kill "$pid" 2>/dev/null || true
   for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
   kill -9 "$pid" 2>/dev/null || true
-  rm -f "$dir/opensearch.pid" "$dir/url"
+  rm -f "$dir/$PID_FILE" "$dir/url"
 }
 
 case "${1:-}" in

@@ -1,4 +1,5 @@
-"""Fixtures: a real OpenSearch (scripts/dev-cluster.sh), a moto S3 server, per-test indices and buckets, state dirs."""
+"""Fixtures: a real OpenSearch and Elasticsearch (scripts/dev-cluster.sh), a moto S3 server,
+per-test indices and buckets, state dirs."""
 
 import os
 import signal
@@ -20,29 +21,55 @@ from support import ROOT, S3_TEST_ENV, free_port  # noqa: E402
 @pytest.fixture(scope="session")
 def cluster_url():
     """URL of a real single-node OpenSearch: PUSHAGENT_TEST_URL, or one started for this session."""
-    if os.environ.get("PUSHAGENT_TEST_URL"):
-        yield os.environ["PUSHAGENT_TEST_URL"].rstrip("/")
+    yield from _session_node("opensearch", "PUSHAGENT_TEST_URL")
+
+
+@pytest.fixture(scope="session")
+def es_url():
+    """URL of a real single-node Elasticsearch 8: PUSHAGENT_TEST_ES_URL, or one started for this session.
+
+    Only the tests of Elasticsearch's own code paths ask for it, so it starts only when they run.
+    """
+    yield from _session_node("elasticsearch", "PUSHAGENT_TEST_ES_URL")
+
+
+def _session_node(distribution: str, url_variable: str):
+    """Yield the URL in `url_variable`, or start a `distribution` node with scripts/dev-cluster.sh and stop it after."""
+    if os.environ.get(url_variable):
+        yield os.environ[url_variable].rstrip("/")
         return
     # mkdtemp is private to root; the node runs as another user and must reach its directory.
-    directory = tempfile.mkdtemp(prefix="pushagent-test-cluster-")
+    directory = tempfile.mkdtemp(prefix=f"pushagent-test-{distribution}-")
     os.chmod(directory, 0o755)
     script = str(ROOT / "scripts" / "dev-cluster.sh")
-    started = subprocess.run([script, "start", directory], capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "PUSHAGENT_CLUSTER": distribution}
+    started = subprocess.run([script, "start", directory], capture_output=True, text=True, timeout=600, env=env)
     if started.returncode != 0:
-        pytest.fail(f"could not start OpenSearch: {started.stderr[-2000:]}")
+        pytest.fail(f"could not start {distribution} (set {url_variable} to use a running one): "
+                    f"{started.stderr[-2000:]}")
     try:
         yield started.stdout.strip().splitlines()[-1]
     finally:
-        subprocess.run([script, "stop", directory], capture_output=True, timeout=120)
+        subprocess.run([script, "stop", directory], capture_output=True, timeout=120, env=env)
         subprocess.run(["rm", "-rf", directory], timeout=120)
 
 
 @pytest.fixture
 def index(cluster_url):
-    """A fresh index name; deleted after the test."""
+    """A fresh index name on the OpenSearch; deleted after the test."""
+    yield from _fresh_index(cluster_url)
+
+
+@pytest.fixture
+def es_index(es_url):
+    """A fresh index name on the Elasticsearch; deleted after the test."""
+    yield from _fresh_index(es_url)
+
+
+def _fresh_index(url: str):
     name = f"test-{uuid.uuid4().hex[:10]}"
     yield name
-    requests.delete(f"{cluster_url}/{name}", timeout=30)
+    requests.delete(f"{url}/{name}", timeout=30)
 
 
 @pytest.fixture
