@@ -40,4 +40,3 @@ fi
 
 retry python3 -m pip install -q --disable-pip-version-check -e '.[test]'
 scripts/dev-cluster.sh fetch
-PUSHAGENT_CLUSTER=elasticsearch scripts/dev-cluster.sh fetch  # for the tests of Elasticsearch-only paths
