@@ -81,6 +81,23 @@ def account(url, index, state_dir, paths, resent=0, scenario="", injected="") ->
     return {"scenario": scenario, "injected": injected, "re_sent": resent, **row}
 
 
+def kill_at_random_points(proxy, command, env, crashes, rng, max_requests, pause=0.0) -> list:
+    """SIGKILL `command` `crashes` times, each after 1 to `max_requests` more bulk requests reached `proxy`.
+
+    Waits `pause` after each kill (for leases to expire); returns the records re-sent during each run.
+    """
+    increments = []
+    for _ in range(crashes):
+        before = proxy.resent()
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=agent_env(env))
+        wait_for_requests(proxy, len(proxy.bulk_requests()) + rng.randint(1, max_requests))
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+        time.sleep(pause)
+        increments.append(proxy.resent() - before)
+    return increments
+
+
 def wait_for_requests(proxy, number, timeout=120):
     deadline = time.monotonic() + timeout
     while len(proxy.bulk_requests()) < number and time.monotonic() < deadline:
@@ -92,17 +109,10 @@ def test_sigkill_at_random_points_then_rerun(cluster_url, index, state_dir, tmp_
     data = generate(tmp_path / "words.jsonl", records)
     extra = ["--chunk-docs", str(CHUNK_DOCS), "--concurrency", str(CONCURRENCY)]
     rng = random.Random(20261123)
-    increments = []
     with FaultProxy(cluster_url) as proxy:
         proxy.plan = lambda request: Fault.delay(rng.choice((0.01, 0.01, 0.2))) if request.ids else None
-        for _ in range(crashes):
-            before = proxy.resent()
-            process = subprocess.Popen(push_command(proxy.url, index, state_dir, data, extra=extra),
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=agent_env())
-            wait_for_requests(proxy, len(proxy.bulk_requests()) + rng.randint(1, 6))
-            process.send_signal(signal.SIGKILL)
-            process.wait(timeout=60)
-            increments.append(proxy.resent() - before)
+        increments = kill_at_random_points(proxy, push_command(proxy.url, index, state_dir, data, extra=extra),
+                                           {}, crashes, rng, max_requests=6)
         before = proxy.resent()
         code, report, stderr = run_push(proxy.url, index, state_dir, data, extra=extra)
         increments.append(proxy.resent() - before)
@@ -344,18 +354,10 @@ def test_sigkill_during_drain_at_random_points(cluster_url, index, tmp_path, que
     lease = 2.0
     env = {"PUSHAGENT_LEASE_SECONDS": str(lease), "PUSHAGENT_CHUNK_DOCS": str(chunk_docs)}
     rng = random.Random(99)
-    increments = []
     with FaultProxy(cluster_url) as proxy:
         proxy.plan = lambda request: Fault.delay(rng.choice((0.01, 0.05, 0.3))) if request.ids else None
-        for _ in range(crashes):
-            before = proxy.resent()
-            process = subprocess.Popen(cli_command("drain", "--all", url=proxy.url, queue_url=queue_url),
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=agent_env(env))
-            wait_for_requests(proxy, len(proxy.bulk_requests()) + rng.randint(1, 4))
-            process.send_signal(signal.SIGKILL)
-            process.wait(timeout=60)
-            time.sleep(lease + 0.2)  # the killed drainer's leases expire
-            increments.append(proxy.resent() - before)
+        increments = kill_at_random_points(proxy, cli_command("drain", "--all", url=proxy.url, queue_url=queue_url),
+                                           env, crashes, rng, max_requests=4, pause=lease + 0.2)
         before = proxy.resent()
         code, report, stderr = run_cli("drain", "--all", url=proxy.url, queue_url=queue_url, env=env)
         increments.append(proxy.resent() - before)
