@@ -134,14 +134,14 @@ def wait_for(condition, seconds=120):
         time.sleep(0.02)
 
 
-def interrupt_after(proxy, command, requests=3, env=None, timeout=120):
-    """Run `command` through `proxy`, SIGTERM it once `requests` bulk requests arrived.
+def interrupt_after(proxy, command, requests=3, env=None, timeout=120, interrupt=None):
+    """Run `command` through `proxy`; once `requests` bulk requests arrived, `interrupt(process)` (default SIGTERM).
 
     Returns (exit code, JSON report or None, stderr).
     """
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=agent_env(env))
     wait_for(lambda: len(proxy.bulk_requests()) >= requests or process.poll() is not None)
-    process.send_signal(signal.SIGTERM)
+    (interrupt or (lambda running: running.send_signal(signal.SIGTERM)))(process)
     stdout, stderr = process.communicate(timeout=timeout)
     return process.returncode, json.loads(stdout) if stdout.strip() else None, stderr

@@ -21,8 +21,8 @@ from pushagent.reader import BOM
 from conftest import FULL, scale
 from faultproxy import Fault, FaultProxy
 from redisserver import RedisServer, drain_killed_mid_way
-from support import (agent_env, cli_command, count, fill_queue, generate, push_command, queue_stats, queued_ids,
-                     run_cli, run_push, stored_checksums)
+from support import (agent_env, cli_command, count, fill_queue, generate, interrupt_after, push_command, queue_stats,
+                     queued_ids, run_cli, run_push, stored_checksums)
 
 CHUNK_DOCS, CONCURRENCY = 1000, 2
 
@@ -197,16 +197,13 @@ def test_cluster_down_stops_the_run_and_the_rerun_completes(cluster_url, index, 
     extra = ["--chunk-docs", "500"]
     with FaultProxy(cluster_url) as proxy:
         proxy.plan = lambda request: Fault.delay(0.05) if request.ids else None
-        process = subprocess.Popen(push_command(proxy.url, index, state_dir, data, extra=extra),
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=agent_env())
-        wait_for_requests(proxy, 4)
-        proxy.stop()
-        stdout, stderr = process.communicate(timeout=300)
+        first, _, stderr = interrupt_after(proxy, push_command(proxy.url, index, state_dir, data, extra=extra),
+                                           requests=4, timeout=300, interrupt=lambda process: proxy.stop())
         time.sleep(outage)
         proxy.restart()
         code, report, rerun_stderr = run_push(proxy.url, index, state_dir, data, extra=extra)
         resent = proxy.resent()
-    assert process.returncode == 1, stderr
+    assert first == 1, stderr
     assert "bulk requests in a row failed" in stderr and "run the same command again" in stderr
     assert code == 0, rerun_stderr
     assert count(cluster_url, index) == records
@@ -250,12 +247,9 @@ def test_full_disk_stops_cleanly_and_the_rerun_completes(cluster_url, index, sma
     extra = ["--chunk-docs", "250"]
     with FaultProxy(cluster_url) as proxy:
         proxy.plan = lambda request: Fault.delay(0.1) if request.ids else None
-        process = subprocess.Popen(push_command(proxy.url, index, state_dir, data, extra=extra),
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=agent_env())
-        wait_for_requests(proxy, 3)
-        fill(small_disk)
-        stdout, stderr = process.communicate(timeout=300)
-    assert process.returncode == 1, stderr
+        code, _, stderr = interrupt_after(proxy, push_command(proxy.url, index, state_dir, data, extra=extra),
+                                          timeout=300, interrupt=lambda process: fill(small_disk))
+    assert code == 1, stderr
     assert str(state_dir) in stderr and "No space left on device" in stderr
     (checkpoint,) = (state_dir / "runs").glob("*.json")
     json.loads(checkpoint.read_text())  # the last good checkpoint, whole
