@@ -100,13 +100,17 @@ class BatchRecorder:
         return self.table.indices() or [self.settings.default_index]
 
     def write(self, state, status: str, verification=None) -> None:
-        record = batch_record(self, state, status, verification)
-        SyncStateStore(self.config.state_path).save(record)
-        AuditLog(self.config.state_path).append(record)
+        save_record(self.config.state_path, batch_record(self, state, status, verification))
 
     def close(self) -> None:
         self.table.close()
         self.client.close()
+
+
+def save_record(state_path, record: dict) -> None:
+    """The batch's latest record replaces the one before; the audit log keeps every one."""
+    SyncStateStore(state_path).save(record)
+    AuditLog(state_path).append(record)
 
 
 def batch_record(recorder: BatchRecorder, state, status: str, verification) -> dict:
@@ -155,8 +159,7 @@ def verify_batch(config, options: VerifyOptions) -> tuple:
 
 
 def _verify_recorded(config, client, options: VerifyOptions) -> dict:
-    store = SyncStateStore(config.state_path)
-    record = store.load(options.batch_id)
+    record = SyncStateStore(config.state_path).load(options.batch_id)
     settings = settings_from_record(record)
     table = _batch_table(config, record)
     try:
@@ -167,8 +170,7 @@ def _verify_recorded(config, client, options: VerifyOptions) -> dict:
     enqueued = _full_from_inputs(config, client, options, result, settings, record) if options.full else None
     record.update(status="verified" if result["ok"] else "verification_failed", verification=result,
                   updated_at=_now_iso(), **runtime_fields())
-    store.save(record)
-    AuditLog(config.state_path).append(record)
+    save_record(config.state_path, record)
     report = _report(record["batch_id"], result, enqueued, record.get("counters", {}))
     mirrored = mirror_state(config, record["batch_id"])  # a sharded batch's record is final only here
     if mirrored is not None:

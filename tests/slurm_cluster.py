@@ -15,6 +15,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from support import free_ports
+
 MUNGE_KEY = Path("/etc/munge/munge.key")
 MUNGE_RUN = Path("/run/munge")
 DAEMONS = {"munged": "/usr/sbin/munged", "slurmctld": "/usr/sbin/slurmctld", "slurmd": "/usr/sbin/slurmd"}
@@ -144,17 +146,6 @@ def _munge_works() -> bool:
     except (OSError, subprocess.TimeoutExpired):
         return False
     return encoded.returncode == 0 and decoded.returncode == 0
-
-
-def free_ports(count: int) -> list:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def stop_pid_file(path: Path, seconds: float = 15) -> None:
