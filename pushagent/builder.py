@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 import orjson
 
 MAX_ID_BYTES = 512  # Elasticsearch and OpenSearch refuse longer _id values
+_ABSENT = object()
 
 
 @dataclasses.dataclass(slots=True)
@@ -27,10 +28,16 @@ class Doc:
     checksum: str
     file: str
     line: int
+    version_type: str = "external"   # external_gte for a later line repeating an id of its batch
 
     @property
     def size(self) -> int:
         return len(self.action) + (len(self.source) if self.source else 0)
+
+    def win_equal_version(self) -> None:
+        """Let this document replace one of the same version: a later line of its batch repeats its id."""
+        self.version_type = "external_gte"
+        self.action = action_line(self.op, self.index, self.doc_id, self.version, self.version_type)
 
 
 @dataclasses.dataclass(slots=True)
@@ -59,10 +66,12 @@ class BuildSettings:
     timestamp_field: str = "last_updated"
     checksum_field: str = "sync_checksum"
     max_record_bytes: int = 50 * 1024**2
+    batch_field: str = "sync_batch"
+    batch_id: str | None = None
 
     @property
     def stamped_fields(self) -> tuple:
-        return (self.embedding_version_field, self.timestamp_field, self.checksum_field)
+        return (self.embedding_version_field, self.timestamp_field, self.checksum_field, self.batch_field)
 
 
 def canonical_json(record: dict) -> bytes:
@@ -77,11 +86,11 @@ def canonical_checksum(record: dict, stamped_fields=()) -> str:
     return hashlib.sha256(canonical_json(record)).hexdigest()
 
 
-def action_line(op: str, index: str, doc_id: str, version: int | None) -> bytes:
+def action_line(op: str, index: str, doc_id: str, version: int | None, version_type: str = "external") -> bytes:
     """The NDJSON action line of one document, externally versioned when a version is known."""
     meta = {"_index": index, "_id": doc_id}
     if version is not None:
-        meta.update(version=version, version_type="external")
+        meta.update(version=version, version_type=version_type)
     return orjson.dumps({op: meta}) + b"\n"
 
 
@@ -96,12 +105,15 @@ class Builder:
         self.settings = settings
         self._stamp_prefix = self._make_stamp_prefix(settings)
         self._action_parts = {}
+        self.replaced_stamps = dict.fromkeys(settings.stamped_fields, 0)  # records that carried a stamp field
 
     @staticmethod
     def _make_stamp_prefix(settings: BuildSettings) -> bytes:
         stamps = {settings.timestamp_field: settings.batch_time_iso}
         if settings.embedding_version is not None:
             stamps[settings.embedding_version_field] = settings.embedding_version
+        if settings.batch_id is not None:
+            stamps[settings.batch_field] = settings.batch_id
         return orjson.dumps(stamps)[1:-1] + b"," + orjson.dumps(settings.checksum_field) + b":"
 
     def build(self, raw: bytes, file: str, line: int) -> Doc | Rejected:
@@ -128,7 +140,8 @@ class Builder:
         version = self._version(record)
         op = self._operation(record)
         for field in settings.stamped_fields:
-            record.pop(field, None)
+            if record.pop(field, _ABSENT) is not _ABSENT:
+                self.replaced_stamps[field] += 1
         before_id, after_id = self._action_around_id(op, index, version)
         action = b"".join((before_id, orjson.dumps(doc_id), after_id))
         try:

@@ -53,6 +53,16 @@ class Chunk:
             self.rejected.append(item)
         self.nbytes += size
 
+    def rewrite(self) -> None:
+        """Build the body again after documents changed their action lines (see Doc.win_equal_version)."""
+        docs, nbytes = self.docs, self.nbytes
+        self.docs, self.body, self._spans = [], bytearray(), []
+        for doc in docs:
+            doc.action, doc.source = bytes(doc.action), doc.source and bytes(doc.source)
+            self.add(doc, 0)
+        self.nbytes = nbytes
+        self.seal()
+
     def seal(self) -> "Chunk":
         """Point each document's action and source into the body; the body is final."""
         view, start = memoryview(self.body), 0

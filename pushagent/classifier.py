@@ -4,6 +4,7 @@ INDEXED = "indexed"
 CURRENT = "current"
 RETRYABLE = "retryable"
 PERMANENT = "permanent"
+MISSING_INDEX = "missing_index"     # the cluster refuses to create the target index: stop, nothing is sent
 
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 REJECTED_EXECUTION = ("es_rejected_execution_exception", "opensearch_rejected_execution_exception",
@@ -17,12 +18,14 @@ def classify_item(item: dict) -> tuple[str, str | None]:
     status = result.get("status", 0)
     if 200 <= status < 300 or (op == "delete" and status == 404):
         return INDEXED, None
-    if status == 409:
-        return CURRENT, None
     error = result.get("error") or {}
     reason = f"{status} {error.get('type', 'error')}: {error.get('reason', '')}".strip()
+    if status == 409:
+        return CURRENT, reason      # the reason names the version the cluster holds
     if status in RETRYABLE_STATUSES or error.get("type") in REJECTED_EXECUTION:
         return RETRYABLE, reason
+    if error.get("type") == "index_not_found_exception":
+        return MISSING_INDEX, reason
     return PERMANENT, reason
 
 

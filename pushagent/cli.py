@@ -109,8 +109,12 @@ def cli():
 @click.option("--no-verify", is_flag=True, help="Skip the count, sample and timestamp checks at the end.")
 @click.option("--shard", metavar="K/N", callback=_parse_shard,
               help="Push only part K (0-based) of N of the inputs, for Slurm arrays; the parts share the batch id.")
+@click.option("--snapshot", is_flag=True, default=None,
+              help="The batch is the whole index: verification also counts its embedding version and fails "
+                   "on documents it does not hold.")
 def push(inputs, config_file, as_json, url, index, state_dir, insecure, embedding_version, batch_id,
-         batch_time, id_field, chunk_docs, concurrency, restart, from_line, on_error, dry_run, no_verify, shard):
+         batch_time, id_field, chunk_docs, concurrency, restart, from_line, on_error, dry_run, no_verify, shard,
+         snapshot):
     """Push INPUT files (JSONL, .jsonl.gz, globs, s3://bucket/key, s3://bucket/prefix/) into the cluster.
 
     Resumes by itself when a checkpoint for the same inputs exists.
@@ -124,7 +128,8 @@ def push(inputs, config_file, as_json, url, index, state_dir, insecure, embeddin
     """
     config = load_config(config_file, _flags(url=url, index=index, state_dir=state_dir, insecure=insecure,
                                              embedding_version=embedding_version, batch_time=batch_time,
-                                             id_field=id_field, chunk_docs=chunk_docs, concurrency=concurrency))
+                                             id_field=id_field, chunk_docs=chunk_docs, concurrency=concurrency,
+                                             snapshot=snapshot))
     _warn_insecure(config)
     options = PushOptions(list(inputs), batch_id=batch_id, restart=restart, from_line=from_line,
                           on_error=on_error, dry_run=dry_run, verify=not no_verify, shard=shard)
@@ -353,24 +358,29 @@ def _verification_lines(verification) -> list:
 @click.option("--expected-date", help="Documents last updated before this ISO 8601 date are stale [batch time].")
 @click.option("--full", is_flag=True, help="Scan every id and checksum of the index and diff it with the source.")
 @click.option("--enqueue-missing", is_flag=True, help="With --full: put missing documents into the retry queue.")
+@click.option("--repair", is_flag=True,
+              help="With --full: queue missing and changed documents; `drain` sends them with a version that wins "
+                   "over edits and deletes made by hand, never over a later batch.")
 @click.option("--recompute", is_flag=True,
               help="With --full: fetch every _source and recompute its checksum instead of reading the stamp.")
+@click.option("--snapshot", is_flag=True,
+              help="Verify the batch as the whole index: its embedding version's count and extra documents count.")
 def verify(config_file, as_json, url, index, state_dir, insecure, batch_id, embedding_version, expected_count,
-           sources, id_field, batch_time, expected_date, full, enqueue_missing, recompute):
+           sources, id_field, batch_time, expected_date, full, enqueue_missing, repair, recompute, snapshot):
     """Check what arrived: count, sample checksums, timestamps; --full scans everything.
 
     Exits 0 when every check passes, 3 when one fails.
 
     Example:
 
-        pushagent verify --batch-id words-3f2a9c1b0d --full --enqueue-missing
+        pushagent verify --batch-id words-3f2a9c1b0d --full --repair && pushagent drain --all
     """
-    if (enqueue_missing or recompute) and not full:
-        raise click.UsageError("--enqueue-missing and --recompute need --full")
+    if (enqueue_missing or repair or recompute) and not full:
+        raise click.UsageError("--enqueue-missing, --repair and --recompute need --full")
     config = load_config(config_file, _flags(url=url, index=index, state_dir=state_dir, insecure=insecure,
                                              id_field=id_field, batch_time=batch_time))
     options = VerifyOptions(batch_id, embedding_version, config.index, expected_count, sources, expected_date, full,
-                            enqueue_missing, recompute)
+                            enqueue_missing, recompute, snapshot, repair)
     report, exit_code = verify_batch(config, options)
     if as_json:
         click.echo(json.dumps(report, sort_keys=True))

@@ -94,5 +94,11 @@ class ClusterClient:
         return {"name": data.get("cluster_name"), "version": version.get("number"),
                 "distribution": version.get("distribution", "elasticsearch")}
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     def close(self) -> None:
         self._session.close()

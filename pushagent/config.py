@@ -41,6 +41,8 @@ class Config:
     embedding_version_field: str = "embedding_version"
     timestamp_field: str = "last_updated"
     checksum_field: str = "sync_checksum"
+    batch_field: str = "sync_batch"
+    snapshot: bool = False                   # the batch is a full snapshot of its index (verification)
     chunk_docs: int = 5000
     chunk_bytes: int = 50 * 1024**2
     compress: bool = True

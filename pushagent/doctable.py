@@ -19,21 +19,22 @@ from .errors import PushAgentError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS docs (idx TEXT, id TEXT, version INTEGER, checksum TEXT, fno INTEGER, line INTEGER,
-                                 PRIMARY KEY (idx, id)) WITHOUT ROWID;
+                                 op TEXT NOT NULL DEFAULT 'index', PRIMARY KEY (idx, id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS occurrences (fno INTEGER, line INTEGER, PRIMARY KEY (fno, line)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS sample (slot INTEGER PRIMARY KEY, idx TEXT, id TEXT);
 CREATE TABLE IF NOT EXISTS files (fno INTEGER PRIMARY KEY, path TEXT UNIQUE);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER);
 """
-# With the same version the first document the cluster acknowledged stays
-# (a later duplicate gets 409); a higher version always replaces.
+# A row is what the batch's last word on a document is: index it (op 'index') or delete it ('delete').
+# An acknowledged write replaces a row of the same version (a later line repeating the id won);
+# a 409 or a queued document does not; a higher version always replaces.
 ON_CONFLICT = ("ON CONFLICT (idx, id) DO UPDATE SET version = excluded.version, checksum = excluded.checksum, "
-               "fno = excluded.fno, line = excluded.line WHERE excluded.version {} docs.version")
-UPSERT = "INSERT INTO docs VALUES (?, ?, ?, ?, ?, ?) " + ON_CONFLICT
+               "fno = excluded.fno, line = excluded.line, op = excluded.op WHERE excluded.version {} docs.version")
+UPSERT = "INSERT INTO docs VALUES (?, ?, ?, ?, ?, ?, ?) " + ON_CONFLICT
 # A shard's rows with its file numbers translated (`file_map`). Two shards hold one id only when the
 # input repeats it; with equal versions the earlier shard's row stays. "WHERE true" lets SQLite
 # parse the upsert clause after a SELECT.
-MERGE_DOCS = ("INSERT INTO docs SELECT d.idx, d.id, d.version, d.checksum, m.new, d.line FROM shard.docs d "
+MERGE_DOCS = ("INSERT INTO docs SELECT d.idx, d.id, d.version, d.checksum, m.new, d.line, d.op FROM shard.docs d "
               "JOIN file_map m ON m.old = d.fno WHERE true " + ON_CONFLICT.format(">"))
 MERGE_OCCURRENCES = ("INSERT OR IGNORE INTO occurrences SELECT m.new, o.line FROM shard.occurrences o "
                      "JOIN file_map m ON m.old = o.fno")
@@ -55,10 +56,16 @@ class DocTable:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        self._add_op_column()
         self._files = dict(self._db.execute("SELECT path, fno FROM files"))
         self._seen = self._meta("seen")
         # Reseeded from the number seen so far, so a resumed push keeps sampling reproducibly.
         self._rng = random.Random(f"{seed}:{self._seen}")
+
+    def _add_op_column(self) -> None:
+        # Tables written before deletes were told apart hold index operations only.
+        if "op" not in {row[1] for row in self._db.execute("PRAGMA table_info(docs)")}:
+            self._db.execute("ALTER TABLE docs ADD COLUMN op TEXT NOT NULL DEFAULT 'index'")
 
     def _meta(self, key: str) -> int:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -75,11 +82,11 @@ class DocTable:
         """Record documents; `replace_equal` when these won against an equal version (indexed, not 409)."""
         if not docs:
             return
-        rows = [(d.index, d.doc_id, d.version, d.checksum, self._file_number(d.file), d.line) for d in docs]
+        rows = [(d.index, d.doc_id, d.version, d.checksum, self._file_number(d.file), d.line, d.op) for d in docs]
         with self._transaction():
             self._db.executemany(UPSERT.format(">=" if replace_equal else ">"), rows)
-            self._db.executemany("INSERT OR IGNORE INTO occurrences VALUES (?, ?)", [row[4:] for row in rows])
-            self._sample(rows)
+            self._db.executemany("INSERT OR IGNORE INTO occurrences VALUES (?, ?)", [row[4:6] for row in rows])
+            self._sample([row for row in rows if row[6] == "index"])
 
     def _file_number(self, path: str) -> int:
         if path not in self._files:
@@ -104,21 +111,34 @@ class DocTable:
         return _Transaction(self._db, self.path)
 
     def counts(self) -> dict:
-        """Distinct documents per index, and how many input lines repeated an id already seen."""
-        per_index = dict(self._db.execute("SELECT idx, COUNT(*) FROM docs GROUP BY idx"))
+        """Distinct documents per index the batch leaves in place, the ids it deleted, and how many input
+        lines repeated an id already seen."""
+        per_index = dict(self._db.execute("SELECT idx, COUNT(*) FROM docs WHERE op = 'index' GROUP BY idx"))
+        rows, deleted = self._db.execute("SELECT COUNT(*), COUNT(*) FILTER (WHERE op = 'delete') FROM docs").fetchone()
         lines = self._db.execute("SELECT COUNT(*) FROM occurrences").fetchone()[0]
-        return {"per_index": per_index, "distinct": sum(per_index.values()),
-                "duplicates": lines - sum(per_index.values())}
+        return {"per_index": per_index, "distinct": sum(per_index.values()), "deleted": deleted,
+                "duplicates": lines - rows}
 
     def sample(self) -> list:
         """[(index, id, checksum, version)] of the sampled documents (the winner of a duplicated id)."""
         return self._db.execute("SELECT s.idx, s.id, d.checksum, d.version FROM sample s JOIN docs d "
-                                "ON d.idx = s.idx AND d.id = s.id ORDER BY s.slot").fetchall()
+                                "ON d.idx = s.idx AND d.id = s.id WHERE d.op = 'index' ORDER BY s.slot").fetchall()
+
+    def documents(self, index: str, op: str = "index"):
+        """(id, version) of every row of `op` in `index`, in id order."""
+        return self._db.execute("SELECT id, version FROM docs WHERE idx = ? AND op = ? ORDER BY id", (index, op))
+
+    def earlier_lines(self, index: str, doc_ids: list) -> dict:
+        """{id: (file, line)} of the rows of `doc_ids` in `index`: where the batch already met them."""
+        files = self.files()
+        return {doc_id: (files[fno], line)
+                for doc_id, fno, line in rows_with_ids(self._db, "SELECT id, fno, line FROM docs WHERE idx = ?",
+                                                       index, doc_ids)}
 
     def checksum(self) -> str:
         """sha256 over the sorted per-document checksums, one hex digest and a newline each."""
         digest = hashlib.sha256()
-        for (checksum,) in self._db.execute("SELECT checksum FROM docs ORDER BY checksum"):
+        for (checksum,) in self._db.execute("SELECT checksum FROM docs WHERE op = 'index' ORDER BY checksum"):
             digest.update(checksum.encode() + b"\n")
         return digest.hexdigest()
 
@@ -181,6 +201,27 @@ class DocTable:
 
     def close(self) -> None:
         self._db.close()
+
+
+def deletions_in(path: Path, index: str, doc_ids: list) -> dict:
+    """{id: version} of the ids among `doc_ids` that the table at `path` records as deleted from `index`."""
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return {}
+    try:
+        return dict(rows_with_ids(db, "SELECT id, version FROM docs WHERE op = 'delete' AND idx = ?", index, doc_ids))
+    except sqlite3.Error:
+        return {}        # a table of an older shape holds no deletes
+    finally:
+        db.close()
+
+
+def rows_with_ids(db, select: str, index: str, doc_ids: list, page: int = 500):
+    """The rows of `select` (with one parameter, the index) whose id is one of `doc_ids`, `page` ids a query."""
+    for start in range(0, len(doc_ids), page):
+        part = doc_ids[start:start + page]
+        yield from db.execute(f"{select} AND id IN ({','.join('?' * len(part))})", (index, *part))
 
 
 def combined_sample(populations, size: int, rng: random.Random) -> list:

@@ -9,15 +9,18 @@ their lease expires, so nothing is lost between take and ack.
 """
 
 import dataclasses
+import re
 import threading
 import time
 
 from .auth import authorization_header
 from .builder import Doc, action_line
+from .cluster import ClusterClient
+from .doctable import deletions_in
 from .errors import EXIT_FAILURE, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK
 from .ledger import Ledger
 from .ratelimit import TokenBucket
-from .retry_queue import QueueItem, open_queue
+from .retry_queue import REPAIR, QueueItem, open_queue
 from .sender import ChunkAborted, ChunkSender, HttpTransport, Outcome, TransferStats
 
 
@@ -61,8 +64,9 @@ def open_configured_queue(config):
 def queue_doc(item: QueueItem) -> Doc:
     """The bulk document of a queued item, exactly as push built it."""
     op = item.op or "index"
-    return Doc(item.index, item.doc_id, item.version, op, action_line(op, item.index, item.doc_id, item.version),
-               item.source if op == "index" else None, "", item.input_file, item.line)
+    action = action_line(op, item.index, item.doc_id, item.version, item.version_type)
+    return Doc(item.index, item.doc_id, item.version, op, action, item.source if op == "index" else None, "",
+               item.input_file, item.line, item.version_type)
 
 
 class DrainRun:
@@ -148,7 +152,54 @@ class DrainRun:
         except BaseException:
             queue.release(items)
             raise
+        if any(by_key[key].kind == REPAIR for key in outcome.conflicts):
+            self._win_over_hand_edits(sender, outcome, by_key)
         self._settle(queue, outcome, by_key)
+
+    def _win_over_hand_edits(self, sender, outcome: Outcome, by_key: dict) -> None:
+        """A repair answered 409: the cluster holds a higher version. When a later batch wrote it, the repair
+        is done (current); when an edit or a delete made by hand did, send it again at that version, which
+        external_gte lets it replace."""
+        repairs = [doc for doc in outcome.current if by_key[(doc.index, doc.doc_id)].kind == REPAIR]
+        versions = self._versions_to_beat(repairs, outcome.conflicts, by_key)
+        again = []
+        for doc in repairs:
+            item = by_key[(doc.index, doc.doc_id)]
+            if versions.get((doc.index, doc.doc_id)) is not None:
+                item.version = versions[(doc.index, doc.doc_id)]
+                again.append(queue_doc(item))
+        if again:
+            resent = {(doc.index, doc.doc_id) for doc in again}
+            outcome.current = [doc for doc in outcome.current if (doc.index, doc.doc_id) not in resent]
+            outcome.merge(sender.resolve(again))
+
+    def _versions_to_beat(self, docs: list, conflicts: dict, by_key: dict) -> dict:
+        """{(index, id): the version the cluster holds} of the docs written by hand since; absent when a later
+        batch wrote or deleted them."""
+        field, versions = self.config.batch_field, {}
+        with ClusterClient(self.config) as client:
+            for index in {doc.index for doc in docs}:
+                ids = [doc.doc_id for doc in docs if doc.index == index]
+                found = client.request("POST", f"/{index}/_mget", {"ids": ids},
+                                       params={"_source_includes": field})["docs"]
+                later_deletes = self._later_deletes(index, ids, by_key)
+                for doc_id, doc in zip(ids, found):
+                    item = by_key[(index, doc_id)]
+                    stamp = doc.get("_source", {}).get(field) if doc.get("found") else None
+                    if stamp not in (None, item.batch_id) or doc_id in later_deletes:
+                        continue
+                    held = doc["_version"] if doc.get("found") else _conflict_version(conflicts[(index, doc_id)])
+                    if held is not None:
+                        versions[(index, doc_id)] = held
+        return versions
+
+    def _later_deletes(self, index: str, ids: list, by_key: dict) -> set:
+        """Ids another batch of this state directory deleted with a higher version than the queued one."""
+        deleted = set()
+        for table in (self.config.state_path / "runs").glob("*.docs.db"):
+            deleted |= {doc_id for doc_id, version in deletions_in(table, index, ids).items()
+                        if version > by_key[(index, doc_id)].version}
+        return deleted
 
     def _settle(self, queue, outcome: Outcome, by_key: dict) -> None:
         def items(docs):
@@ -193,6 +244,12 @@ class DrainRun:
                 status, exit_code = "incomplete", EXIT_INCOMPLETE
         return DrainResult(self.options.batch_id, status, exit_code, self.ledger, self.acked, self.stats,
                            duration, remaining, error)
+
+
+def _conflict_version(reason: str) -> int | None:
+    """The version a 409 says the cluster holds ("current version [7] is higher than ...")."""
+    match = re.search(r"current version \[(\d+)\]", reason or "")
+    return int(match[1]) if match else None
 
 
 def _with_reasons(by_key: dict, pairs) -> list:

@@ -26,6 +26,7 @@ from .ledger import Ledger
 from .mirror import mirror_state
 from .ratelimit import TokenBucket
 from .recording import BatchRecorder
+from .repeats import RepeatedIds
 from .reader import InputReadError, expand_inputs, next_line_start, read_lines
 from .retry_queue import QueueItem, open_queue
 from .sender import ChunkAborted, ChunkSender, DryRunTransport, HttpTransport, TransferStats
@@ -66,9 +67,11 @@ class PushResult:
     slurm: dict = dataclasses.field(default_factory=dict)
     verification: dict | None = None
     mirror: dict | None = None
+    duplicates: int = 0         # lines repeating an id of the batch (the later line won)
 
     def report(self) -> dict:
         report = {"batch_id": self.batch_id, "status": self.status, **self.batch.as_dict(),
+                  "duplicates": self.duplicates,
                   "this_run": self.this_run.as_dict(), "requests": self.stats.requests,
                   "retries": self.stats.retries, "bytes_raw": self.stats.bytes_raw,
                   "bytes_sent": self.stats.bytes_sent, "duration_s": round(self.duration_s, 3),
@@ -115,7 +118,7 @@ def build_settings(config, batch_ms: int) -> BuildSettings:
         op_field=config.op_field, allow_delete=config.allow_delete,
         embedding_version=config.embedding_version, embedding_version_field=config.embedding_version_field,
         timestamp_field=config.timestamp_field, checksum_field=config.checksum_field,
-        max_record_bytes=config.chunk_bytes)
+        batch_field=config.batch_field, max_record_bytes=config.chunk_bytes)
 
 
 class PushRun:
@@ -134,6 +137,8 @@ class PushRun:
                          "embedding_version": config.embedding_version, "id_field": config.id_field}
         # Shards of one batch share its id (documents, queue, sync-state), not their run state.
         self.batch_id = options.batch_id or default_batch_id(self.files, self.settings)
+        # Every document carries its batch: the batch is what verification proves, in an index many batches share.
+        self.build_settings = dataclasses.replace(self.build_settings, batch_id=self.batch_id)
         self.ranges = file_ranges(self.files, options.shard)
         self.run_key = run_key(self.batch_id, options.shard)
         self.store = CheckpointStore(config.state_path)
@@ -141,6 +146,8 @@ class PushRun:
         self._fatal = None
         self._sender = None
         self.recorder = None
+        self.builder = Builder(self.build_settings)
+        self.repeats = None
 
     def run(self) -> PushResult:
         """Push, record and verify; observers hear `finished` once the final status is known."""
@@ -177,8 +184,10 @@ class PushRun:
     def _initial_state(self) -> RunState:
         state = self.store.load(self.run_key)
         inputs = self._fingerprints()
-        if self.options.restart or self.options.from_line:
+        if self.options.restart or (self.options.from_line and state is None):
             return self._fresh_state()
+        if self.options.from_line:
+            return self._state_from_line(state, inputs)
         if state is None or state.status in DONE_STATUSES:
             _refuse_changed_objects(self.store.states(), inputs)
             return self._fresh_state()
@@ -188,6 +197,16 @@ class PushRun:
                               file=str(self.store.path(self.run_key)),
                               hint="push the original files, use another --batch-id, or --restart")
         state.status, state.slurm = "pushing", slurm_facts()
+        return state
+
+    def _state_from_line(self, state: RunState, inputs: list) -> RunState:
+        """--from-line goes on with the batch's counters and documents: it moves where reading starts."""
+        if state.inputs != inputs or state.settings != self.settings:
+            raise ConfigError(f"batch {self.batch_id} was pushed from other inputs or settings: --from-line "
+                              "continues a batch", file=str(self.store.path(self.run_key)),
+                              hint="push the original files, or --restart --from-line N to begin the batch anew")
+        fresh = self._fresh_state()
+        state.position, state.status, state.slurm = fresh.position, "pushing", fresh.slurm
         return state
 
     def _fresh_state(self) -> RunState:
@@ -208,6 +227,7 @@ class PushRun:
         sender = self._sender = ChunkSender(transport, self.config, self.stats, limiter, self.stop_event)
         pump = _ChunkPump(sender, self.config.concurrency)
         committer = _Committer(self, state, queue, this_run)
+        self.repeats = RepeatedIds(self.recorder.table.earlier_lines if self.recorder else lambda index, ids: {})
         start = state.position
         self.notify("started", state)
         try:
@@ -215,10 +235,19 @@ class PushRun:
             self._finish_in_flight(pump, committer)
         finally:
             pump.close()
+        self._tell_replaced_stamps()
         return self._result(state, this_run, sender, time.monotonic() - started)
 
+    def _tell_replaced_stamps(self) -> None:
+        """Records may not carry the fields the agent stamps: their values are replaced, and the user told."""
+        replaced = {field: count for field, count in self.builder.replaced_stamps.items() if count}
+        if replaced:
+            log.warning("records carried fields that pushagent stamps; their values were replaced: %s "
+                        "(rename those fields in the input, or set the *_field options to other names)",
+                        ", ".join(f"{field} in {count} records" for field, count in replaced.items()))
+
     def _read_and_send(self, start: Position, pump, committer) -> None:
-        builder = Builder(self.build_settings)
+        builder = self.builder
         chunker = Chunker(self.config.chunk_docs, self.config.chunk_bytes, first_seq=committer.tracker.next_seq)
         from_line = self.options.from_line or 0
         for file_index, _, end in self.ranges:
@@ -248,13 +277,17 @@ class PushRun:
             self._submit(chunk, pump, committer)
 
     def _submit(self, chunk, pump, committer) -> bool:
-        """Hand a chunk to a worker once fewer than `concurrency` chunks are uncommitted.
+        """Hand a chunk to a worker once fewer than `concurrency` chunks are uncommitted, and after the
+        chunks holding earlier lines of the ids it repeats.
 
         Counting uncommitted chunks, not just requests in flight, bounds what a
         crash re-sends: a chunk resolved behind a slow one is not committed yet.
         Returns False when the run is stopping.
         """
-        while not self._stopping() and chunk.seq - committer.tracker.next_seq >= self.config.concurrency:
+        wait_for = self.repeats.mark(chunk)
+        tracker = committer.tracker
+        while not self._stopping() and (chunk.seq - tracker.next_seq >= self.config.concurrency
+                                        or tracker.next_seq <= wait_for):
             committer.handle(*pump.next_result(timeout=0.5))
         if self._stopping():
             return False
@@ -316,8 +349,9 @@ class PushRun:
             state.status = status
             state.updated_at = _now_iso()
             self.store.save(state)
+        duplicates = self.recorder.table.counts()["duplicates"] if self.recorder else self.repeats.count
         return PushResult(self.batch_id, status, exit_code, batch, this_run, self.stats, duration,
-                          state.position, error, state.shard, state.slurm)
+                          state.position, error, state.shard, state.slurm, duplicates=duplicates)
 
 
 class _ChunkPump:
@@ -379,6 +413,7 @@ class _Committer:
     def handle(self, chunk, outcome, error) -> None:
         if chunk is None:
             return
+        self.run.repeats.resolved(chunk)
         if error is not None:
             self.run.notify("chunk_resolved", chunk, None, error)
             self._failed(error)
@@ -460,7 +495,8 @@ def _refuse_changed_objects(states, inputs: list) -> None:
 
 def _document_item(batch_id: str, doc, reason: str, kind: str) -> QueueItem:
     return QueueItem(QueueItem.document_key(doc.index, doc.doc_id), batch_id, doc.index, doc.doc_id, doc.version,
-                     doc.op, doc.source and bytes(doc.source), doc.file, doc.line, kind, reason or "")
+                     doc.op, doc.source and bytes(doc.source), doc.file, doc.line, kind, reason or "",
+                     version_type=doc.version_type)
 
 
 def _now_iso() -> str:

@@ -11,12 +11,13 @@ import dataclasses
 import logging
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
 from .builder import BuildSettings
 from .cluster import ClusterClient
 from .doctable import DocTable, table_path
 from .errors import EXIT_INCOMPLETE, EXIT_OK, ConfigError
-from .fullscan import enqueue_missing
+from .fullscan import enqueue
 from .mirror import mirror_state
 from .retry_queue import open_queue
 from .shard import Shard, run_key
@@ -27,13 +28,16 @@ from .verifier import VerifySpec, add_full_scan, load_sources, run_checks, tempo
 log = logging.getLogger(__name__)
 
 
-def spec_for(settings: BuildSettings, expected_date=None, expected_count=None) -> VerifySpec:
-    """By default, documents of the batch's embedding version older than the batch time are missed updates;
-    without an embedding version the index may hold other batches, so only an explicit date is checked."""
-    default_date = settings.batch_time_iso if settings.embedding_version is not None else None
+def spec_for(settings: BuildSettings, state_path, expected_date=None, snapshot: bool = False) -> VerifySpec:
+    """Documents last updated before the batch time are stale: the batch's own (a re-stamp missed), or, for a
+    snapshot, any of its embedding version. Without a batch stamp or an embedding version the index may hold
+    other batches, so only an explicit date is checked."""
+    scoped = settings.batch_id is not None or settings.embedding_version is not None
+    default_date = settings.batch_time_iso if scoped else None
     return VerifySpec(settings.embedding_version, expected_date or default_date,
                       settings.embedding_version_field, settings.timestamp_field, settings.checksum_field,
-                      expected_count)
+                      batch_id=settings.batch_id, batch_field=settings.batch_field, snapshot=snapshot,
+                      runs_dir=Path(state_path) / "runs")
 
 
 def settings_from_record(record: dict) -> BuildSettings:
@@ -68,10 +72,12 @@ class BatchRecorder:
 
     def finished(self, state, result):
         """Write the final record; verify first when the batch was pushed completely and can be verified now."""
-        if result.status == "pushed" and self.verify and self._ready_to_verify(state):
+        if result.status == "pushed" and not state.counters["read"]:
+            log.warning("the inputs hold no records: nothing was sent, there is nothing to verify")
+        elif result.status == "pushed" and self.verify and self._ready_to_verify(state):
             self.write(state, "pushed")
-            result.verification = run_checks(self.client, self.table, spec_for(self.settings), self.indices(),
-                                             self.table.sample())
+            result.verification = run_checks(self.client, self.table, spec_for(self.settings,
+                                             self.config.state_path, snapshot=self.config.snapshot), self.indices(), self.table.sample())
             result.status = "verified" if result.verification["ok"] else "verification_failed"
             if not result.verification["ok"] and result.exit_code == EXIT_OK:
                 result.exit_code = EXIT_INCOMPLETE
@@ -125,7 +131,8 @@ def batch_record(recorder: BatchRecorder, state, status: str, verification) -> d
             "batch_time": settings.batch_time_iso, "embedding_version": settings.embedding_version,
             "index": settings.default_index,
             "indices": recorder.indices(), "inputs": [f.path for f in recorder.files],
-            "doc_count": counts["distinct"], "duplicates": counts["duplicates"],
+            "doc_count": counts["distinct"], "deleted": counts["deleted"], "duplicates": counts["duplicates"],
+            "snapshot": recorder.config.snapshot,
             "checksum": recorder.table.checksum(), "counters": dict(state.counters),
             "verification": verification, "cluster": recorder.cluster, "build": build, **shard, **runtime_fields()}
 
@@ -141,6 +148,8 @@ class VerifyOptions:
     full: bool = False
     enqueue_missing: bool = False
     recompute: bool = False
+    snapshot: bool = False
+    repair: bool = False
 
 
 def verify_batch(config, options: VerifyOptions) -> tuple:
@@ -163,8 +172,8 @@ def _verify_recorded(config, client, options: VerifyOptions) -> dict:
     settings = settings_from_record(record)
     table = _batch_table(config, record)
     try:
-        result = run_checks(client, table, spec_for(settings, options.expected_date), record["indices"],
-                            table.sample())
+        spec = spec_for(settings, config.state_path, options.expected_date, record.get("snapshot") or options.snapshot)
+        result = run_checks(client, table, spec, record["indices"], table.sample())
     finally:
         table.close()
     enqueued = _full_from_inputs(config, client, options, result, settings, record) if options.full else None
@@ -196,7 +205,7 @@ def _full_from_inputs(config, client, options: VerifyOptions, result: dict, sett
     """--full for a recorded batch: the source is its inputs, read again."""
     directory, source = temporary_table(config.sample_size, "")
     try:
-        load_sources(record["inputs"], settings, source)
+        load_sources(record["inputs"], settings, source, config.s3_endpoint_url)
         return _full(config, client, options, result, settings, source, record["indices"])
     finally:
         source.close()
@@ -237,12 +246,15 @@ def _full(config, client, options: VerifyOptions, result: dict, settings, table,
     """--full (and --enqueue-missing): diff the whole index against the sources loaded in `table`."""
     if not options.full:
         return None
-    add_full_scan(client, result, table, indices, spec_for(settings), options.recompute)
-    if not options.enqueue_missing or not result["full"].get("missing"):
-        return 0 if options.enqueue_missing else None
+    spec = spec_for(settings, config.state_path, snapshot=options.snapshot)
+    add_full_scan(client, result, table, indices, spec, options.recompute)
+    queueing = options.enqueue_missing or options.repair
+    if not queueing or not (result["full"].get("missing") or options.repair and result["full"].get("mismatched")):
+        return 0 if queueing else None
     queue = open_queue(config.resolved_queue_url, config.max_attempts, config.max_retry_delay)
     try:
-        return enqueue_missing(table, settings, queue, options.batch_id or f"verify-{settings.embedding_version}")
+        return enqueue(table, settings, queue, options.batch_id or f"verify-{settings.embedding_version}",
+                       options.repair, config.s3_endpoint_url)
     finally:
         queue.close()
 

@@ -28,8 +28,8 @@ except ImportError:  # pragma: no cover - isal is a dependency; zlib stays corre
 
 from . import __version__
 from .chunker import bulk_body
-from .classifier import CURRENT, INDEXED, RETRYABLE, classify_item, request_outcome
-from .errors import AuthError, ClusterUnavailableError, PushAgentError
+from .classifier import CURRENT, INDEXED, MISSING_INDEX, RETRYABLE, classify_item, request_outcome
+from .errors import AuthError, ClusterUnavailableError, ConfigError, PushAgentError
 from .security import find_ssl_error, secure_session, tls_failure
 
 # Only what the classifier reads: a 5000-item answer stays small.
@@ -61,10 +61,12 @@ class Outcome:
     current: list = dataclasses.field(default_factory=list)
     retry: list = dataclasses.field(default_factory=list)   # (doc, last error)
     dead: list = dataclasses.field(default_factory=list)    # (doc, reason)
+    conflicts: dict = dataclasses.field(default_factory=dict)  # (index, id) -> the 409 of a current doc
 
     def merge(self, other: "Outcome") -> None:
         for name in ("indexed", "current", "retry", "dead"):
             getattr(self, name).extend(getattr(other, name))
+        self.conflicts.update(other.conflicts)
 
 
 class TransferStats:
@@ -323,9 +325,14 @@ class ChunkSender:
                 outcome.indexed.append(doc)
             elif kind == CURRENT:
                 outcome.current.append(doc)
+                outcome.conflicts[(doc.index, doc.doc_id)] = reason
             elif kind == RETRYABLE:
                 retry.append(doc)
                 last_error = reason
+            elif kind == MISSING_INDEX:
+                raise ConfigError(f"index {doc.index!r} does not exist and the cluster does not create indices on "
+                                  f"a write ({reason})", hint=f"ask the cluster's operator to create {doc.index!r} "
+                                  "(with its mapping), then run the same command again")
             else:
                 outcome.dead.append((doc, reason))
         return retry, last_error

@@ -72,9 +72,10 @@ def test_duplicated_ids_are_counted_once_and_reported(cluster_url, index, state_
     data.write_bytes(b"\n".join(lines + lines[:7]) + b"\n")
     code, report, stderr = run_push(cluster_url, index, state_dir, data, extra=V1)
     assert code == 0, stderr
-    assert (report["indexed"], report["current"]) == (500, 7)
-    assert report["verification"]["count"] == {"ok": True, "expected": 500, "actual": 500, "duplicates": 7,
-                                               "per_index": {index: 500}}
+    # The later lines win over the earlier ones (external_gte at the same version): all acknowledged.
+    assert (report["indexed"], report["current"], report["duplicates"]) == (507, 0, 7)
+    count = report["verification"]["count"]
+    assert (count["ok"], count["expected"], count["actual"], count["duplicates"]) == (True, 500, 500, 7)
 
 
 def test_changed_document_is_caught_by_the_sample_and_the_full_scan(cluster_url, index, state_dir, tmp_path):
@@ -90,7 +91,8 @@ def test_changed_document_is_caught_by_the_sample_and_the_full_scan(cluster_url,
     code, result, stderr = verify(cluster_url, state_dir, batch_id)
     assert code == 3, stderr
     assert sorted(result["verification"]["sample"]["mismatched"]) == sorted([edited, rewritten])
-    assert "sample: 2 of 100 sampled documents differ" in result["verification"]["problems"][0]
+    assert result["verification"]["count"]["replaced_ids"] == [rewritten]  # it lost the batch stamp
+    assert "sample: 2 of 100 sampled documents differ" in result["verification"]["problems"][1]
     code, result, _ = verify(cluster_url, state_dir, batch_id, "--full")
     assert code == 3 and result["verification"]["full"]["mismatched_ids"] == [rewritten]
     code, result, _ = verify(cluster_url, state_dir, batch_id, "--full", "--recompute")
@@ -111,7 +113,9 @@ def test_deleted_documents_fail_the_count_and_are_enqueued_then_repaired(cluster
     code, result, stderr = verify(cluster_url, state_dir, batch_id)
     assert code == 3, stderr
     assert (result["verification"]["count"]["expected"], result["verification"]["count"]["actual"]) == (3_000, 2_990)
-    assert "count: the index holds 2990 documents" in result["verification"]["problems"][0]
+    assert "count: 2990 documents carry this batch and 0 were superseded by later batches, of 3000" in \
+        result["verification"]["problems"][0]
+    assert result["verification"]["count"]["missing_ids"] == deleted
     code, result, _ = verify(cluster_url, state_dir, batch_id, "--full", "--enqueue-missing")
     full = result["verification"]["full"]
     assert (code, full["missing_ids"], full["extra"], full["mismatched"]) == (3, deleted, 0, 0)
@@ -121,7 +125,7 @@ def test_deleted_documents_fail_the_count_and_are_enqueued_then_repaired(cluster
     sources = {record["ipa_id"]: record for record in map(orjson.loads, data.read_bytes().splitlines())}
     for doc_id, (version, source) in items.items():
         stamped = orjson.loads(source)
-        assert canonical_checksum(stamped, ("embedding_version", "last_updated", "sync_checksum")) == \
+        assert canonical_checksum(stamped, ("embedding_version", "last_updated", "sync_checksum", "sync_batch")) == \
             stamped["sync_checksum"] == canonical_checksum(sources[doc_id])
     assert (drain(cluster_url, state_dir)["indexed"]) == 10
     code, result, stderr = verify(cluster_url, state_dir, batch_id, "--full")
@@ -167,7 +171,9 @@ def test_an_older_batch_pushed_after_a_newer_one_verifies(cluster_url, index, st
                                     extra=[*V1, "--batch-time", "2026-01-01T00:00:00Z"])
     assert code == 0, stderr
     sample = report["verification"]["sample"]
-    assert (report["current"], len(sample["newer"]), sample["mismatched"]) == (300, 100, [])
+    assert (report["current"], len(sample["superseded"]), sample["mismatched"]) == (300, 100, [])
+    count = report["verification"]["count"]
+    assert (count["actual"], count["superseded"], count["missing"]) == (0, 300, 0)
 
 
 def test_verify_from_sources_without_a_record(cluster_url, index, state_dir, tmp_path):
@@ -250,7 +256,7 @@ def test_full_scan_through_the_elasticsearch_pit_api(es_url, es_index, state_dir
 
 def test_push_and_full_verify_on_elasticsearch_8(es_url, es_index, state_dir, tmp_path):
     # A proxy answers GET / as a full Elasticsearch would, so the agent knows the distribution and
-    # opens Elasticsearch's PIT at once; repeated ids get ES 8's 409 answers to external versions.
+    # opens Elasticsearch's PIT at once; repeated ids are sent with external_gte, which ES 8 accepts.
     data = generate(tmp_path / "words.jsonl", 2_000)
     lines = data.read_bytes().splitlines()
     data.write_bytes(b"\n".join(lines + lines[:5]) + b"\n")
@@ -258,7 +264,7 @@ def test_push_and_full_verify_on_elasticsearch_8(es_url, es_index, state_dir, tm
     root_answer = Fault.reply(200, body=orjson.dumps(root))
     with FaultProxy(es_url, plan=lambda request: root_answer if request.path == "/" else None) as proxy:
         code, report, stderr = run_push(proxy.url, es_index, state_dir, data, extra=V1)
-        assert (code, report["status"], report["indexed"], report["current"]) == (0, "verified", 2_000, 5), stderr
+        assert (code, report["status"], report["indexed"], report["duplicates"]) == (0, "verified", 2_005, 5), stderr
         code, result, stderr = verify(proxy.url, state_dir, report["batch_id"], "--full")
     assert code == 0 and result["verification"]["full"]["scanned"] == 2_000, stderr
     assert record(state_dir, report["batch_id"])["cluster"] == {

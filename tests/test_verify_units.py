@@ -95,7 +95,7 @@ def test_doc_table_keeps_the_acknowledged_duplicate_and_counts_repeats(tmp_path)
     table.add([first], replace_equal=True)       # re-sent after a crash: same line, no new duplicate
     newer = docs({"id": "a", "x": 3}, version=2000, line=9)
     table.add(newer, replace_equal=False)        # a higher version always wins
-    assert table.counts() == {"per_index": {"words": 1}, "distinct": 1, "duplicates": 2}
+    assert table.counts() == {"per_index": {"words": 1}, "distinct": 1, "deleted": 0, "duplicates": 2}
     assert table.sample() == [("words", "a", newer[0].checksum, 2000)] * 2
     assert table.checksum() == hashlib.sha256(newer[0].checksum.encode() + b"\n").hexdigest()
 
@@ -131,14 +131,14 @@ def test_full_scan_speaks_the_elasticsearch_pit_api(tmp_path):
         responses.post(f"{url}/_search", json=page)
     responses.delete(f"{url}/_pit", json={"succeeded": True})
     client = ClusterClient(Config(url=url))
-    result = full_scan(client, table, ["words"], "elasticsearch", stamped_checksum("sync_checksum"), 10)
+    result = full_scan(client, table, ["words"], "elasticsearch", stamped_checksum("sync_checksum", "sync_batch"), 10)
     assert (result["missing_ids"], result["extra_ids"], result["mismatched_ids"]) == (["c"], ["z"], ["b"])
     searches = [json.loads(call.request.body) for call in responses.calls if call.request.url.startswith(
         f"{url}/_search")]
     assert searches[0] == {"size": 0, "pit": {"id": "PIT-1", "keep_alive": "5m"}, "track_total_hits": True}
     assert searches[1]["pit"]["id"] == "PIT-1" and searches[2]["pit"]["id"] == "PIT-2"
     assert searches[1]["sort"] == [{"_shard_doc": "asc"}] and searches[2]["search_after"] == [1]
-    assert searches[1]["_source"] == ["sync_checksum"] and "slice" not in searches[1]
+    assert searches[1]["_source"] == ["sync_checksum", "sync_batch"] and "slice" not in searches[1]
     assert json.loads(responses.calls[-1].request.body) == {"id": "PIT-2"}
 
 
@@ -184,7 +184,8 @@ def test_merged_shard_tables_hold_the_batch_as_one_table_would(tmp_path):
         whole.add(part, replace_equal=False)
     merged = DocTable(tmp_path / "merged.db", sample_size=100, seed="b")
     merged.merge(shard_tables(tmp_path, [built[:250], built[250:] + repeated, newer, []]), "b")
-    assert merged.counts() == whole.counts() == {"per_index": {"words": 300}, "distinct": 300, "duplicates": 2}
+    assert merged.counts() == whole.counts() == {"per_index": {"words": 300}, "distinct": 300, "deleted": 0,
+                                                        "duplicates": 2}
     assert merged.checksum() == whole.checksum()
     rows = {doc_id: (checksum, version) for doc_id, checksum, version in whole.query(
         "SELECT id, checksum, version FROM docs")}

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 PENDING = "pending"
 DEAD = "dead"
 QUARANTINED = "quarantined"
+REPAIR = "repair"           # queued by `verify --full --repair`: drain makes it win over edits made by hand
 FIRST_RETRY_DELAY = 60.0
 DEFAULT_LEASE_SECONDS = 300.0
 
@@ -42,6 +43,7 @@ class QueueItem:
     next_attempt_at: float = 0.0
     status: str = PENDING
     lease: str = ""               # the token of the take that holds it, "" when not leased
+    version_type: str = "external"  # external_gte: may replace an equal version (a repeated id, a repair)
 
     @staticmethod
     def document_key(index: str, doc_id: str) -> str:

@@ -21,7 +21,8 @@ from .base import DEAD, PENDING, QUARANTINED, QueueItem, RetryQueue, new_lease_t
 
 PREFIX = "pushagent:"
 PAGE = 500
-META_FIELDS = ("batch_id", "index", "doc_id", "version", "op", "input_file", "line", "kind", "last_error",
+META_FIELDS = ("batch_id", "index", "doc_id", "version", "version_type", "op", "input_file", "line", "kind",
+               "last_error",
                "attempts", "next_attempt_at", "status")
 
 # Leases that ran out (a drainer died) go back to pending at their old next-attempt time.

@@ -36,7 +36,7 @@ CREATE INDEX IF NOT EXISTS items_due ON items (status, next_attempt_at);
 CREATE INDEX IF NOT EXISTS items_batch ON items (batch_id);
 """
 COLUMNS = ("key", "batch_id", "index_name", "doc_id", "version", "op", "source", "input_file", "line",
-           "kind", "last_error", "attempts", "next_attempt_at", "status")
+           "kind", "last_error", "attempts", "next_attempt_at", "status", "version_type")
 # A newer version of a document replaces its queued item (and cancels its lease); an older one never does.
 UPSERT = f"""
 INSERT INTO items ({", ".join(COLUMNS)}, created_at) VALUES ({", ".join("?" * (len(COLUMNS) + 1))})
@@ -78,7 +78,7 @@ class SqliteQueue(RetryQueue):
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=NORMAL")
                 self._db.executescript(SCHEMA)
-                self._add_lease_token()
+                self._add_columns()
         except (sqlite3.Error, OSError) as error:
             raise QueueError(f"cannot open the retry queue {self.path}: {error}") from None
 
@@ -94,11 +94,12 @@ class SqliteQueue(RetryQueue):
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
 
-    def _add_lease_token(self) -> None:
-        # Queues written before leases had tokens lack the column; adding it keeps their items.
+    def _add_columns(self) -> None:
+        # Queues written by earlier versions lack the later columns; adding them keeps their items.
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(items)")}
-        if "lease_token" not in columns:
-            self._db.execute("ALTER TABLE items ADD COLUMN lease_token TEXT NOT NULL DEFAULT ''")
+        for name, default in (("lease_token", "''"), ("version_type", "'external'")):
+            if name not in columns:
+                self._db.execute(f"ALTER TABLE items ADD COLUMN {name} TEXT NOT NULL DEFAULT {default}")
 
     def _transaction(self, work):
         """Run work(db) inside BEGIN IMMEDIATE ... COMMIT; errors become QueueError."""
@@ -133,7 +134,7 @@ class SqliteQueue(RetryQueue):
     def _row(item: QueueItem, moment: float) -> tuple:
         return (item.key, item.batch_id, item.index, item.doc_id, item.version, item.op, item.source,
                 item.input_file, item.line, item.kind, item.last_error, item.attempts, item.next_attempt_at,
-                item.status, moment)
+                item.status, item.version_type, moment)
 
     def take(self, limit, lease_seconds=300.0, batch_id=None, due_only=True) -> list:
         moment = now()
