@@ -76,8 +76,8 @@ class BatchRecorder:
             log.warning("the inputs hold no records: nothing was sent, there is nothing to verify")
         elif result.status == "pushed" and self.verify and self._ready_to_verify(state):
             self.write(state, "pushed")
-            result.verification = run_checks(self.client, self.table, spec_for(self.settings,
-                                             self.config.state_path, snapshot=self.config.snapshot), self.indices(), self.table.sample())
+            spec = spec_for(self.settings, self.config.state_path, snapshot=self.config.snapshot)
+            result.verification = run_checks(self.client, self.table, spec, self.indices(), self.table.sample())
             result.status = "verified" if result.verification["ok"] else "verification_failed"
             if not result.verification["ok"] and result.exit_code == EXIT_OK:
                 result.exit_code = EXIT_INCOMPLETE
