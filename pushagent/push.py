@@ -24,6 +24,7 @@ from .errors import (EXIT_FAILURE, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK, C
                      PushAgentError, StorageError)
 from .ledger import Ledger
 from .mirror import mirror_state
+from .provenance import ContentRegistry, content_digest
 from .ratelimit import TokenBucket
 from .recording import BatchRecorder
 from .repeats import RepeatedIds
@@ -131,23 +132,50 @@ class PushRun:
         self.stop_event = stop_event or threading.Event()
         self.stats = TransferStats()
         self.files = expand_inputs(options.inputs, config.s3_endpoint_url)
-        batch_ms = batch_generation_ms(config, self.files)
+        self.store = CheckpointStore(config.state_path)
+        batch_ms, known_batch_id = self._batch_version()
         self.build_settings = build_settings(config, batch_ms)
-        self.settings = {"index": config.index, "index_field": config.index_field, "batch_version": batch_ms,
-                         "embedding_version": config.embedding_version, "id_field": config.id_field}
+        self.settings = self._run_settings(batch_ms)
         # Shards of one batch share its id (documents, queue, sync-state), not their run state.
-        self.batch_id = options.batch_id or default_batch_id(self.files, self.settings)
+        self.batch_id = options.batch_id or known_batch_id or default_batch_id(self.files, self.settings)
         # Every document carries its batch: the batch is what verification proves, in an index many batches share.
         self.build_settings = dataclasses.replace(self.build_settings, batch_id=self.batch_id)
         self.ranges = file_ranges(self.files, options.shard)
         self.run_key = run_key(self.batch_id, options.shard)
-        self.store = CheckpointStore(config.state_path)
         self._stop_reason = None
         self._fatal = None
         self._sender = None
         self.recorder = None
         self.builder = Builder(self.build_settings)
         self.repeats = None
+
+    def _run_settings(self, batch_ms: int) -> dict:
+        """What must not change while a batch resumes."""
+        config = self.config
+        return {"index": config.index, "index_field": config.index_field, "batch_version": batch_ms,
+                "embedding_version": config.embedding_version, "id_field": config.id_field}
+
+    def _batch_version(self) -> tuple:
+        """(version in ms, batch id or None): the inputs' newest mtime, unless this content was pushed
+        before, whose batch time and id it keeps (a copy must not pass for newer data)."""
+        config, options = self.config, self.options
+        batch_ms = batch_generation_ms(config, self.files)
+        if config.batch_time or config.version_field or options.dry_run:
+            return batch_ms, None
+        batch_id = options.batch_id or default_batch_id(self.files, self._run_settings(batch_ms))
+        resuming = self.store.load(run_key(batch_id, options.shard))
+        if resuming is not None and resuming.status not in DONE_STATUSES:
+            return batch_ms, None
+        digest, registry = content_digest(self.files), ContentRegistry(config.state_path)
+        known = registry.recall(digest)
+        if known is None:
+            registry.remember(digest, batch_id, batch_ms)
+            return batch_ms, None
+        if known["batch_version"] != batch_ms:
+            log.warning("these inputs hold the content of batch %s, generated at %s: keeping that batch time, so "
+                        "that this copy cannot overwrite newer data (--batch-time sets another)", known["batch_id"],
+                        iso_utc_from_ms(known["batch_version"]))
+        return known["batch_version"], known["batch_id"]
 
     def run(self) -> PushResult:
         """Push, record and verify; observers hear `finished` once the final status is known."""

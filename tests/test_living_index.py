@@ -1,6 +1,8 @@
 """Many batches, one index (SPEC section 10), against the real OpenSearch: each batch is proved on its own."""
 
 import json
+import os
+import shutil
 
 import orjson
 import requests
@@ -156,3 +158,23 @@ def test_repair_restores_documents_edited_and_deleted_by_hand(cluster_url, index
     assert source(cluster_url, index, "w00000007") == original and source(cluster_url, index, "w00000009")
     code, result, stderr = verify(cluster_url, state_dir, "repaired", "--full", "--recompute")
     assert code == 0, (stderr, result)
+
+
+def test_a_restaged_copy_of_an_older_batch_keeps_its_time_and_overwrites_nothing(cluster_url, index, state_dir,
+                                                                                 tmp_path):
+    old = generate(tmp_path / "old.jsonl", 100)
+    new = generate(tmp_path / "new.jsonl", 100, seed=9)          # the same ids, regenerated later
+    os.utime(old, (1_767_225_600, 1_767_225_600))                 # 2026-01-01
+    os.utime(new, (1_767_312_000, 1_767_312_000))                 # 2026-01-02
+    for data in (old, new):
+        code, report, stderr = run_push(cluster_url, index, state_dir, data, extra=V1)
+        assert code == 0, stderr
+    copy = tmp_path / "copy-of-old.jsonl"
+    shutil.copyfile(old, copy)                                    # a fresh mtime, as without cp -p
+    code, report, stderr = run_push(cluster_url, index, state_dir, copy, extra=V1)
+    assert (code, report["status"], report["indexed"], report["current"]) == (0, "verified", 0, 100), stderr
+    assert "keeping that batch time, so that this copy cannot overwrite newer data" in stderr
+    assert source(cluster_url, index, "w00000001")["last_updated"] == "2026-01-02T00:00:00.000Z"
+    code, report, stderr = run_push(cluster_url, index, state_dir, copy, extra=[*V1, "--batch-time",
+                                                                                "2026-01-03T00:00:00Z"])
+    assert (code, report["indexed"]) == (0, 100), stderr                # an explicit batch time still wins
