@@ -32,6 +32,7 @@ from .reader import InputReadError, expand_inputs, next_line_start, read_lines
 from .retry_queue import QueueItem, open_queue
 from .sender import ChunkAborted, ChunkSender, DryRunTransport, HttpTransport, TransferStats
 from .shard import Shard, file_ranges, run_key
+from .sharded import agreed_inputs
 from .slurm_env import slurm_facts
 from .auth import authorization_header
 
@@ -131,7 +132,7 @@ class PushRun:
         self.options = options
         self.stop_event = stop_event or threading.Event()
         self.stats = TransferStats()
-        self.files = expand_inputs(options.inputs, config.s3_endpoint_url)
+        self.files = self._inputs()
         self.store = CheckpointStore(config.state_path)
         batch_ms, known_batch_id = self._batch_version()
         self.build_settings = build_settings(config, batch_ms)
@@ -148,6 +149,16 @@ class PushRun:
         self.recorder = None
         self.builder = Builder(self.build_settings)
         self.repeats = None
+
+    def _inputs(self) -> list:
+        """The expanded inputs; for a shard, the list the batch's first shard found (sharded.agreed_inputs)."""
+        config, options = self.config, self.options
+        files = expand_inputs(options.inputs, config.s3_endpoint_url)
+        array_job = slurm_facts().get("array_job_id")
+        key = options.batch_id or (f"array-{array_job}" if array_job else None)
+        if options.shard and key and not options.dry_run:
+            return agreed_inputs(config.state_path, key, files, config.s3_endpoint_url)
+        return files
 
     def _run_settings(self, batch_ms: int) -> dict:
         """What must not change while a batch resumes."""

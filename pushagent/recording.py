@@ -21,7 +21,7 @@ from .fullscan import enqueue
 from .mirror import mirror_state
 from .retry_queue import open_queue
 from .shard import Shard, run_key
-from .sharded import batch_fields, check_finished, merged_table, shard_states
+from .sharded import batch_fields, batch_progress, check_finished, merged_table, shard_states
 from .state import AuditLog, SyncStateStore, runtime_fields
 from .verifier import VerifySpec, add_full_scan, load_sources, run_checks, temporary_table
 
@@ -125,7 +125,13 @@ def batch_record(recorder: BatchRecorder, state, status: str, verification) -> d
     build = dataclasses.asdict(settings)
     build["allowed_indices"] = sorted(settings.allowed_indices)
     now = _now_iso()
-    shard = {"shard": str(recorder.shard)} if recorder.shard else {}
+    shard = {}
+    if recorder.shard:
+        shard = {"shard": str(recorder.shard),
+                 **batch_progress(recorder.config.state_path, recorder.batch_id, recorder.shard, state)}
+        if shard["waiting_for_shards"]:
+            shard["doc_count"] = None   # the batch's documents are counted once its shards are merged
+            status = "incomplete" if status == "pushed" else status
     return {"batch_id": recorder.batch_id, "status": status, "started_at": state.started_at,
             "updated_at": now, "finished_at": None if status == "pushing" else now,
             "batch_time": settings.batch_time_iso, "embedding_version": settings.embedding_version,
@@ -197,6 +203,7 @@ def _batch_table(config, record: dict) -> DocTable:
     check_finished(batch_id, states)
     table = merged_table(config.state_path, batch_id, states, config.sample_size)
     record.pop("shard", None)
+    record.pop("waiting_for_shards", None)
     record.update(batch_fields(table, states, record["indices"]))
     return table
 

@@ -8,13 +8,61 @@ finished: their tables are then merged into the batch's own
 the batch's record gets the totals and each shard's facts.
 """
 
+import fcntl
 import glob
+import json
+import logging
 import re
 
-from .checkpoint import COUNTERS, DONE_STATUSES, CheckpointStore
+from .checkpoint import COUNTERS, DONE_STATUSES, CheckpointStore, write_atomically
 from .doctable import DocTable, table_path
-from .errors import PushAgentError
+from .errors import ConfigError, PushAgentError
+from .reader import expand_inputs
 from .shard import Shard, run_key
+
+log = logging.getLogger(__name__)
+
+
+def agreed_inputs(state_dir, key: str, files, s3_endpoint_url=None) -> list:
+    """The input list every shard of a batch uses: the first task's (`runs/<key>.manifest.json`).
+
+    Each task expands the globs itself; a file that appears (or goes) between
+    two tasks' starts would otherwise go to no shard or to two. A later task
+    whose expansion differs uses the manifest's files while they are unchanged,
+    and refuses when one of them changed.
+    """
+    directory = CheckpointStore(state_dir).directory
+    directory.mkdir(parents=True, exist_ok=True)
+    manifest = directory / f"{key}.manifest.json"
+    mine = [f.fingerprint() for f in files]
+    with open(directory / f"{key}.manifest.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not manifest.exists():
+            write_atomically(manifest, json.dumps({"inputs": mine}, indent=1).encode())
+            return files
+        agreed = json.loads(manifest.read_text())["inputs"]
+    if agreed == mine:
+        return files
+    current = expand_inputs([entry["path"] for entry in agreed], s3_endpoint_url)
+    if [f.fingerprint() for f in current] != agreed:
+        raise ConfigError(f"the inputs of batch {key} changed since its first shard started", file=str(manifest),
+                          hint="restore them, or push the new inputs as another batch (--batch-id)")
+    log.warning("this shard's inputs differ from the %d files the batch's first shard found: using those",
+                len(agreed))
+    return current
+
+
+def batch_progress(state_dir, batch_id: str, shard: Shard, state) -> dict:
+    """The fields of a sharded batch's sync-state record while its shards push: totals over the shards
+    (`state` is this shard's, newer than its saved checkpoint), and which shards are not done."""
+    states = {key: value for key, value in shard_states(state_dir, batch_id).items() if key.count == shard.count}
+    states[shard] = state
+    everyone = [Shard(index, shard.count) for index in range(shard.count)]
+    waiting = [str(s) for s in everyone if states.get(s) is None or states[s].status not in DONE_STATUSES]
+    return {"counters": {name: sum(s.counters.get(name, 0) for s in states.values()) for name in COUNTERS},
+            "shards": [{"shard": str(s), "status": states[s].status if s in states else "not started"}
+                       for s in everyone],
+            "waiting_for_shards": waiting}
 
 
 def shard_states(state_dir, batch_id: str) -> dict:

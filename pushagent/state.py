@@ -21,7 +21,7 @@ from .checkpoint import write_atomically
 from .errors import PushAgentError
 from .slurm_env import slurm_facts
 
-STATUSES = ("pushing", "interrupted", "pushed", "verified", "verification_failed")
+STATUSES = ("pushing", "interrupted", "incomplete", "pushed", "verified", "verification_failed")
 GENESIS = "0" * 64
 
 

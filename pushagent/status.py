@@ -155,7 +155,8 @@ def _is_running(run: dict) -> bool:
 
 def verdict(report: dict, config) -> tuple[str, list]:
     """The worst level among the checks, and one reason per check that is not healthy."""
-    reasons = _lag_reasons(report, config) + _dead_reasons(report, config) + _run_reasons(report)
+    reasons = (_lag_reasons(report, config) + _dead_reasons(report, config) + _run_reasons(report)
+               + _incomplete_reasons(Path(report["state_dir"])))
     level = max((level for level, _ in reasons), key=list(EXIT_CODES).index, default=HEALTHY)
     return level, [{"level": level, "message": message} for level, message in reasons]
 
@@ -191,6 +192,14 @@ def _run_reasons(report: dict) -> list:
     if run["status"] == "pushing" and not run["running"]:
         return [(WARNING, f"last run of {run['batch_id']} stopped without finishing: run the same command again")]
     return []
+
+
+def _incomplete_reasons(state_dir: Path) -> list:
+    """Batches pushed in shards of which some have not finished: half a batch is not a synced one."""
+    return [(WARNING, f"batch {record['batch_id']} is incomplete: shards {', '.join(record['waiting_for_shards'])} "
+             "have not finished; push them (same inputs, --batch-id and --shard)")
+            for record in read_records(state_dir / "sync-state")
+            if record.get("status") == "incomplete" and record.get("waiting_for_shards")]
 
 
 def _hours(seconds: float) -> str:

@@ -178,3 +178,29 @@ def test_a_restaged_copy_of_an_older_batch_keeps_its_time_and_overwrites_nothing
     code, report, stderr = run_push(cluster_url, index, state_dir, copy, extra=[*V1, "--batch-time",
                                                                                 "2026-01-03T00:00:00Z"])
     assert (code, report["indexed"]) == (0, 100), stderr                # an explicit batch time still wins
+
+
+def test_shards_share_the_first_shards_input_list_and_the_record_says_incomplete(cluster_url, index, state_dir,
+                                                                                 tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for number in range(2):
+        generate(folder / f"part{number}.jsonl", 100, start=100 * number)
+    shard = [*V1, "--batch-id", "arrayed", "--shard"]
+    code, report, stderr = run_push(cluster_url, index, state_dir, f"{folder}/*.jsonl", extra=[*shard, "0/2"])
+    assert code == 0, stderr
+    saved = record(state_dir, "arrayed")
+    assert (saved["status"], saved["waiting_for_shards"], saved["doc_count"]) == ("incomplete", ["1/2"], None)
+    code, health, _ = run_cli("status", "--state-dir", state_dir)
+    assert code == 1 and "batch arrayed is incomplete: shards 1/2 have not finished" in json.dumps(health)
+    generate(folder / "part2.jsonl", 100, start=200)              # appears between the two tasks' starts
+    code, report, stderr = run_push(cluster_url, index, state_dir, f"{folder}/*.jsonl", extra=[*shard, "1/2"])
+    assert code == 0, stderr
+    assert "this shard's inputs differ from the 2 files the batch's first shard found: using those" in stderr
+    assert (record(state_dir, "arrayed")["status"], record(state_dir, "arrayed")["waiting_for_shards"]) == \
+        ("pushed", [])
+    code, result, stderr = verify(cluster_url, state_dir, "arrayed")
+    assert code == 0 and result["verification"]["count"]["expected"] == 200, stderr
+    (folder / "part0.jsonl").write_bytes(b'{"ipa_id": "changed"}\n')
+    code, _, stderr = run_push(cluster_url, index, state_dir, f"{folder}/*.jsonl", extra=[*shard, "1/2"])
+    assert code == 2 and "the inputs of batch arrayed changed since its first shard started" in stderr
