@@ -3,6 +3,7 @@
 Human progress and logs go to stderr; `--json` puts the final report on stdout.
 """
 
+import contextlib
 import functools
 import json
 import logging
@@ -16,7 +17,7 @@ from . import __version__
 from .config import load_config
 from .doctor import Doctor, healthy
 from .doctor import as_json as doctor_report
-from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, PushAgentError
+from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PushAgentError
 from .logs import redact, setup_logging
 from .memory import return_large_buffers_to_os
 from .observe import observing
@@ -313,6 +314,31 @@ class _stop_on_signals:
             signal.signal(number, handler)
 
 
+class _Interrupted(Exception):
+    """A stop signal arrived while a command that only reads was running."""
+
+
+@contextlib.contextmanager
+def _interrupt_on_signals():
+    """SIGUSR1/SIGTERM/SIGINT stop `verify` at once with exit 75: it has changed nothing yet, and the same
+    command, run again, starts over (Slurm's requeue wrapper does so)."""
+    def interrupt(number, frame):
+        raise _Interrupted(signal.Signals(number).name)
+    previous = {number: signal.signal(number, interrupt) for number in STOP_SIGNALS}
+    try:
+        yield
+    except _Interrupted as stop:
+        for number in STOP_SIGNALS:        # a second signal must not kill the process while it exits
+            signal.signal(number, signal.SIG_IGN)
+        click.echo(f"pushagent: verification interrupted by {stop}: nothing was recorded; run the same command "
+                   "again", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    finally:
+        for number, handler in previous.items():
+            if signal.getsignal(number) is not signal.SIG_IGN:
+                signal.signal(number, handler)
+
+
 def _run_until_signal(run):
     """run.run() with the stop signals turned into run.request_stop()."""
     with _stop_on_signals(run):
@@ -381,7 +407,8 @@ def verify(config_file, as_json, url, index, state_dir, insecure, batch_id, embe
                                              id_field=id_field, batch_time=batch_time))
     options = VerifyOptions(batch_id, embedding_version, config.index, expected_count, sources, expected_date, full,
                             enqueue_missing, recompute, snapshot, repair)
-    report, exit_code = verify_batch(config, options)
+    with _interrupt_on_signals():
+        report, exit_code = verify_batch(config, options)
     if as_json:
         click.echo(json.dumps(report, sort_keys=True))
     else:

@@ -2,7 +2,9 @@
 
 import hashlib
 import json
+import signal
 import sqlite3
+import subprocess
 import time
 
 import orjson
@@ -11,7 +13,8 @@ import requests
 
 from faultproxy import Fault, FaultProxy
 from pushagent.builder import canonical_checksum
-from support import generate, interrupt_after, push_command, run_cli, run_push
+from support import (agent_env, cli_command, generate, interrupt_after, push_command, run_cli, run_push,
+                     wait_for)
 
 V1 = ["--embedding-version", "v1"]
 
@@ -279,3 +282,18 @@ def elasticsearch_root(url) -> dict:
                          timeout=30).json()
     version = next(iter(nodes["nodes"].values()))["version"]
     return {"cluster_name": nodes["cluster_name"], "version": {"number": version}}
+
+
+@pytest.mark.parametrize("name", ["SIGUSR1", "SIGTERM", "SIGINT"])
+def test_verify_stops_on_each_signal_with_exit_75(cluster_url, index, state_dir, tmp_path, name):
+    _, report = pushed(cluster_url, index, state_dir, tmp_path, count=200)
+    with FaultProxy(cluster_url, plan=lambda request: Fault.delay(0.5) if "_count" in request.path else None) as proxy:
+        process = subprocess.Popen(cli_command("verify", "--batch-id", report["batch_id"], url=proxy.url,
+                                               state_dir=state_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, env=agent_env())
+        wait_for(lambda: any("_count" in r.path for r in proxy.requests) or process.poll() is not None)
+        process.send_signal(getattr(signal, name))
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 75, stderr
+    assert f"verification interrupted by {name}: nothing was recorded; run the same command again" in stderr
+    assert record(state_dir, report["batch_id"])["status"] == "verified"    # the push's verification stands
