@@ -17,7 +17,7 @@ from . import __version__
 from .config import load_config
 from .doctor import Doctor, healthy
 from .doctor import as_json as doctor_report
-from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PushAgentError
+from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PushAgentError, StopRequested
 from .logs import redact, setup_logging
 from .memory import return_large_buffers_to_os
 from .observe import observing
@@ -303,6 +303,8 @@ class _stop_on_signals:
             log.warning("%s received: finishing requests in flight, then saving the checkpoint", name)
         self._received = True
         self.run.request_stop(name)
+        if getattr(self.run, "interruptible", False):
+            raise StopRequested(name)
 
     def __exit__(self, *exc):
         # Once stopping, keep the handlers: the same signal often comes twice (Slurm signals every
@@ -314,20 +316,16 @@ class _stop_on_signals:
             signal.signal(number, handler)
 
 
-class _Interrupted(Exception):
-    """A stop signal arrived while a command that only reads was running."""
-
-
 @contextlib.contextmanager
 def _interrupt_on_signals():
     """SIGUSR1/SIGTERM/SIGINT stop `verify` at once with exit 75: it has changed nothing yet, and the same
     command, run again, starts over (Slurm's requeue wrapper does so)."""
     def interrupt(number, frame):
-        raise _Interrupted(signal.Signals(number).name)
+        raise StopRequested(signal.Signals(number).name)
     previous = {number: signal.signal(number, interrupt) for number in STOP_SIGNALS}
     try:
         yield
-    except _Interrupted as stop:
+    except StopRequested as stop:
         for number in STOP_SIGNALS:        # a second signal must not kill the process while it exits
             signal.signal(number, signal.SIG_IGN)
         click.echo(f"pushagent: verification interrupted by {stop}: nothing was recorded; run the same command "

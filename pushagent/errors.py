@@ -8,6 +8,10 @@ EXIT_AUTH = 4
 EXIT_INTERRUPTED = 75
 
 
+class StopRequested(Exception):
+    """A stop signal interrupted work that only reads (verification): nothing is left half-done."""
+
+
 class PushAgentError(Exception):
     """Root of every error pushagent raises on purpose.
 

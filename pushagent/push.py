@@ -21,7 +21,7 @@ from .builder import Builder, BuildSettings, Rejected, iso_utc_from_ms
 from .checkpoint import DONE_STATUSES, BatchLock, CheckpointStore, CommitTracker, RunState
 from .chunker import Chunker, Position
 from .errors import (EXIT_FAILURE, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK, ConfigError, InputChangedError,
-                     PushAgentError, StorageError)
+                     PushAgentError, StopRequested, StorageError)
 from .ledger import Ledger
 from .mirror import mirror_state
 from .provenance import ContentRegistry, content_digest
@@ -149,6 +149,7 @@ class PushRun:
         self.recorder = None
         self.builder = Builder(self.build_settings)
         self.repeats = None
+        self.interruptible = False      # a stop signal may interrupt what runs now (verification reads only)
 
     def _inputs(self) -> list:
         """The expanded inputs; for a shard, the list the batch's first shard found (sharded.agreed_inputs)."""
@@ -199,14 +200,19 @@ class PushRun:
 
     def _push_and_record(self) -> PushResult:
         with BatchLock(self.config.state_path, self.run_key):
-            state = self._initial_state()
+            saved = self.store.load(self.run_key)
+            verify_only = saved is not None and self._verification_pending(saved)
+            state = saved if verify_only else self._initial_state(saved)
             retry_queue = open_queue(self.config.resolved_queue_url, self.config.max_attempts,
                                      self.config.max_retry_delay)
             self.recorder = BatchRecorder(self.config, self.batch_id, self.build_settings, self.files, self.store,
                                           self.options.verify, self.options.shard)
             try:
-                self.recorder.started(state)
-                result = self.recorder.finished(state, self._execute(state, retry_queue))
+                if verify_only:
+                    result = self._verify(state, self._verification_only(state))
+                else:
+                    self.recorder.started(state)
+                    result = self._verify(state, self._execute(state, retry_queue))
             except PushAgentError:
                 self.recorder.write(state, "failed")
                 raise
@@ -217,11 +223,41 @@ class PushRun:
             result.mirror = mirror_state(self.config, self.batch_id, self.run_key)
             return result
 
+    def _verify(self, state: RunState, result: PushResult) -> PushResult:
+        """The recorder's final record and verification; a stop signal may cut the verification short (the
+        batch stays `pushed`, and running the same command again verifies it)."""
+        self.interruptible = True
+        try:
+            return self.recorder.finished(state, result)
+        except StopRequested as signal_name:
+            log.warning("%s: verification interrupted; the batch is pushed: run the same command again to verify it",
+                        signal_name)
+            result.status, result.exit_code = "pushed", EXIT_INTERRUPTED
+            return result
+        finally:
+            self.interruptible = False
+
+    def _verification_pending(self, state: RunState) -> bool:
+        """The batch was pushed whole but not verified (its verification was interrupted, or waited for a
+        drain): running the same command again verifies it instead of sending it all again."""
+        return (state.status == "pushed" and self.options.verify and not self.options.restart
+                and not self.options.from_line and state.inputs == self._fingerprints()
+                and state.settings == self.settings)
+
+    def _verification_only(self, state: RunState) -> PushResult:
+        log.info("batch %s was pushed and is not verified yet: verifying it (--restart pushes it again)",
+                 self.batch_id)
+        self.recorder.cluster = self.recorder.client.info()
+        batch = Ledger(**state.counters)
+        return PushResult(self.batch_id, "pushed", EXIT_INCOMPLETE if batch.unfinished else EXIT_OK, batch,
+                          Ledger(), self.stats, 0.0, state.position, shard=state.shard, slurm=state.slurm,
+                          duplicates=self.recorder.table.counts()["duplicates"])
+
     def _fingerprints(self) -> list:
         return [f.fingerprint() for f in self.files]
 
-    def _initial_state(self) -> RunState:
-        state = self.store.load(self.run_key)
+    def _initial_state(self, state: RunState | None) -> RunState:
+        """Where this run starts: the saved state of an unfinished batch, or a new one."""
         inputs = self._fingerprints()
         if self.options.restart or (self.options.from_line and state is None):
             return self._fresh_state()

@@ -23,7 +23,7 @@ from .retry_queue import open_queue
 from .shard import Shard, run_key
 from .sharded import batch_fields, batch_progress, check_finished, merged_table, shard_states
 from .state import AuditLog, SyncStateStore, runtime_fields
-from .verifier import VerifySpec, add_full_scan, load_sources, run_checks, temporary_table
+from .verifier import VerifySpec, add_full_scan, load_sources, run_checks, summarize, temporary_table
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +180,7 @@ def _verify_recorded(config, client, options: VerifyOptions) -> dict:
     try:
         spec = spec_for(settings, config.state_path, options.expected_date, record.get("snapshot") or options.snapshot)
         result = run_checks(client, table, spec, record["indices"], table.sample())
+        _note_queued(config, record["batch_id"], result)
     finally:
         table.close()
     enqueued = _full_from_inputs(config, client, options, result, settings, record) if options.full else None
@@ -191,6 +192,21 @@ def _verify_recorded(config, client, options: VerifyOptions) -> dict:
     if mirrored is not None:
         report["mirror"] = mirrored
     return report
+
+
+def _note_queued(config, batch_id: str, result: dict) -> None:
+    """When documents are missing, say how many of the batch's records still wait in the retry queue."""
+    count = result.get("count", {})
+    if not count.get("missing"):
+        return
+    retry_queue = open_queue(config.resolved_queue_url, config.max_attempts, config.max_retry_delay)
+    try:
+        waiting = retry_queue.stats()["batches"].get(batch_id, {}).get("pending", 0)
+    finally:
+        retry_queue.close()
+    if waiting:
+        count["waiting_in_queue"] = waiting
+        summarize(result)
 
 
 def _batch_table(config, record: dict) -> DocTable:

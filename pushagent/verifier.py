@@ -330,7 +330,10 @@ def _count_problem(check: dict) -> str:
                 "(an index with refresh_interval -1 shows no new documents to searches until it is refreshed)")
     parts = [f"count: {check['actual']} documents carry this batch and {check['superseded']} were superseded by "
              f"later batches, of {check['expected']} distinct ids it delivered"]
-    if check["missing"]:
+    if check.get("waiting_in_queue"):
+        parts.append(f"{check['waiting_in_queue']} records of this batch are waiting in the retry queue: "
+                     "`pushagent drain --all` sends them, then verify again")
+    elif check["missing"]:
         parts.append(f"{check['missing']} are missing {check['missing_ids']}: run `pushagent verify --full --repair` "
                      "for this batch, then `pushagent drain`")
     if check["replaced_ids"]:

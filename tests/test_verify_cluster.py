@@ -297,3 +297,35 @@ def test_verify_stops_on_each_signal_with_exit_75(cluster_url, index, state_dir,
     assert process.returncode == 75, stderr
     assert f"verification interrupted by {name}: nothing was recorded; run the same command again" in stderr
     assert record(state_dir, report["batch_id"])["status"] == "verified"    # the push's verification stands
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGKILL"])
+def test_a_push_stopped_while_it_verifies_verifies_only_when_run_again(cluster_url, index, state_dir, tmp_path,
+                                                                        stop):
+    data = generate(tmp_path / "words.jsonl", 500)
+    slow_count = lambda request: Fault.delay(1.0) if "_count" in request.path else None  # noqa: E731
+    with FaultProxy(cluster_url, plan=slow_count) as proxy:
+        code, report, stderr = interrupt_after(
+            proxy, push_command(proxy.url, index, state_dir, data, extra=V1), requests=0,
+            interrupt=lambda process: (wait_for(lambda: any("_count" in r.path for r in proxy.requests)),
+                                       process.send_signal(getattr(signal, stop))))
+        assert code == (75 if stop == "SIGTERM" else -9), stderr
+        if stop == "SIGTERM":
+            assert report["status"] == "pushed" and "verification interrupted; the batch is pushed" in stderr
+        sent = len(proxy.bulk_requests())
+        code, report, stderr = run_push(proxy.url, index, state_dir, data, extra=V1)
+    assert (code, report["status"], report["read"], report["this_run"]["read"]) == (0, "verified", 500, 0), stderr
+    assert len(proxy.bulk_requests()) == sent and "is not verified yet: verifying it" in stderr
+
+
+def test_verify_says_when_missing_records_wait_in_the_retry_queue(cluster_url, index, state_dir, tmp_path):
+    _, report = pushed(cluster_url, index, state_dir, tmp_path, count=300)
+    for doc_id in ("w00000001", "w00000002"):
+        requests.delete(f"{cluster_url}/{index}/_doc/{doc_id}", timeout=30).raise_for_status()
+    refresh(cluster_url, index)
+    code, result, _ = verify(cluster_url, state_dir, report["batch_id"], "--full", "--enqueue-missing")
+    assert (code, result["enqueued"]) == (3, 2)
+    code, result, _ = verify(cluster_url, state_dir, report["batch_id"])
+    assert code == 3 and result["verification"]["count"]["waiting_in_queue"] == 2
+    assert "2 records of this batch are waiting in the retry queue: `pushagent drain --all` sends them" in \
+        result["verification"]["problems"][0]
