@@ -16,7 +16,7 @@ from .auth import authorization_header
 from .builder import Doc, action_line
 from .errors import EXIT_FAILURE, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK
 from .ledger import Ledger
-from .ratelimit import TokenBucket
+from .ratelimit import bucket_for
 from .retry_queue import QueueItem, open_queue
 from .sender import ChunkAborted, ChunkSender, HttpTransport, Outcome, TransferStats
 
@@ -85,8 +85,8 @@ class DrainRun:
         try:
             sender = self._sender()
             self._run_workers(queue, sender)
-            if sender.failures.tripped.is_set() and self._error is None:
-                self._error = sender.failures.error()
+            if sender.outage.tripped.is_set() and self._error is None:
+                self._error = sender.outage.error()
             if isinstance(self._error, Exception) and getattr(self._error, "exit_code", None) is None:
                 raise self._error
             remaining = self._remaining(queue) if self._error is None else {}
@@ -96,7 +96,7 @@ class DrainRun:
 
     def _sender(self) -> ChunkSender:
         transport = HttpTransport(self.config, authorization_header(self.config), self.stats)
-        limiter = TokenBucket(self.config.requests_per_minute, burst=self.config.concurrency)
+        limiter = bucket_for(self.config)
         return ChunkSender(transport, self.config, self.stats, limiter, self.stop_event)
 
     def _run_workers(self, queue, sender) -> None:
