@@ -13,7 +13,7 @@ import threading
 import click
 
 from . import __version__
-from .config import load_config
+from .config import load_config, parse_duration
 from .doctor import Doctor, healthy
 from .doctor import as_json as doctor_report
 from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, PushAgentError
@@ -78,6 +78,15 @@ def _parse_shard(ctx, param, value):
         return parse_shard(value) if value else None
     except PushAgentError as error:
         raise click.BadParameter(error.message) from None
+
+
+def _parse_duration(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
 
 
 def _flags(**values) -> dict:
@@ -195,27 +204,32 @@ def queue_options(command):
 @click.option("--max-items", type=click.IntRange(min=1), help="Take at most this many items.")
 @click.option("--chunk-docs", type=int, help="Documents per bulk request [5000].")
 @click.option("--concurrency", type=int, help="Bulk requests in flight [2].")
+@click.option("--wait", "wait", callback=_parse_duration, default="0",
+              help="Keep waiting this long (e.g. 10m) for items of the scope to fall due [0: do not wait].")
 def drain(config_file, as_json, state_dir, queue_url, url, insecure, all_items, batch_id, max_items, chunk_docs,
-          concurrency):
+          concurrency, wait):
     """Push the due items of the retry queue; exit 0 when none remain, 3 when items stay pending or dead.
 
     Several drainers may share one queue (e.g. Slurm array tasks on one Redis).
+    With --all, an item that fails again waits for its next attempt; --wait
+    keeps the drain running until then (up to its limit).
 
     Example:
 
-        pushagent drain --all --batch-id words-2026-01 --json
+        pushagent drain --all --wait 10m --batch-id words-2026-01 --json
     """
     from .drain import DrainOptions, DrainRun
     config = load_config(config_file, _flags(state_dir=state_dir, queue_url=queue_url, url=url, insecure=insecure,
                                              chunk_docs=chunk_docs, concurrency=concurrency))
     _warn_insecure(config)
-    result = _run_until_signal(DrainRun(config, DrainOptions(all=all_items, batch_id=batch_id, max_items=max_items)))
+    options = DrainOptions(all=all_items, batch_id=batch_id, max_items=max_items, wait=wait)
+    result = _run_until_signal(DrainRun(config, options))
     _report_and_exit(result, as_json)
 
 
 @cli.group()
 def queue():
-    """Inspect and manage the retry queue: stats, list, requeue-dead."""
+    """Inspect and manage the retry queue: stats, list, requeue-dead, purge."""
 
 
 def _with_queue(config_file, state_dir, queue_url, action):
@@ -273,6 +287,30 @@ def queue_requeue_dead(config_file, as_json, state_dir, queue_url, batch_id):
     """
     requeued = _with_queue(config_file, state_dir, queue_url, lambda q: q.requeue_dead(batch_id))
     click.echo(json.dumps({"requeued": requeued}) if as_json else f"{requeued} items requeued")
+
+
+@queue.command("purge")
+@config_options
+@queue_options
+@click.option("--batch-id", help="Only dead items of this batch.")
+@click.option("--reason", help="Only dead items whose last error contains this text.")
+@click.option("--older-than", callback=_parse_duration, help="Only dead items queued longer ago than this (e.g. 7d).")
+def queue_purge(config_file, as_json, state_dir, queue_url, batch_id, reason, older_than):
+    """Delete dead-lettered items (documents and quarantined lines) matching every given filter.
+
+    Use it once the cause is dealt with, e.g. the data fixed and pushed again
+    (a later successful write of an id also clears its items by itself).
+    Each purge is an entry of the audit log.
+
+    Example:
+
+        pushagent queue purge --batch-id words-2026-01 --reason mapper_parsing_exception
+    """
+    from .purge import purge_dead
+    config = load_config(config_file, _flags(state_dir=state_dir, queue_url=queue_url))
+    entry = _with_queue(config_file, state_dir, queue_url,
+                        lambda q: purge_dead(q, config.state_path, batch_id, reason, older_than))
+    click.echo(json.dumps(entry, sort_keys=True) if as_json else f"{entry['purged']} dead items purged")
 
 
 class _stop_on_signals:
