@@ -224,6 +224,15 @@ class RedisQueue(RetryQueue):
                 and (reason is None or reason in orjson.loads(meta)["last_error"])]
         return sum(self._script("purge", keys[start:start + PAGE]) for start in range(0, len(keys), PAGE))
 
+    def persistence(self) -> dict:
+        """The server's persistence settings: appendonly and save, or INFO persistence where CONFIG is refused."""
+        try:
+            found = self._redis.config_get("appendonly")
+            found.update(self._redis.config_get("save"))
+            return found
+        except redis.ResponseError:   # managed servers often rename or disable CONFIG
+            return self._call(self._redis.info, "persistence")
+
     def _all(self, status: str | None, batch_id: str | None) -> list:
         return self.list(status, limit=None, batch_id=batch_id)
 
