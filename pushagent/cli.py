@@ -24,7 +24,7 @@ from .push import PushOptions, PushRun
 from .recording import VerifyOptions, verify_batch
 from .security import insecure_warning
 from .shard import parse_shard
-from .state import AuditLog, SyncStateStore
+from .state import AuditLog, SyncStateStore, audit_state
 from .status import EXIT_CODES, format_status, health_report
 
 log = logging.getLogger("pushagent")
@@ -469,20 +469,24 @@ def state_show(batch_id, config_file, as_json, state_dir):
 @state.command("audit")
 @state_options
 def state_audit(config_file, as_json, state_dir):
-    """Check the hash chain of audit.jsonl; exit 1 naming the first bad line.
+    """Check the hash chain of audit.jsonl and each sync-state record against it; exit 1 naming what is wrong.
 
     Example:
 
         pushagent state audit --json
     """
-    log_file = AuditLog(_state_path(config_file, state_dir))
-    result = log_file.check()
+    path = _state_path(config_file, state_dir)
+    log_file, result = AuditLog(path), audit_state(path)
     if as_json:
         click.echo(json.dumps(result.as_dict(), sort_keys=True))
-    elif result.ok:
-        click.echo(f"{log_file.path}: {result.lines} entries, chain intact", err=True)
-    else:
+    elif result.bad_line:
         click.echo(f"{log_file.path}:{result.bad_line}: {result.problem}", err=True)
+    else:
+        click.echo(f"{log_file.path}: {result.lines} entries, chain intact"
+                   + (f" ({result.problem})" if result.ok and result.problem else "")
+                   + f"; {result.records} sync-state records checked", err=True)
+        for problem in result.record_problems:
+            click.echo(problem, err=True)
     sys.exit(EXIT_OK if result.ok else EXIT_FAILURE)
 
 
