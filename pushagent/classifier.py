@@ -29,6 +29,12 @@ def classify_item(item: dict) -> tuple[str, str | None]:
     return PERMANENT, reason
 
 
+def item_error_kind(item: dict) -> tuple[int, str]:
+    """(status, error type) of one refused entry of a bulk response's `items`."""
+    result = next(iter(item.values()))
+    return result.get("status", 0), (result.get("error") or {}).get("type", "error")
+
+
 def request_outcome(status: int) -> str:
     """What a whole-request HTTP status means: ok, auth, too_large, retryable or fatal."""
     if status == 200:

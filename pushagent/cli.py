@@ -14,7 +14,7 @@ import threading
 import click
 
 from . import __version__
-from .config import load_config
+from .config import load_config, parse_duration
 from .doctor import Doctor, healthy
 from .doctor import as_json as doctor_report
 from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PushAgentError, StopRequested
@@ -25,7 +25,7 @@ from .push import PushOptions, PushRun
 from .recording import VerifyOptions, verify_batch
 from .security import insecure_warning
 from .shard import parse_shard
-from .state import AuditLog, SyncStateStore
+from .state import AuditLog, SyncStateStore, audit_state
 from .status import EXIT_CODES, format_status, health_report
 
 log = logging.getLogger("pushagent")
@@ -79,6 +79,15 @@ def _parse_shard(ctx, param, value):
         return parse_shard(value) if value else None
     except PushAgentError as error:
         raise click.BadParameter(error.message) from None
+
+
+def _parse_duration(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
 
 
 def _flags(**values) -> dict:
@@ -201,27 +210,32 @@ def queue_options(command):
 @click.option("--max-items", type=click.IntRange(min=1), help="Take at most this many items.")
 @click.option("--chunk-docs", type=int, help="Documents per bulk request [5000].")
 @click.option("--concurrency", type=int, help="Bulk requests in flight [2].")
+@click.option("--wait", "wait", callback=_parse_duration, default="0",
+              help="Keep waiting this long (e.g. 10m) for items of the scope to fall due [0: do not wait].")
 def drain(config_file, as_json, state_dir, queue_url, url, insecure, all_items, batch_id, max_items, chunk_docs,
-          concurrency):
+          concurrency, wait):
     """Push the due items of the retry queue; exit 0 when none remain, 3 when items stay pending or dead.
 
     Several drainers may share one queue (e.g. Slurm array tasks on one Redis).
+    With --all, an item that fails again waits for its next attempt; --wait
+    keeps the drain running until then (up to its limit).
 
     Example:
 
-        pushagent drain --all --batch-id words-2026-01 --json
+        pushagent drain --all --wait 10m --batch-id words-2026-01 --json
     """
     from .drain import DrainOptions, DrainRun
     config = load_config(config_file, _flags(state_dir=state_dir, queue_url=queue_url, url=url, insecure=insecure,
                                              chunk_docs=chunk_docs, concurrency=concurrency))
     _warn_insecure(config)
-    result = _run_until_signal(DrainRun(config, DrainOptions(all=all_items, batch_id=batch_id, max_items=max_items)))
+    options = DrainOptions(all=all_items, batch_id=batch_id, max_items=max_items, wait=wait)
+    result = _run_until_signal(DrainRun(config, options))
     _report_and_exit(result, as_json)
 
 
 @cli.group()
 def queue():
-    """Inspect and manage the retry queue: stats, list, requeue-dead."""
+    """Inspect and manage the retry queue: stats, list, requeue-dead, purge."""
 
 
 def _with_queue(config_file, state_dir, queue_url, action):
@@ -279,6 +293,30 @@ def queue_requeue_dead(config_file, as_json, state_dir, queue_url, batch_id):
     """
     requeued = _with_queue(config_file, state_dir, queue_url, lambda q: q.requeue_dead(batch_id))
     click.echo(json.dumps({"requeued": requeued}) if as_json else f"{requeued} items requeued")
+
+
+@queue.command("purge")
+@config_options
+@queue_options
+@click.option("--batch-id", help="Only dead items of this batch.")
+@click.option("--reason", help="Only dead items whose last error contains this text.")
+@click.option("--older-than", callback=_parse_duration, help="Only dead items queued longer ago than this (e.g. 7d).")
+def queue_purge(config_file, as_json, state_dir, queue_url, batch_id, reason, older_than):
+    """Delete dead-lettered items (documents and quarantined lines) matching every given filter.
+
+    Use it once the cause is dealt with, e.g. the data fixed and pushed again
+    (a later successful write of an id also clears its items by itself).
+    Each purge is an entry of the audit log.
+
+    Example:
+
+        pushagent queue purge --batch-id words-2026-01 --reason mapper_parsing_exception
+    """
+    from .purge import purge_dead
+    config = load_config(config_file, _flags(state_dir=state_dir, queue_url=queue_url))
+    entry = _with_queue(config_file, state_dir, queue_url,
+                        lambda q: purge_dead(q, config.state_path, batch_id, reason, older_than))
+    click.echo(json.dumps(entry, sort_keys=True) if as_json else f"{entry['purged']} dead items purged")
 
 
 class _stop_on_signals:
@@ -466,20 +504,24 @@ def state_show(batch_id, config_file, as_json, state_dir):
 @state.command("audit")
 @state_options
 def state_audit(config_file, as_json, state_dir):
-    """Check the hash chain of audit.jsonl; exit 1 naming the first bad line.
+    """Check the hash chain of audit.jsonl and each sync-state record against it; exit 1 naming what is wrong.
 
     Example:
 
         pushagent state audit --json
     """
-    log_file = AuditLog(_state_path(config_file, state_dir))
-    result = log_file.check()
+    path = _state_path(config_file, state_dir)
+    log_file, result = AuditLog(path), audit_state(path)
     if as_json:
         click.echo(json.dumps(result.as_dict(), sort_keys=True))
-    elif result.ok:
-        click.echo(f"{log_file.path}: {result.lines} entries, chain intact", err=True)
-    else:
+    elif result.bad_line:
         click.echo(f"{log_file.path}:{result.bad_line}: {result.problem}", err=True)
+    else:
+        click.echo(f"{log_file.path}: {result.lines} entries, chain intact"
+                   + (f" ({result.problem})" if result.ok and result.problem else "")
+                   + f"; {result.records} sync-state records checked", err=True)
+        for problem in result.record_problems:
+            click.echo(problem, err=True)
     sys.exit(EXIT_OK if result.ok else EXIT_FAILURE)
 
 

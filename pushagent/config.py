@@ -53,7 +53,7 @@ class Config:
     max_retries: int = 3
     retry_backoff_seconds: float = 1.0
     max_backoff_seconds: float = 60
-    max_consecutive_failures: int = 10
+    outage_seconds: float = 900             # how long whole-request failures are retried before the run stops
     state_dir: str = "~/.local/state/pushagent"
     queue_url: str | None = None
     max_attempts: int = 8
@@ -154,7 +154,7 @@ def _coerce(key, value):
             return None
         if key in ("chunk_bytes",):
             return parse_size(value)
-        if key in ("max_retry_delay", "lease_seconds", "grace_seconds", "progress_seconds", "push_interval",
+        if key in ("max_retry_delay", "lease_seconds", "outage_seconds", "grace_seconds", "progress_seconds", "push_interval",
                    "health_lag_warning", "health_lag_critical"):
             return parse_duration(value)
         if kind in (bool, "bool"):
@@ -208,8 +208,8 @@ def validate(config: Config) -> None:
         raise ConfigError(f"chunk_bytes must be at least 1 KiB, got {config.chunk_bytes}")
     if config.concurrency < 1 or config.requests_per_minute <= 0:
         raise ConfigError("concurrency and requests_per_minute must be positive")
-    if config.max_retries < 0 or config.max_consecutive_failures < 1:
-        raise ConfigError("max_retries must be >= 0 and max_consecutive_failures >= 1")
+    if config.max_retries < 0 or config.outage_seconds < 0:
+        raise ConfigError("max_retries and outage_seconds must not be negative")
     if config.progress_seconds <= 0 or config.push_interval <= 0:
         raise ConfigError("progress_seconds and push_interval must be positive durations")
     _validate_url("url", config.url, config.insecure)

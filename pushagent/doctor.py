@@ -15,12 +15,14 @@ import ssl
 import tempfile
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import requests
 
 from . import __version__
 from .auth import authorization_header, scheme_name
+from .durability import read_mounts, redis_durability, sqlite_durability
 from .errors import PushAgentError
 from .retry_queue import open_queue
 from .retry_queue.base import redact_url
@@ -86,7 +88,7 @@ class Doctor:
             checks += [auth, self._cluster(root), self._clock(root)]
             checks += (_skipped(("privileges", "index"), "authentication failed") if auth.status == FAIL
                        else self._index_checks())
-        checks += [self._queue(), self._state_dir()]
+        checks += [self._queue(), self._state_dir(), self._durability()]
         return checks
 
     # -- connection -----------------------------------------------------------------------------------
@@ -270,6 +272,22 @@ class Doctor:
         except Exception as error:  # any backend failure is this check's answer, not a crash
             return Check("queue", FAIL, f"{shown}: {type(error).__name__}: {error}")
         return Check("queue", OK, f"{shown} reachable: {_summary(stats)}")
+
+    def _durability(self) -> Check:
+        """Warns when a put could be lost: SQLite on a network file system, Redis without persistence."""
+        url = self.config.resolved_queue_url
+        try:
+            if url.startswith("sqlite:///"):
+                status, detail = sqlite_durability(Path(url[len("sqlite://"):]), read_mounts())
+            else:
+                queue = open_queue(url, self.config.max_attempts, self.config.max_retry_delay)
+                try:
+                    status, detail = redis_durability(queue.persistence())
+                finally:
+                    queue.close()
+        except Exception as error:  # the queue check reports an unusable queue; here it is only not checkable
+            return Check("durability", SKIP, f"not checkable: {type(error).__name__}: {error}")
+        return Check("durability", status, detail)
 
     def _state_dir(self) -> Check:
         path = self.config.state_path

@@ -6,6 +6,11 @@ indexed or current -> ack; retryable -> fail (later attempt, dead after
 max_attempts); permanent -> dead. An item the run could not resolve (signal,
 cluster down) is released unchanged. A killed drainer's items come back when
 their lease expires, so nothing is lost between take and ack.
+
+`--all` makes the scope's pending items due once, at the start: an item this
+drain fails keeps its backoff (1, 2, 4... minutes) instead of being taken
+again at once and dead-lettered within a second. `--wait SECONDS` keeps the
+drain looking while items of its scope wait for their next attempt.
 """
 
 import dataclasses
@@ -19,16 +24,20 @@ from .cluster import ClusterClient
 from .doctable import deletions_in
 from .errors import EXIT_FAILURE, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK
 from .ledger import Ledger
-from .ratelimit import TokenBucket
+from .ratelimit import bucket_for
 from .retry_queue import REPAIR, QueueItem, open_queue
 from .sender import ChunkAborted, ChunkSender, HttpTransport, Outcome, TransferStats
 
 
+WAIT_POLL = 5.0   # seconds between looks at the queue while --wait waits for items to fall due
+
+
 @dataclasses.dataclass
 class DrainOptions:
-    all: bool = False                 # ignore next-attempt times
+    all: bool = False                 # ignore next-attempt times set before this drain
     batch_id: str | None = None
     max_items: int | None = None
+    wait: float = 0.0                 # seconds to keep waiting for items of the scope to fall due
 
 
 @dataclasses.dataclass
@@ -86,11 +95,15 @@ class DrainRun:
     def run(self) -> DrainResult:
         started = time.monotonic()
         queue = open_configured_queue(self.config)
+        self._wait_until = started + self.options.wait
         try:
+            if self.options.all:
+                # Once, before taking: what this drain fails keeps its backoff instead of being taken again.
+                queue.make_due(self.options.batch_id)
             sender = self._sender()
             self._run_workers(queue, sender)
-            if sender.failures.tripped.is_set() and self._error is None:
-                self._error = sender.failures.error()
+            if sender.outage.tripped.is_set() and self._error is None:
+                self._error = sender.outage.error()
             if isinstance(self._error, Exception) and getattr(self._error, "exit_code", None) is None:
                 raise self._error
             remaining = self._remaining(queue) if self._error is None else {}
@@ -100,7 +113,7 @@ class DrainRun:
 
     def _sender(self) -> ChunkSender:
         transport = HttpTransport(self.config, authorization_header(self.config), self.stats)
-        limiter = TokenBucket(self.config.requests_per_minute, burst=self.config.concurrency)
+        limiter = bucket_for(self.config)
         return ChunkSender(transport, self.config, self.stats, limiter, self.stop_event)
 
     def _run_workers(self, queue, sender) -> None:
@@ -122,13 +135,24 @@ class DrainRun:
         try:
             while not self._stopping():
                 items = self._take(queue)
-                if not items:
+                if items:
+                    self._drain(queue, sender, items)
+                elif not self._wait_for_due(queue):
                     return
-                self._drain(queue, sender, items)
         except BaseException as error:  # the main thread reports it
             with self._lock:
                 self._error = self._error or error
             self.stop_event.set()
+
+    def _wait_for_due(self, queue) -> bool:
+        """With --wait, while items of the scope wait for their next attempt: pause, then True (look again)."""
+        left = self._wait_until - time.monotonic()
+        if left <= 0 or self._taken_enough() or not self._remaining(queue)["later"]:
+            return False
+        return not self.stop_event.wait(min(WAIT_POLL, left))
+
+    def _taken_enough(self) -> bool:
+        return self.options.max_items is not None and self.ledger.read >= self.options.max_items
 
     def _take(self, queue) -> list:
         with self._lock:
@@ -137,7 +161,7 @@ class DrainRun:
                 limit = min(limit, self.options.max_items - self.ledger.read)
             if limit <= 0:
                 return []
-            items = queue.take(limit, self.config.lease_seconds, self.options.batch_id, not self.options.all)
+            items = queue.take(limit, self.config.lease_seconds, self.options.batch_id)
             self.ledger.read += len(items)
         return items
 
@@ -205,6 +229,7 @@ class DrainRun:
         def items(docs):
             return [by_key[(doc.index, doc.doc_id)] for doc in docs]
         acked = queue.ack(items(outcome.indexed + outcome.current))
+        queue.resolve(outcome.indexed + outcome.current)
         failed = _with_reasons(by_key, outcome.retry)
         queue.fail(failed)
         dead = _with_reasons(by_key, outcome.dead)

@@ -53,7 +53,7 @@ class AuthError(PushAgentError):
 
 
 class ClusterUnavailableError(PushAgentError):
-    """Too many whole requests failed in a row: stop instead of spinning."""
+    """The cluster answered nothing useful for `outage_seconds`: stop instead of spinning."""
 
     exit_code = EXIT_FAILURE
 

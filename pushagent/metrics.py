@@ -45,6 +45,7 @@ class RunFacts:
     queue: dict                   # due, later, dead
     duration_s: float
     last_success: float | None    # epoch seconds
+    rate_per_minute: float | None = None   # the sender's rate now, lowered by backpressure
 
 
 def chunk_size_label(docs: int) -> str:
@@ -79,6 +80,10 @@ class RunCollector:
                                  labels=["batch_id", "status"])
         info.add_metric([facts.batch_id, facts.status], 1)
         yield info
+        if facts.rate_per_minute is not None:
+            yield GaugeMetricFamily("pushagent_request_rate_per_minute",
+                                    "Bulk requests a minute the sender allows itself now (429s lower it).",
+                                    facts.rate_per_minute)
         if facts.last_success is not None:
             yield GaugeMetricFamily("pushagent_last_success_timestamp_seconds",
                                     "End of the last push that finished (pushed or verified).", facts.last_success)
@@ -159,7 +164,7 @@ class MetricsExporter:
         return RunFacts(self._run.batch_id, self._status, self._this_run, dict(stats.statuses), stats.retries,
                         stats.bytes_raw, stats.bytes_sent, list(zip(stats.latencies, stats.request_docs)),
                         self._queue(), time.monotonic() - self._started if duration_s is None else duration_s,
-                        self._last_success())
+                        self._last_success(), stats.rate_per_minute)
 
     def _queue(self) -> dict:
         if self._run.options.dry_run:

@@ -25,7 +25,7 @@ from .errors import (EXIT_FAILURE, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK, C
 from .ledger import Ledger
 from .mirror import mirror_state
 from .provenance import ContentRegistry, content_digest
-from .ratelimit import TokenBucket
+from .ratelimit import bucket_for
 from .recording import BatchRecorder
 from .repeats import RepeatedIds
 from .reader import InputReadError, expand_inputs, next_line_start, read_lines
@@ -78,7 +78,8 @@ class PushResult:
                   "retries": self.stats.retries, "bytes_raw": self.stats.bytes_raw,
                   "bytes_sent": self.stats.bytes_sent, "duration_s": round(self.duration_s, 3),
                   "docs_per_s": round(self.this_run.read / self.duration_s, 1) if self.duration_s else 0.0,
-                  "position": self.position._asdict(), "statuses": self.stats.statuses}
+                  "position": self.position._asdict(), "statuses": self.stats.statuses,
+                  "rate_per_minute": self.stats.rate_per_minute}
         report.update({key: value for key, value in (("shard", self.shard), ("slurm", self.slurm)) if value})
         if self.error:
             report["error"] = str(self.error)
@@ -298,7 +299,7 @@ class PushRun:
         this_run = Ledger()
         transport = (DryRunTransport(self.options.dry_run, self.stats) if self.options.dry_run
                      else HttpTransport(self.config, authorization_header(self.config), self.stats))
-        limiter = TokenBucket(self.config.requests_per_minute, burst=self.config.concurrency)
+        limiter = bucket_for(self.config)
         sender = self._sender = ChunkSender(transport, self.config, self.stats, limiter, self.stop_event)
         pump = _ChunkPump(sender, self.config.concurrency)
         committer = _Committer(self, state, queue, this_run)
@@ -399,12 +400,12 @@ class PushRun:
 
     def _stopping(self) -> bool:
         return (self.stop_event.is_set() or self._fatal is not None or self._stop_reason is not None
-                or self._sender.failures.tripped.is_set())
+                or self._sender.outage.tripped.is_set())
 
     def _result(self, state, this_run, sender, duration) -> PushResult:
         error, status, exit_code = self._fatal, "pushed", EXIT_OK
-        if sender.failures.tripped.is_set() and error is None:
-            error = sender.failures.error()
+        if sender.outage.tripped.is_set() and error is None:
+            error = sender.outage.error()
         finished = error is None and not self.stop_event.is_set() and self._stop_reason is None
         if error is not None:
             status, exit_code = "failed", getattr(error, "exit_code", EXIT_FAILURE)
@@ -515,6 +516,7 @@ class _Committer:
             retry = [_document_item(batch_id, doc, reason, "retryable") for doc, reason in outcome.retry]
             dead = [_document_item(batch_id, doc, reason, "permanent") for doc, reason in outcome.dead]
             if self.queue is not None:
+                self.queue.resolve(outcome.indexed + outcome.current)
                 self.queue.put(retry)
                 self.queue.dead_letter(dead)
                 self.run.recorder.resolved(outcome)

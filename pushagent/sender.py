@@ -3,8 +3,10 @@
 HttpTransport speaks HTTP (gzip, auth header, TLS, timeouts, one session per
 worker). ChunkSender turns a list of documents into outcomes: it retries only
 the failed subset with exponential backoff and full jitter, honours
-Retry-After, splits a chunk answered with 413, and stops the whole run when
-too many requests in a row fail (the cluster is down: do not spin).
+Retry-After, splits a chunk answered with 413, rides out outages within
+`outage_seconds` (see outage.py) and stops the whole run past it, slows the
+token bucket down when the cluster pushes back, and warns once per kind of
+error (errorlog.py).
 """
 
 import dataclasses
@@ -17,7 +19,6 @@ import time
 import zlib
 from pathlib import Path
 
-import backoff
 import orjson
 import requests
 
@@ -28,8 +29,11 @@ except ImportError:  # pragma: no cover - isal is a dependency; zlib stays corre
 
 from . import __version__
 from .chunker import bulk_body
-from .classifier import CURRENT, INDEXED, MISSING_INDEX, RETRYABLE, classify_item, request_outcome
-from .errors import AuthError, ClusterUnavailableError, ConfigError, PushAgentError
+from .classifier import (CURRENT, INDEXED, MISSING_INDEX, REJECTED_EXECUTION, RETRYABLE, classify_item,
+                         item_error_kind, request_outcome)
+from .errorlog import ErrorDigest, error_of_body
+from .errors import AuthError, ConfigError, PushAgentError
+from .outage import OutageClock, backoff_delay
 from .security import find_ssl_error, secure_session, tls_failure
 
 # Only what the classifier reads: a 5000-item answer stays small.
@@ -49,8 +53,16 @@ class BulkResponse:
     text: str = ""
 
 
+@dataclasses.dataclass
+class RequestFailed:
+    """A whole request that got no usable answer: connection error, timeout, 429/5xx, wrong item count."""
+
+    reason: str
+    retry_after: float | None = None
+
+
 class ChunkAborted(Exception):
-    """The run is stopping (signal or cluster down): the chunk stays unresolved."""
+    """The run is stopping (signal, or the outage budget ran out): the chunk stays unresolved."""
 
 
 @dataclasses.dataclass
@@ -78,6 +90,7 @@ class TransferStats:
         self.statuses = {}
         self.latencies = []
         self.request_docs = []   # documents in each request, in the order of latencies
+        self.rate_per_minute = None   # the rate the token bucket sends at now (backpressure lowers it)
 
     def record_request(self, status, raw, sent, seconds, docs=0):
         with self._lock:
@@ -212,104 +225,109 @@ def _first_line(error) -> str:
     return str(error).splitlines()[0][:300] if str(error) else type(error).__name__
 
 
-class FailureTracker:
-    """Counts whole-request failures in a row across workers; trips at the limit."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self._count = 0
-        self._lock = threading.Lock()
-        self.tripped = threading.Event()
-        self.last_error = None
-
-    def failure(self, reason: str) -> None:
-        with self._lock:
-            self._count += 1
-            self.last_error = reason
-            if self._count >= self.limit:
-                self.tripped.set()
-
-    def success(self) -> None:
-        with self._lock:
-            self._count = 0
-
-    def trip(self) -> None:
-        self.tripped.set()
-
-    def error(self) -> ClusterUnavailableError:
-        return ClusterUnavailableError(
-            f"{self._count} bulk requests in a row failed; last error: {self.last_error}",
-            hint="nothing is lost (push keeps its checkpoint, drain its queue): run the same command again "
-                 "when the cluster answers")
-
-
 class ChunkSender:
     """Resolves documents to an Outcome through a transport (HTTP or dry run)."""
 
-    def __init__(self, transport, config, stats: TransferStats, rate_limiter, stop_event: threading.Event):
+    def __init__(self, transport, config, stats: TransferStats, rate_limiter, stop_event: threading.Event,
+                 clock=time.monotonic):
         self.transport = transport
         self.config = config
         self.stats = stats
         self.rate_limiter = rate_limiter
         self.stop_event = stop_event
-        self.failures = FailureTracker(config.max_consecutive_failures)
+        self.outage = OutageClock(config.outage_seconds, clock)
+        self.errors = ErrorDigest()
+        stats.rate_per_minute = rate_limiter.rate_per_minute
 
     def resolve(self, docs: list, body=None) -> Outcome:
         """Send `docs` until each is indexed, current, dead, or out of in-run retries.
 
         `body`, when given, is the NDJSON of exactly `docs` (a chunk's body):
         the first attempt sends it as it is instead of joining the documents.
+        Answers in which the cluster took nothing are retried within the
+        outage budget; items refused among accepted ones get `max_retries`.
 
-        Raises AuthError on 401/403 and ChunkAborted when the run is stopping.
+        Raises AuthError on 401/403 and ChunkAborted when the run is stopping
+        (a signal, or the outage budget ran out: `outage.tripped`).
         """
-        outcome = Outcome()
-        pending, last_error, whole_failed, retry_after = docs, None, False, None
-        for attempt in range(self.config.max_retries + 1):
-            if attempt:
-                self.stats.record_retry()
-                self._pause(attempt, retry_after)
-            retry_after, whole_failed = None, True
-            try:
-                response = self._post(body if body is not None and pending is docs else bulk_body(pending),
-                                      len(pending))
-            except TransportFailure as error:
-                last_error = self._whole_failure(str(error))
-                continue
-            kind = request_outcome(response.status)
-            if kind == "fatal":
-                raise PushAgentError(f"the cluster answered _bulk with {self._describe(response, len(pending))}",
-                                     hint="check url: it must be the cluster's base URL")
-            if kind == "too_large":
+        outcome, pending = Outcome(), docs
+        streak, quiet, rounds = None, 0, 0   # start of this chunk's nothing-useful streak, its length; item rounds
+        while True:
+            answer = self._attempt(body if body is not None and pending is docs else bulk_body(pending), len(pending))
+            if isinstance(answer, RequestFailed):
+                last_error, took, retry_after = answer.reason, False, answer.retry_after
+            elif answer.status == 413:
                 return self._split(pending, outcome)
-            if kind == "auth":
-                raise auth_refused(response.status)
-            if kind != "ok" or len(response.items) != len(pending):
-                last_error = self._whole_failure(self._describe(response, len(pending)))
-                retry_after = response.retry_after
-                continue
-            self.failures.success()
-            whole_failed = False
-            pending, last_error = self._classify(pending, response.items, outcome)
-            if not pending:
-                return outcome
-        if whole_failed:
-            # The cluster took none of the last attempts: parking the chunk in the retry
-            # queue would only move the outage there. Stop; the rerun sends it again.
-            self.failures.trip()
+            else:
+                pending, last_error, took = self._classify(pending, answer.items, outcome)
+                if not pending:
+                    return outcome
+                retry_after = answer.retry_after
+            if took:
+                streak, quiet, rounds = None, 0, rounds + 1
+                if rounds > self.config.max_retries:
+                    outcome.retry.extend((doc, last_error) for doc in pending)
+                    return outcome
+                delay = backoff_delay(rounds, self.config.retry_backoff_seconds, self.config.max_backoff_seconds,
+                                      retry_after, float("inf"))
+            else:
+                streak = self.outage.now() if streak is None else streak
+                quiet += 1
+                delay = self._outage_delay(streak, quiet, last_error, retry_after, isinstance(answer, RequestFailed))
+                if delay is None:   # the cluster takes others' documents but never these: queue them
+                    outcome.retry.extend((doc, last_error) for doc in pending)
+                    return outcome
+            self.stats.record_retry()
+            self._pause(delay)
+
+    def _attempt(self, body: bytes, docs: int):
+        """A BulkResponse with one item per document (or a 413), else a RequestFailed saying why."""
+        try:
+            response = self._post(body, docs)
+        except TransportFailure as error:
+            self.errors.seen("request", "-", str(error).split(":")[0], str(error))
+            return RequestFailed(str(error))
+        kind = request_outcome(response.status)
+        if kind == "fatal":
+            raise PushAgentError(f"the cluster answered _bulk with {self._describe(response, docs)}",
+                                 hint="check url: it must be the cluster's base URL")
+        if kind == "auth":
+            raise auth_refused(response.status)
+        if kind == "too_large" or (kind == "ok" and len(response.items) == docs):
+            return response
+        error_type = error_of_body(response.text)[0] if kind != "ok" else "item_count_mismatch"
+        reason = self._describe(response, docs)
+        self.errors.seen("request", response.status, error_type, reason)
+        if response.status == 429:
+            self._pushed_back(True)
+        return RequestFailed(reason, response.retry_after)
+
+    def _outage_delay(self, streak: float, quiet: int, reason: str, retry_after, whole: bool) -> float | None:
+        """The wait before sending again while the cluster takes nothing; trips the run past the budget.
+
+        None: the budget ran out for this chunk alone while the run gets useful
+        answers, and its items were refused one by one: they go to the queue.
+        A whole request refused that long stops the run instead: parking the
+        chunk in the retry queue would only move the outage there.
+        """
+        left = self.outage.left(streak, reason)
+        if left <= 0:
+            if not whole and self.outage.run_left() > 0:
+                return None
+            self.outage.trip()
             raise ChunkAborted()
-        outcome.retry.extend((doc, last_error) for doc in pending)
-        return outcome
+        return backoff_delay(quiet, self.config.retry_backoff_seconds, self.config.max_backoff_seconds,
+                             retry_after, left)
 
     def _post(self, body: bytes, docs: int) -> BulkResponse:
-        if self.failures.tripped.is_set() or not self.rate_limiter.acquire(self.stop_event):
+        if self.outage.tripped.is_set() or not self.rate_limiter.acquire(self.stop_event):
             raise ChunkAborted()
         return self.transport.post(body, docs)
 
-    def _whole_failure(self, reason: str) -> str:
-        self.failures.failure(reason)
-        if self.failures.tripped.is_set():
-            raise ChunkAborted()
-        return reason
+    def _pushed_back(self, rejected: bool) -> None:
+        """Backpressure: rejections halve the sending rate, clean answers raise it again."""
+        limiter = self.rate_limiter
+        self.stats.rate_per_minute = limiter.slow_down() if rejected else limiter.speed_up()
 
     @staticmethod
     def _describe(response: BulkResponse, expected: int) -> str:
@@ -318,7 +336,8 @@ class ChunkSender:
         return f"answer has {len(response.items)} items for {expected} documents"
 
     def _classify(self, pending, items, outcome: Outcome):
-        retry, last_error = [], None
+        """(documents to retry, last retry reason, whether the cluster took or judged any document)."""
+        retry, last_error, refused = [], None, {}
         for doc, item in zip(pending, items):
             kind, reason = classify_item(item)
             if kind == INDEXED:
@@ -326,6 +345,7 @@ class ChunkSender:
             elif kind == CURRENT:
                 outcome.current.append(doc)
                 outcome.conflicts[(doc.index, doc.doc_id)] = reason
+                continue    # a version conflict is the cluster holding ours or newer: no error to report
             elif kind == RETRYABLE:
                 retry.append(doc)
                 last_error = reason
@@ -335,7 +355,14 @@ class ChunkSender:
                                   "(with its mapping), then run the same command again")
             else:
                 outcome.dead.append((doc, reason))
-        return retry, last_error
+            if reason:
+                refused.setdefault(item_error_kind(item), [0, reason])[0] += 1
+        for (status, error_type), (count, reason) in refused.items():
+            self.errors.seen("item", status, error_type, reason, count)
+        self._pushed_back(any(status == 429 or error_type in REJECTED_EXECUTION for status, error_type in refused))
+        if len(retry) < len(pending):
+            self.outage.useful()
+        return retry, last_error, len(retry) < len(pending)
 
     def _split(self, docs, outcome: Outcome) -> Outcome:
         if len(docs) == 1:
@@ -346,10 +373,13 @@ class ChunkSender:
             outcome.merge(self.resolve(half))
         return outcome
 
-    def _pause(self, attempt: int, retry_after: float | None) -> None:
-        ceiling = min(self.config.max_backoff_seconds, self.config.retry_backoff_seconds * 2 ** (attempt - 1))
-        delay = backoff.full_jitter(ceiling)
-        if retry_after is not None:
-            delay = max(delay, min(retry_after, self.config.max_backoff_seconds))
-        if self.stop_event.wait(delay) or self.failures.tripped.is_set():
-            raise ChunkAborted()
+    def _pause(self, delay: float) -> None:
+        """Wait `delay` seconds unless the run stops or another worker tripped the outage budget."""
+        deadline = self.outage.now() + delay
+        while not self.outage.tripped.is_set():
+            left = deadline - self.outage.now()
+            if left <= 0:
+                return
+            if self.stop_event.wait(min(left, 1.0)):
+                break
+        raise ChunkAborted()

@@ -5,7 +5,9 @@ SyncStateStore keeps the latest record of each batch in
 appends every record written to `<state_dir>/audit.jsonl`; each line carries
 the sha256 of the line before it and of its own content, and
 `<state_dir>/audit.head` holds the last line's hash, so an edited, removed,
-reordered or truncated line is found by `check()`.
+reordered or truncated line is found by `check()`. `audit_state()` also
+holds each sync-state record against its batch's last audit entry, so an
+edited record is found too.
 """
 
 import dataclasses
@@ -23,6 +25,9 @@ from .slurm_env import slurm_facts
 
 STATUSES = ("pushing", "interrupted", "incomplete", "pushed", "verified", "verification_failed")
 GENESIS = "0" * 64
+TAIL_BYTES = 1 << 20      # an entry is a few KiB: the last line is within the file's last MiB
+TORN_HEAD = "audit.head is one entry behind (an append was killed before moving it); the next append repairs it"
+TORN_PARTIAL = "the last line is incomplete (an append was killed while writing it); the next append removes it"
 
 
 def runtime_fields(environ=None) -> dict:
@@ -67,6 +72,8 @@ class AuditResult:
     lines: int
     bad_line: int | None = None
     problem: str = ""
+    records: int = 0                                         # sync-state records checked against the log
+    record_problems: list = dataclasses.field(default_factory=list)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -85,17 +92,38 @@ class AuditLog:
         self.head = Path(state_dir) / "audit.head"
 
     def append(self, record: dict) -> None:
-        """Append under an exclusive lock, so concurrent array tasks keep one chain."""
+        """Append under an exclusive lock, so concurrent array tasks keep one chain.
+
+        First repairs what a process killed inside an earlier append left:
+        a partial last line (never committed: cut off), or a whole last line
+        whose move of audit.head was lost (committed: the head catches up).
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a+b") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
-            seq, previous = self._head()
+            seq, previous = self._repaired_head(handle)
             entry = {"seq": seq + 1, "prev_sha256": previous, "record": record}
             entry["sha256"] = _line_hash(seq + 1, previous, record)
             handle.write(json.dumps(entry, sort_keys=True, separators=(",", ":")).encode() + b"\n")
             handle.flush()
             os.fsync(handle.fileno())
             write_atomically(self.head, json.dumps({"seq": seq + 1, "sha256": entry["sha256"]}).encode())
+
+    def _repaired_head(self, handle) -> tuple:
+        """(seq, sha256) to chain from, after repairing a torn earlier append (the lock is held)."""
+        seq, previous = self._head()
+        complete, partial = _tail(handle)
+        if partial:
+            handle.truncate(handle.tell() - len(partial))
+            handle.seek(0, os.SEEK_END)
+        try:
+            last = json.loads(complete) if complete else None
+        except ValueError:
+            return seq, previous
+        if _chains_from(last, seq, previous):
+            seq, previous = last["seq"], last["sha256"]
+            write_atomically(self.head, json.dumps({"seq": seq, "sha256": previous}).encode())
+        return seq, previous
 
     def _head(self) -> tuple:
         if not self.head.exists():
@@ -108,14 +136,17 @@ class AuditLog:
         if not self.path.exists():
             return AuditResult(not self.head.exists(), 0, None if not self.head.exists() else 1,
                                "" if not self.head.exists() else "audit.jsonl is missing but audit.head exists")
-        previous, number = GENESIS, 0
+        previous, number, last = GENESIS, 0, None
         with open(self.path, "rb") as handle:
             for number, raw in enumerate(handle, start=1):
                 problem = self._line_problem(raw, number, previous)
+                if problem and not raw.endswith(b"\n"):
+                    return AuditResult(True, number - 1, None, TORN_PARTIAL)
                 if problem:
                     return AuditResult(False, number, number, problem)
-                previous = json.loads(raw)["sha256"]
-        return self._check_head(number, previous)
+                last = json.loads(raw)
+                previous = last["sha256"]
+        return self._check_head(number, previous, last)
 
     @staticmethod
     def _line_problem(raw: bytes, number: int, previous: str) -> str:
@@ -132,8 +163,10 @@ class AuditLog:
             return f"out of sequence: entry {seq} found at line {number} (lines removed or reordered)"
         return ""
 
-    def _check_head(self, lines: int, last: str) -> AuditResult:
+    def _check_head(self, lines: int, last: str, last_entry: dict | None) -> AuditResult:
         seq, expected = self._head()
+        if self.head.exists() and _chains_from(last_entry, seq, expected):
+            return AuditResult(True, lines, None, TORN_HEAD)
         if self.head.exists() and (seq, expected) != (lines, last):
             return AuditResult(False, lines, lines + 1 if seq > lines else lines,
                                f"the log ends at entry {lines} but audit.head records entry {seq}: "
@@ -146,3 +179,70 @@ class AuditLog:
             with open(self.path, "rb") as handle:
                 for raw in handle:
                     yield json.loads(raw)
+
+
+def _tail(handle) -> tuple[bytes, bytes]:
+    """(last complete line, partial bytes after it) of an audit file open for reading."""
+    size = handle.seek(0, os.SEEK_END)
+    start = max(0, size - TAIL_BYTES)
+    handle.seek(start)
+    data = handle.read()
+    cut = data.rfind(b"\n") + 1
+    partial, lines = data[cut:], data[:cut].splitlines()
+    handle.seek(0, os.SEEK_END)
+    return (lines[-1] if lines and (start == 0 or len(lines) > 1) else b""), partial
+
+
+def _chains_from(entry: dict | None, seq: int, sha256: str) -> bool:
+    """True when `entry` is a sound entry appended right after the head (seq, sha256)."""
+    try:
+        return (entry["seq"] == seq + 1 and entry["prev_sha256"] == sha256
+                and entry["sha256"] == _line_hash(entry["seq"], entry["prev_sha256"], entry["record"]))
+    except (KeyError, TypeError):
+        return False
+
+
+def record_problems(state_dir) -> tuple[int, list[str]]:
+    """(records checked, problems): each sync-state record must equal its batch's last audit entry.
+
+    A record edited after it was written (say, to claim `verified`) no longer
+    matches what the audit log kept; entries with an `event` (queue purges)
+    are not batch records and are skipped.
+    """
+    last = {}
+    for number, entry in enumerate(AuditLog(state_dir).entries(), start=1):
+        record = entry.get("record") or {}
+        if "event" not in record and "batch_id" in record:
+            last[record["batch_id"]] = (number, record)
+    store, problems, paths = SyncStateStore(state_dir), [], []
+    if store.directory.is_dir():
+        paths = sorted(store.directory.glob("*.json"))
+    for path in paths:
+        problem = _record_problem(path, last.get(path.stem))
+        if problem:
+            problems.append(f"sync-state/{path.name}: {problem}")
+    return len(paths), problems
+
+
+def _record_problem(path: Path, audited) -> str:
+    try:
+        record = json.loads(path.read_text())
+    except ValueError as error:
+        return f"unreadable: {error}"
+    if audited is None:
+        return "no audit entry for this batch"
+    number, kept = audited
+    fields = sorted(key for key in set(record) | set(kept) if record.get(key) != kept.get(key))
+    if fields:
+        return f"differs from the batch's last audit entry (line {number}) in {', '.join(fields)}"
+    return ""
+
+
+def audit_state(state_dir) -> AuditResult:
+    """`state audit`: the audit log's chain, then every sync-state record against the log."""
+    result = AuditLog(state_dir).check()
+    result.records, result.record_problems = record_problems(state_dir)
+    if result.record_problems:
+        result.ok = False
+        result.problem = result.problem if result.bad_line else result.record_problems[0]
+    return result

@@ -101,13 +101,14 @@ pushagent_requeue() {
   exit 0   # Slurm now ends this run and queues the job again
 }
 
-# pushagent_drain_and_verify BATCH_ID [VERIFY ARGS...]: drain the batch's due items from the retry
-# queue, then verify the batch. Exits with verify's status when it fails, else with drain's. An
-# interrupted drain is not requeued: a rerun would push the finished batch again; the retry queue
-# keeps what is left for the next drain.
+# pushagent_drain_and_verify BATCH_ID [VERIFY ARGS...]: send what the batch left in the retry queue
+# (--all: now, not at the items' next-attempt times; an item that fails again keeps its backoff, and
+# the drain waits for it up to PUSHAGENT_DRAIN_WAIT), then verify the batch. Exits with verify's
+# status when it fails, else with drain's. An interrupted drain is not requeued: a rerun would push
+# the finished batch again; the retry queue keeps what is left for the next drain.
 pushagent_drain_and_verify() {
   local batch_id=$1 status verified
-  pushagent_run drain --batch-id "$batch_id"
+  pushagent_run drain --batch-id "$batch_id" --all --wait "$PUSHAGENT_DRAIN_WAIT"
   status=$?
   pushagent_log "drain exited $status"
   (( status != EXIT_INTERRUPTED )) || exit "$status"

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -15,6 +16,7 @@ from support import ROOT, agent_env
 from pushagent.cli import cli
 from pushagent.config import Config
 from pushagent.doctor import Doctor, auto_create_allows
+from pushagent.durability import mount_of, redis_durability, sqlite_durability
 from tlsnginx import KEY, certs, nginx, tls_env  # noqa: F401 (fixtures)
 
 BASE = "http://localhost:9201"
@@ -50,7 +52,7 @@ def test_key_with_read_and_index_only_passes_everything(stub, tmp_path):
     stub.post(BASE + "/_security/user/_has_privileges", json=privileges(read=True, index=True))
     checks = run_doctor(tmp_path)
     assert list(checks) == ["credentials", "tls", "reachability", "authentication", "cluster", "clock",
-                            "privileges:words", "index:words", "queue", "state_dir"]
+                            "privileges:words", "index:words", "queue", "state_dir", "durability"]
     assert checks["privileges:words"] == ("ok", "read and write granted; no delete or manage")
     assert checks["cluster"] == ("ok", "prod: elasticsearch 8.13.0")
     assert checks["credentials"] == ("ok", "API key from PUSHAGENT_API_KEY")
@@ -151,3 +153,47 @@ def test_doctor_through_nginx_names_wrong_key_and_bad_certificate(nginx, certs, 
     code, checks = doctor_via(nginx.url("expired"), tls_env(certs, PUSHAGENT_STATE_DIR=str(tmp_path)))
     assert code == 1 and checks["tls"][0] == "fail" and "has expired" in checks["tls"][1]
     assert checks["reachability"][0] == "fail" and checks["authentication"][0] == "skip"
+
+
+MOUNTS = """sysfs /sys sysfs rw 0 0
+/dev/sda1 / ext4 rw 0 0
+/dev/sdb1 /tmp xfs rw 0 0
+mds@o2ib:/scratch /scratch lustre rw 0 0
+home:/export/home /home nfs4 rw 0 0
+"""
+
+
+def test_sqlite_queue_on_a_network_file_system_warns(tmp_path):
+    assert mount_of(Path("/scratch/ana/state/queue.db"), MOUNTS) == ("/scratch", "lustre")
+    assert mount_of(Path("/home2/x"), MOUNTS) == ("/", "ext4")
+    status, detail = sqlite_durability(Path("/home/ana/.local/state/pushagent/queue.db"), MOUNTS)
+    assert status == "warn" and "on nfs4 (mounted at /home)" in detail and "redis://" in detail
+    assert sqlite_durability(tmp_path / "queue.db", MOUNTS)[0] == "ok"
+
+
+def test_redis_without_persistence_warns():
+    assert redis_durability({"appendonly": "yes", "save": ""})[0] == "ok"
+    assert redis_durability({"aof_enabled": 1})[0] == "ok"
+    status, detail = redis_durability({"appendonly": "no", "save": ""})
+    assert status == "warn" and "no persistence" in detail and "appendonly yes" in detail
+    status, detail = redis_durability({"appendonly": "no", "save": "3600 1"})
+    assert status == "warn" and "snapshots" in detail
+
+
+def test_doctor_checks_durability_of_a_real_redis_and_sqlite(stub, tmp_path, redis_server):
+    cluster(stub)
+    stub.post(BASE + "/_security/user/_has_privileges", json=privileges(read=True, index=True))
+    stub.passthru_prefixes = ()
+    checks = run_doctor(tmp_path, queue_url=redis_server.url(2))
+    assert checks["durability"][0] == "warn" and "appendonly no" in checks["durability"][1]
+    checks = run_doctor(tmp_path)
+    assert checks["durability"][0] in ("ok", "warn") and "SQLite queue" in checks["durability"][1]
+
+
+def test_the_sqlite_queue_syncs_every_commit(tmp_path):
+    from pushagent.retry_queue import open_queue
+    queue = open_queue(f"sqlite://{tmp_path / 'queue.db'}")
+    try:
+        assert queue._db.execute("PRAGMA synchronous").fetchone()[0] == 2   # FULL
+    finally:
+        queue.close()

@@ -24,21 +24,22 @@ def cluster_ids(url, index) -> set:
 def test_push_failures_go_to_the_queue_and_drain_sends_them(cluster_url, index, state_dir, tmp_path, queue_url):
     data = generate(tmp_path / "words.jsonl", 300)
     with FaultProxy(cluster_url) as proxy:
-        proxy.plan = lambda request: Fault.item_status(429, every=1) if request.ids else None
+        # Every other item refused (the cluster takes the rest), no in-run retry: into the queue.
+        proxy.plan = lambda request: Fault.item_status(429, every=2) if request.ids else None
         code, report, stderr = run_push(proxy.url, index, state_dir, data,
                                         env={"PUSHAGENT_MAX_RETRIES": "0", "PUSHAGENT_QUEUE_URL": queue_url})
-    assert (code, report["queued"]) == (3, 300), stderr
+    assert (code, report["queued"]) == (3, 150), stderr
     code, stats, _ = run_cli("queue", "stats", queue_url=queue_url)
-    assert (code, stats["due"], stats["later"], stats["batches"][report["batch_id"]]["later"]) == (0, 0, 300, 300)
+    assert (code, stats["due"], stats["later"], stats["batches"][report["batch_id"]]["later"]) == (0, 0, 150, 150)
     code, nothing, stderr = run_cli("drain", url=cluster_url, queue_url=queue_url)
-    assert (code, nothing["read"], nothing["remaining"]["later"]) == (3, 0, 300), stderr
+    assert (code, nothing["read"], nothing["remaining"]["later"]) == (3, 0, 150), stderr
     code, drained, stderr = run_cli("drain", "--all", url=cluster_url, queue_url=queue_url)
     assert code == 0, stderr
     for key in ("batch_id", "status", "read", "indexed", "current", "queued", "dead", "quarantined", "requests",
                 "retries", "bytes_sent", "duration_s"):
         assert key in drained
     # The proxy let the cluster apply the first sends: the same versions are now `current`.
-    assert (drained["read"], drained["current"], drained["acked"], drained["status"]) == (300, 300, 300, "drained")
+    assert (drained["read"], drained["current"], drained["acked"], drained["status"]) == (150, 150, 150, "drained")
     assert queue_stats(queue_url)["pending"] == 0 and count(cluster_url, index) == 300
 
 
@@ -51,16 +52,18 @@ def test_drain_fails_retryable_items_and_dead_letters_permanent_ones(cluster_url
                                 for n in range(20)) + b"\n")
     fill_queue(queue_url, data, index)
     with FaultProxy(cluster_url) as proxy:
-        proxy.plan = lambda request: Fault.item_status(429, every=1) if request.ids else None
+        # Every other item refused with 429 (overriding whatever the cluster said), no in-run retry.
+        proxy.plan = lambda request: Fault.item_status(429, every=2) if request.ids else None
         code, first, stderr = run_cli("drain", "--max-items", "10", url=proxy.url, queue_url=queue_url,
                                       env={"PUSHAGENT_MAX_RETRIES": "0"})
-    assert (code, first["read"], first["queued"], first["acked"]) == (3, 10, 10, 0), stderr
+    assert (code, first["read"], first["queued"], first["acked"]) == (3, 10, 5, 5 - first["dead"]), stderr
     stats = queue_stats(queue_url)
-    assert (stats["due"], stats["later"]) == (10, 10)
+    assert (stats["due"], stats["later"]) == (10, 5)
     code, second, stderr = run_cli("drain", "--all", url=cluster_url, queue_url=queue_url)
     assert code == 3, stderr
     # The proxy let the cluster apply the first drain's documents: those are `current` now.
-    assert (second["read"], second["indexed"] + second["current"], second["dead"]) == (20, 18, 2)
+    assert (second["read"], first["dead"] + second["dead"]) == (15, 2)
+    assert first["indexed"] + first["current"] + second["indexed"] + second["current"] == 18
     assert second["remaining"] == {"due": 0, "later": 0, "leased": 0, "dead": 2}
     code, dead, _ = run_cli("queue", "list", "--status", "dead", queue_url=queue_url)
     assert sorted(item["line"] for item in dead) == [4, 8]
@@ -152,16 +155,17 @@ def killed_push_then_rerun(cluster_url, index, state_dir, tmp_path, server):
         def plan(request):
             if request.ids and len(proxy.bulk_requests()) == 3:
                 server.kill()
-            return Fault.item_status(429, every=1) if request.ids else None
+            return Fault.item_status(429, every=2) if request.ids else None
         proxy.plan = plan
         code, _, stderr = run_push(proxy.url, index, state_dir, data, extra=extra, env=env)
         assert code == 1 and server.url() in stderr, stderr
         server.start()
         committed = json.loads(next((state_dir / "runs").glob("*.json")).read_text())
-        assert committed["counters"]["queued"] == committed["position"]["line"] == len(queued_ids(server.url()))
+        # Every other record refused: the committed lines' refused half is in the queue, nothing more.
+        assert committed["counters"]["queued"] * 2 == committed["position"]["line"] == 2 * len(queued_ids(server.url()))
         code, report, stderr = run_push(proxy.url, index, state_dir, data, extra=extra, env=env)
-    assert (code, report["queued"]) == (3, 5_000), stderr
-    assert len(queued_ids(server.url())) == 5_000
+    assert (code, report["queued"]) == (3, 2_500), stderr
+    assert len(queued_ids(server.url())) == 2_500
 
 
 def killed_drain_then_rerun(cluster_url, index, server):

@@ -130,6 +130,7 @@ def test_metrics_textfile_equals_the_runs_ledger(cluster_url, index, state_dir, 
     assert value(found, "pushagent_records_read_total") == report["read"] == 1_003
     assert value(found, "pushagent_bulk_requests_total", status="200") == report["requests"] == 4
     assert value(found, "pushagent_retries_total") == report["retries"]
+    assert value(found, "pushagent_request_rate_per_minute") == report["rate_per_minute"] == 6000
     assert value(found, "pushagent_sent_bytes_total", encoding="raw") == report["bytes_raw"]
     assert value(found, "pushagent_sent_bytes_total", encoding="wire") == report["bytes_sent"]
     # 1,000 documents in requests of 300: three of 101-500 documents, one of 1-100.

@@ -183,13 +183,28 @@ def test_faults_on_the_wire_are_absorbed(cluster_url, index, state_dir, tmp_path
 def test_exhausted_retries_go_to_the_retry_queue(cluster_url, index, state_dir, tmp_path):
     data = generate(tmp_path / "words.jsonl", 300)
     with FaultProxy(cluster_url) as proxy:
-        proxy.plan = lambda request: Fault.item_status(429, every=1) if request.ids else None
+        # Every other item refused: the cluster takes the rest, so the refused ones get max_retries.
+        proxy.plan = lambda request: Fault.item_status(429, every=2) if request.ids else None
         code, report, stderr = run_push(proxy.url, index, state_dir, data, env={"PUSHAGENT_MAX_RETRIES": "1"})
         assert len(proxy.bulk_requests()) == 2
     assert code == 3, stderr
-    assert (report["queued"], report["retries"]) == (300, 1)
+    assert (report["queued"], report["retries"]) == (75, 1)
     pending = queue_rows(state_dir, "pending")
-    assert len(pending) == 300 and all("429" in row[5] for row in pending)
+    assert len(pending) == 75 and all("429" in row[5] for row in pending)
+    assert stderr.count("bulk items refused: 429 es_rejected_execution_exception") == 1
+
+
+def test_items_all_refused_for_a_while_are_waited_for_not_queued(cluster_url, index, state_dir, tmp_path):
+    data = generate(tmp_path / "words.jsonl", 300)
+    until = time.monotonic() + 3
+    with FaultProxy(cluster_url) as proxy:
+        proxy.plan = lambda request: Fault.item_status(429, every=1) if request.ids and time.monotonic() < until \
+            else None
+        code, report, stderr = run_push(proxy.url, index, state_dir, data,
+                                        env={"PUSHAGENT_MAX_RETRIES": "1", "PUSHAGENT_MAX_BACKOFF_SECONDS": "0.5"})
+    assert code == 0, stderr
+    # The proxy rewrites answers of requests the cluster applied: the retries find them current.
+    assert (report["indexed"] + report["current"], report["queued"], report["retries"] > 1) == (300, 0, True)
 
 
 def test_whole_request_413_splits_down_to_one_document(cluster_url, index, state_dir, tmp_path):
@@ -206,20 +221,60 @@ def test_whole_request_413_splits_down_to_one_document(cluster_url, index, state
     assert dead[4] == 18 and "413" in dead[5]
 
 
-def test_cluster_down_stops_after_max_consecutive_failures(cluster_url, index, state_dir, tmp_path):
+def test_cluster_down_past_the_outage_budget_stops_with_the_reason(cluster_url, index, state_dir, tmp_path):
     data = generate(tmp_path / "words.jsonl", 5_000)
     with FaultProxy(cluster_url) as proxy:
-        proxy.plan = lambda request: Fault.reply(503) if request.ids else None
+        proxy.plan = lambda request: Fault.reply(503, body=b'{"error":{"type":"unavailable","reason":"restarting"}}') \
+            if request.ids else None
+        started = time.monotonic()
         code, report, stderr = run_push(proxy.url, index, state_dir, data, extra=["--chunk-docs", "500"],
-                                        env={"PUSHAGENT_MAX_CONSECUTIVE_FAILURES": "5"})
-        attempts = len(proxy.bulk_requests())
+                                        env={"PUSHAGENT_OUTAGE_SECONDS": "3", "PUSHAGENT_MAX_BACKOFF_SECONDS": "0.5"})
+        elapsed, attempts = time.monotonic() - started, len(proxy.bulk_requests())
     assert code == 1, stderr
-    # The second worker's request may fail too before it sees the run stopping.
-    assert re.search(r"\b[56] bulk requests in a row failed", stderr)
-    assert attempts <= 5 + 2
+    assert re.search(r"the cluster answered nothing useful for [34] s \(outage_seconds is 3\); last error: HTTP 503",
+                     stderr)
+    assert 3 <= elapsed < 20 and attempts > 4   # retried for the budget, not a number of attempts
+    # One warning for the kind of failure, not one per attempt.
+    assert stderr.count("bulk request failed: 503 unavailable: HTTP 503") == 1, stderr
     assert report["read"] == 0 and report["queued"] == 0
     code, report, stderr = run_push(cluster_url, index, state_dir, data, extra=["--chunk-docs", "500"])
     assert (code, report["indexed"]) == (0, 5_000), stderr
+
+
+def test_a_45_s_outage_mid_push_is_ridden_out_exact(cluster_url, index, state_dir, tmp_path):
+    data = generate(tmp_path / "words.jsonl", 6_000)
+    with FaultProxy(cluster_url) as proxy:
+        proxy.plan = lambda request: Fault.delay(0.2) if request.ids else None
+        process = subprocess.Popen(push_command(proxy.url, index, state_dir, data, extra=["--chunk-docs", "500"]),
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   env=agent_env({"PUSHAGENT_MAX_BACKOFF_SECONDS": "5"}))
+        while len(proxy.bulk_requests()) < 4 and process.poll() is None:
+            time.sleep(0.02)
+        proxy.stop()                 # the cluster is gone: connections refused for 45 s
+        time.sleep(45)
+        assert process.poll() is None
+        proxy.restart()
+        stdout, stderr = process.communicate(timeout=120)
+    report = json.loads(stdout)
+    assert process.returncode == 0, stderr
+    assert report["read"] == report["indexed"] + report["current"] == 6_000 and report["queued"] == 0
+    assert count(cluster_url, index) == 6_000
+    assert "bulk request failed: - ConnectionError" in stderr
+
+
+def test_a_retry_after_longer_than_the_backoff_cap_is_waited_for(cluster_url, index, state_dir, tmp_path):
+    data = generate(tmp_path / "words.jsonl", 500)
+    sent = []
+
+    def plan(request):
+        if request.ids:
+            sent.append(time.monotonic())
+            return Fault.reply(429, retry_after="4") if len(sent) == 1 else None
+    with FaultProxy(cluster_url, plan) as proxy:
+        code, report, stderr = run_push(proxy.url, index, state_dir, data,
+                                        env={"PUSHAGENT_MAX_BACKOFF_SECONDS": "0.5"})
+    assert code == 0, stderr
+    assert sent[1] - sent[0] >= 4
 
 
 def test_401_stops_with_exit_4_and_keeps_the_checkpoint(cluster_url, index, state_dir, tmp_path):
@@ -295,16 +350,3 @@ def test_unknown_index_is_refused_before_sending(cluster_url, state_dir, tmp_pat
     code, report, stderr = run_push(cluster_url, "other", state_dir, data, env=env)
     assert code == 2 and "not in allowed_indices" in stderr
     assert os.path.exists(str(tmp_path / "words.jsonl"))
-
-
-def test_a_chunk_the_cluster_never_takes_stops_the_run_instead_of_filling_the_queue(cluster_url, index, state_dir,
-                                                                                   tmp_path):
-    data = generate(tmp_path / "words.jsonl", 1_000)
-    with FaultProxy(cluster_url) as proxy:
-        proxy.plan = lambda request: Fault.reply(503) if request.ids else None
-        code, report, stderr = run_push(proxy.url, index, state_dir, data, extra=["--concurrency", "1"],
-                                        env={"PUSHAGENT_MAX_RETRIES": "2",
-                                             "PUSHAGENT_MAX_CONSECUTIVE_FAILURES": "100"})
-        attempts = len(proxy.bulk_requests())
-    assert (code, attempts, report["queued"]) == (1, 3, 0), stderr
-    assert "3 bulk requests in a row failed; last error: HTTP 503" in stderr

@@ -203,3 +203,56 @@ def test_unknown_queue_url_is_a_configuration_error():
     from pushagent.errors import ConfigError
     with pytest.raises(ConfigError):
         open_queue("mysql://db/queue")
+
+
+def test_make_due_moves_later_items_forward_and_leaves_leased_and_dead_alone(queue):
+    queue.put([doc_item(n, due=False) for n in range(3)] + [doc_item(n, batch="b2", due=False) for n in (3, 4)])
+    queue.dead_letter([doc_item(5)])
+    (leased,) = queue.take(1, due_only=False, batch_id="b2")
+    assert queue.make_due("b1") == 3
+    assert keys(queue.take(10)) == {"words/w0", "words/w1", "words/w2"}
+    assert queue.make_due() == 1          # the other b2 item; the leased one and the dead one stay
+    (taken,) = queue.take(10)
+    assert taken.key in {"words/w3", "words/w4"} and taken.key != leased.key and taken.next_attempt_at <= time.time()
+
+
+class Acked:
+    """What a push or drain hands to resolve(): index, id and acknowledged version."""
+
+    def __init__(self, n: int, version: int, index: str = "words"):
+        self.index, self.doc_id, self.version = index, f"w{n}", version
+
+
+def test_resolve_removes_queued_and_dead_items_of_that_version_or_older_only(queue):
+    queue.put([doc_item(0, version=100), doc_item(1, version=100), doc_item(2, version=300)])
+    queue.dead_letter([doc_item(3, version=100, kind="permanent"), quarantined(7)])
+    (leased,) = queue.take(1, batch_id="b1")
+    removed = queue.resolve([Acked(0, 200), Acked(1, 100), Acked(2, 200), Acked(3, 150), Acked(9, 500),
+                             Acked(0, 100, index="other")])
+    assert removed == 3
+    assert keys(queue.list(limit=100)) == {"words/w2", quarantined(7).key}
+    assert queue.ack([leased]) == (0 if leased.key != "words/w2" else 1)
+    assert queue.stats()["dead"] == 1
+
+
+def test_an_older_index_item_never_outlives_a_newer_acknowledged_delete(queue):
+    queue.put([doc_item(4, version=100)])
+    (taken,) = queue.take(1)
+    assert queue.resolve([Acked(4, 200)]) == 1    # a delete of version 200 was acknowledged
+    assert queue.fail([taken]) == 0                # the drainer holding the old item cannot bring it back
+    assert queue.list() == [] and queue.take(10, due_only=False) == []
+
+
+def test_purge_deletes_dead_items_by_batch_reason_and_age(queue):
+    old = [doc_item(n, kind="permanent") for n in range(3)]
+    for item in old:
+        item.last_error = "400 mapper_parsing_exception: failed to parse field [vector]"
+    queue.dead_letter(old + [quarantined(10)])
+    time.sleep(0.3)
+    queue.dead_letter([doc_item(5, batch="b2", kind="permanent"), quarantined(11, batch="b2")])
+    queue.put([doc_item(6)])
+    assert queue.purge(reason="mapper_parsing") == 3
+    assert queue.purge(batch_id="b2", older_than=10) == 0
+    assert queue.purge(older_than=0.2) == 1                # quarantined(10), the only old one left
+    assert queue.purge(batch_id="b2") == 2
+    assert keys(queue.list(limit=100)) == {"words/w6"} and queue.stats()["dead"] == 0

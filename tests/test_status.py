@@ -1,5 +1,6 @@
 """`pushagent status` verdicts from crafted state files, and the small pieces of progress, logs and metrics."""
 
+import dataclasses
 import gzip
 import json
 import logging
@@ -175,6 +176,8 @@ def test_progress_line_has_done_total_rate_and_eta():
     assert snapshot.line() == ("words-1: 45,000/~100,000 records | 450.0 MiB/1000.0 MiB 45.0% | 1,500 docs/s | "
                                "ETA 0m37s | retries 3 queued 0 dead 0")
     assert snapshot.fields()["eta_s"] == 37
+    slowed = dataclasses.replace(snapshot, rate_per_minute=12.5)
+    assert slowed.line().endswith("dead 0 | rate 12 req/min") and slowed.fields()["rate_per_minute"] == 12.5
 
 
 def test_json_log_lines_carry_extra_fields_and_hide_credentials():
@@ -192,7 +195,7 @@ def test_chunk_size_labels_are_few_and_ordered():
 
 def fake_facts() -> RunFacts:
     return RunFacts("words-1", "pushed", Ledger(read=10, indexed=9, dead=1), {"200": 2, "429": 1}, 1, 1000, 400,
-                    [(0.2, 5), (0.3, 5), (7.0, 5000)], {"due": 0, "later": 1, "dead": 1}, 3.5, time.time())
+                    [(0.2, 5), (0.3, 5), (7.0, 5000)], {"due": 0, "later": 1, "dead": 1}, 3.5, time.time(), 50.0)
 
 
 def exported_names() -> set:

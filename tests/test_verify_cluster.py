@@ -152,14 +152,14 @@ def drain(cluster_url, state_dir) -> dict:
 def test_records_left_in_the_retry_queue_are_verified_after_the_drain(cluster_url, index, state_dir, tmp_path):
     data = generate(tmp_path / "words.jsonl", 2_000)
     with FaultProxy(cluster_url) as proxy:
-        # The first chunk's items refused with 429 and, without in-run retries, queued.
-        proxy.plan = lambda request: Fault.item_status(429, every=1) if request.ids[:1] == ["w00000000"] else None
+        # Every other item of the first chunk refused with 429 and, without in-run retries, queued.
+        proxy.plan = lambda request: Fault.item_status(429, every=2) if request.ids[:1] == ["w00000000"] else None
         code, report, stderr = run_push(proxy.url, index, state_dir, data, extra=[*V1, "--chunk-docs", "500"],
                                         env={"PUSHAGENT_MAX_RETRIES": "0"})
-    assert (code, report["queued"], report["status"], "verification" in report) == (3, 500, "pushed", False), stderr
-    assert "can be verified after `pushagent drain` has sent the 500 records" in stderr
+    assert (code, report["queued"], report["status"], "verification" in report) == (3, 250, "pushed", False), stderr
+    assert "can be verified after `pushagent drain` has sent the 250 records" in stderr
     assert record(state_dir, report["batch_id"])["doc_count"] == 2_000
-    assert drain(cluster_url, state_dir)["acked"] == 500
+    assert drain(cluster_url, state_dir)["acked"] == 250
     code, result, stderr = verify(cluster_url, state_dir, report["batch_id"])
     assert code == 0 and result["verification"]["count"]["actual"] == 2_000, stderr
 

@@ -50,7 +50,8 @@ def rewrite(path, change):
 def test_intact_audit_log_passes(audit, tmp_path):
     result = audit_cli(tmp_path)
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output) == {"ok": True, "lines": 5, "bad_line": None, "problem": ""}
+    assert json.loads(result.output) == {"ok": True, "lines": 5, "bad_line": None, "problem": "", "records": 0,
+                                         "record_problems": []}
 
 
 @pytest.mark.parametrize("change, bad_line, problem", [
@@ -73,6 +74,47 @@ def test_audit_appends_continue_the_chain_after_a_check(audit):
     assert audit.check().ok and audit.check().lines == 6
     entries = list(audit.entries())
     assert all(entries[n]["prev_sha256"] == entries[n - 1]["sha256"] for n in range(1, 6))
+
+
+def test_an_append_killed_before_moving_the_head_is_repaired_by_the_next(audit, tmp_path):
+    head = audit.head.read_bytes()
+    audit.append({"batch_id": "b6", "status": "pushed"})
+    audit.head.write_bytes(head)                       # killed between the line and the head's move
+    assert audit.check().ok and "one entry behind" in audit.check().problem
+    audit.append({"batch_id": "b7", "status": "pushed"})
+    result = audit_cli(tmp_path)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["lines"] == 7 and json.loads(result.output)["problem"] == ""
+    assert [entry["seq"] for entry in audit.entries()] == list(range(1, 8))
+
+
+def test_an_append_killed_mid_line_is_cut_off_by_the_next(audit, tmp_path):
+    with open(audit.path, "ab") as handle:
+        handle.write(b'{"seq":6,"prev_sha256":"ab')   # the line never completed, the head never moved
+    assert audit.check().ok and "incomplete" in audit.check().problem
+    audit.append({"batch_id": "b6", "status": "pushed"})
+    check = audit.check()
+    assert (check.ok, check.lines, check.problem) == (True, 6, "")
+
+
+def test_a_sync_state_record_edited_to_say_verified_fails_the_audit(tmp_path):
+    from pushagent.recording import save_record
+    save_record(tmp_path, {"batch_id": "b1", "status": "pushing", "doc_count": 10})
+    save_record(tmp_path, {"batch_id": "b1", "status": "verification_failed", "doc_count": 10})
+    save_record(tmp_path, {"batch_id": "b2", "status": "verified", "doc_count": 5})
+    AuditLog(tmp_path).append({"event": "queue_purge", "batch_id": "b2", "purged": 3})
+    assert audit_cli(tmp_path).exit_code == 0
+    store = SyncStateStore(tmp_path)
+    forged = {**store.load("b1"), "status": "verified"}
+    store.save(forged)
+    result = audit_cli(tmp_path)
+    report = json.loads(result.output)
+    assert result.exit_code == 1 and (report["ok"], report["records"]) == (False, 2)
+    assert report["record_problems"] == [
+        "sync-state/b1.json: differs from the batch's last audit entry (line 2) in status"]
+    (tmp_path / "sync-state" / "b3.json").write_text(json.dumps({"batch_id": "b3", "status": "verified"}))
+    report = json.loads(audit_cli(tmp_path).output)
+    assert "sync-state/b3.json: no audit entry for this batch" in report["record_problems"]
 
 
 def test_state_list_and_show(tmp_path):

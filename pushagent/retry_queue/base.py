@@ -82,7 +82,7 @@ class RetryQueue:
     """The contract every backend implements; fail() and release() are shared here.
 
     Backends implement put, dead_letter, take, _settle, requeue_dead,
-    _batch_rows, list and close.
+    make_due, resolve, purge, _batch_rows, list and close.
     """
 
     max_attempts: int
@@ -134,6 +134,33 @@ class RetryQueue:
         """Make dead documents pending and due now, with attempts reset; quarantined lines stay dead."""
         raise NotImplementedError
 
+    def make_due(self, batch_id: str | None = None) -> int:
+        """Make pending items (not leased) due now; returns how many were moved forward.
+
+        `drain --all` calls it once before taking, so that an item failed during
+        the drain keeps its backoff instead of being taken again at once.
+        """
+        raise NotImplementedError
+
+    def resolve(self, docs) -> int:
+        """Remove queued or dead items a write just made obsolete; returns how many.
+
+        `docs` have index, doc_id and version: documents the cluster acknowledged
+        (indexed, deleted, or already holding that version or a newer one). An
+        item of the same index and id with a version at most theirs can never
+        change the cluster again; left queued, an older index item would bring
+        back a document a newer delete removed, and a dead one would keep
+        `status` in warning for good. Leased items go too: their holder's
+        settle then finds nothing.
+        """
+        raise NotImplementedError
+
+    def purge(self, batch_id: str | None = None, reason: str | None = None,
+              older_than: float | None = None) -> int:
+        """Delete dead items (documents and quarantined lines) of a batch, whose last error contains
+        `reason`, created more than `older_than` seconds ago (each filter optional); returns how many."""
+        raise NotImplementedError
+
     def stats(self) -> dict:
         """Counts: pending (due now, later), leased, dead, oldest item age, by kind and per batch."""
         moment = now()
@@ -175,6 +202,12 @@ def open_queue(url: str, max_attempts: int = 8, max_retry_delay: float = 6 * 360
         from .redis_backend import RedisQueue
         return RedisQueue(url, max_attempts, max_retry_delay)
     raise ConfigError(f"unsupported queue_url {redact_url(url)!r}: expected sqlite:///path or redis://host:port/db")
+
+
+def resolvable(docs) -> list[tuple[str, int]]:
+    """(item key, version) of acknowledged documents that carry a version."""
+    return [(QueueItem.document_key(doc.index, doc.doc_id), doc.version) for doc in docs
+            if doc.version is not None and doc.doc_id is not None]
 
 
 def now() -> float:

@@ -17,7 +17,8 @@ import orjson
 import redis
 
 from ..errors import QueueError
-from .base import DEAD, PENDING, QUARANTINED, QueueItem, RetryQueue, new_lease_token, now, redact_url, retry_delay
+from .base import (DEAD, PENDING, QUARANTINED, QueueItem, RetryQueue, new_lease_token, now, redact_url, resolvable,
+                   retry_delay)
 
 PREFIX = "pushagent:"
 PAGE = 500
@@ -96,6 +97,45 @@ for i = 2, #ARGV, 5 do
 end
 return done
 """
+# ARGV: now, batch ('' for all). Pending items not leased, due later, become due now.
+MAKE_DUE = """
+local now, batch, moved = ARGV[1], ARGV[2], 0
+for _, key in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. now, '+inf')) do
+  local hkey = KEYS[1] .. key
+  if batch == '' or redis.call('HGET', hkey, 'batch') == batch then
+    local meta = (string.gsub(redis.call('HGET', hkey, 'meta'), '"next_attempt_at":[^,}]*', '"next_attempt_at":' .. now))
+    redis.call('HSET', hkey, 'meta', meta, 'next', now)
+    redis.call('ZADD', KEYS[2], now, key)
+    moved = moved + 1
+  end
+end
+return moved
+"""
+# ARGV: per document: key, acknowledged version. Items of that version or older go, whatever their state.
+RESOLVE = """
+local removed = 0
+for i = 1, #ARGV, 2 do
+  local key = ARGV[i]
+  local version = redis.call('HGET', KEYS[1] .. key, 'version')
+  if version and version ~= '' and tonumber(version) <= tonumber(ARGV[i + 1]) then
+    redis.call('DEL', KEYS[1] .. key)
+    redis.call('ZREM', KEYS[2], key); redis.call('ZREM', KEYS[3], key); redis.call('ZREM', KEYS[4], key)
+    removed = removed + 1
+  end
+end
+return removed
+"""
+# ARGV: keys of dead items to delete (chosen by the caller); each is deleted only if still dead.
+PURGE = """
+local removed = 0
+for _, key in ipairs(ARGV) do
+  if redis.call('ZREM', KEYS[4], key) == 1 then
+    redis.call('DEL', KEYS[1] .. key)
+    removed = removed + 1
+  end
+end
+return removed
+"""
 
 
 class RedisQueue(RetryQueue):
@@ -108,7 +148,8 @@ class RedisQueue(RetryQueue):
             self._redis = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30)
             self._scripts = {name: self._redis.register_script(body)
                              for name, body in (("take", TAKE), ("put", PUT), ("settle", SETTLE),
-                                                ("reclaim", RECLAIM))}
+                                                ("reclaim", RECLAIM), ("make_due", MAKE_DUE),
+                                                ("resolve", RESOLVE), ("purge", PURGE))}
         except ValueError as error:
             raise QueueError(f"bad queue_url {self.url}: {error}") from None
         self._call(self._redis.ping)
@@ -167,6 +208,31 @@ class RedisQueue(RetryQueue):
             item.attempts, item.next_attempt_at = 0, now()
         self.put(items)
         return len(items)
+
+    def make_due(self, batch_id=None) -> int:
+        return self._script("make_due", [repr(now()), batch_id or ""])
+
+    def resolve(self, docs) -> int:
+        rows = resolvable(docs)
+        return sum(self._script("resolve", [value for row in rows[start:start + PAGE] for value in row])
+                   for start in range(0, len(rows), PAGE))
+
+    def purge(self, batch_id=None, reason=None, older_than=None) -> int:
+        before = None if older_than is None else now() - older_than
+        keys = [key for key, _, (batch, created, meta) in self._scan(self._keys[3])
+                if (batch_id is None or batch.decode() == batch_id)
+                and (before is None or float(created) < before)
+                and (reason is None or reason in orjson.loads(meta)["last_error"])]
+        return sum(self._script("purge", keys[start:start + PAGE]) for start in range(0, len(keys), PAGE))
+
+    def persistence(self) -> dict:
+        """The server's persistence settings: appendonly and save, or INFO persistence where CONFIG is refused."""
+        try:
+            found = self._redis.config_get("appendonly")
+            found.update(self._redis.config_get("save"))
+            return found
+        except redis.ResponseError:   # managed servers often rename or disable CONFIG
+            return self._call(self._redis.info, "persistence")
 
     def _all(self, status: str | None, batch_id: str | None) -> list:
         return self.list(status, limit=None, batch_id=batch_id)

@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 
 from ..errors import QueueError
-from .base import DEAD, PENDING, QUARANTINED, QueueItem, RetryQueue, new_lease_token, now, retry_delay
+from .base import DEAD, PENDING, QUARANTINED, QueueItem, RetryQueue, new_lease_token, now, resolvable, retry_delay
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -53,6 +53,16 @@ RETURNING {", ".join(COLUMNS)}, lease_token
 SETTLE = "UPDATE items SET status = ?, attempts = ?, next_attempt_at = ?, last_error = ?, lease_until = 0, " \
          "lease_token = '' WHERE key = ? AND lease_token = ? AND lease_token != ''"
 ACK = "DELETE FROM items WHERE key = ? AND lease_token = ? AND lease_token != ''"
+MAKE_DUE = f"""
+UPDATE items SET next_attempt_at = :now
+WHERE status = 'pending' AND kind != '{QUARANTINED}' AND lease_until <= :now AND next_attempt_at > :now
+  AND (:batch IS NULL OR batch_id = :batch)
+"""
+RESOLVE = "DELETE FROM items WHERE key = ? AND version IS NOT NULL AND version <= ?"
+PURGE = """
+DELETE FROM items WHERE status = 'dead' AND (:batch IS NULL OR batch_id = :batch)
+  AND (:reason IS NULL OR instr(last_error, :reason) > 0) AND (:before IS NULL OR created_at < :before)
+"""
 BATCH_ROWS = """
 SELECT batch_id,
   SUM(status = 'pending' AND lease_until <= :now AND next_attempt_at <= :now),
@@ -76,7 +86,9 @@ class SqliteQueue(RetryQueue):
                 self._db = sqlite3.connect(str(self.path), timeout=30, check_same_thread=False,
                                            isolation_level=None)
                 self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute("PRAGMA synchronous=NORMAL")
+                # FULL: a put is on disk when it returns, before the checkpoint that passes its records
+                # is written. NORMAL in WAL mode can lose the last transactions to a power cut or node crash.
+                self._db.execute("PRAGMA synchronous=FULL")
                 self._db.executescript(SCHEMA)
                 self._add_columns()
         except (sqlite3.Error, OSError) as error:
@@ -158,6 +170,18 @@ class SqliteQueue(RetryQueue):
         sql = ("UPDATE items SET status = 'pending', attempts = 0, next_attempt_at = ?, lease_until = 0 "
                f"WHERE status = 'dead' AND kind != '{QUARANTINED}' AND (? IS NULL OR batch_id = ?)")
         return self._transaction(lambda db: db.execute(sql, (now(), batch_id, batch_id)).rowcount)
+
+    def make_due(self, batch_id=None) -> int:
+        params = {"now": now(), "batch": batch_id}
+        return self._transaction(lambda db: db.execute(MAKE_DUE, params).rowcount)
+
+    def resolve(self, docs) -> int:
+        rows = resolvable(docs)
+        return self._write(RESOLVE, rows) if rows else 0
+
+    def purge(self, batch_id=None, reason=None, older_than=None) -> int:
+        params = {"batch": batch_id, "reason": reason, "before": None if older_than is None else now() - older_than}
+        return self._transaction(lambda db: db.execute(PURGE, params).rowcount)
 
     def _batch_rows(self, moment):
         with self._lock:
