@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover - isal is a dependency; zlib stays corre
 
 from . import __version__
 from .chunker import bulk_body
-from .classifier import (CURRENT, INDEXED, REJECTED_EXECUTION, RETRYABLE, classify_item, item_error_kind,
+from .classifier import (CURRENT, INDEXED, REJECTED_EXECUTION, RETRYABLE, classify_item, item_error,
                          request_outcome)
 from .errorlog import ErrorDigest, error_of_body
 from .errors import AuthError, PushAgentError
@@ -293,9 +293,9 @@ class ChunkSender:
             raise auth_refused(response.status)
         if kind == "too_large" or (kind == "ok" and len(response.items) == docs):
             return response
-        error_type = error_of_body(response.text)[0] if kind != "ok" else "item_count_mismatch"
         reason = self._describe(response, docs)
-        self.errors.seen("request", response.status, error_type, reason)
+        error_type, text = error_of_body(response.text) if kind != "ok" else ("item_count_mismatch", reason)
+        self.errors.seen("request", response.status, error_type, text if error_type != "error" else reason)
         if response.status == 429:
             self._pushed_back(True)
         return RequestFailed(reason, response.retry_after)
@@ -348,7 +348,8 @@ class ChunkSender:
             else:
                 outcome.dead.append((doc, reason))
             if reason:
-                refused.setdefault(item_error_kind(item), [0, reason])[0] += 1
+                status, error_type, text = item_error(item)
+                refused.setdefault((status, error_type), [0, text])[0] += 1
         for (status, error_type), (count, reason) in refused.items():
             self.errors.seen("item", status, error_type, reason, count)
         self._pushed_back(any(status == 429 or error_type in REJECTED_EXECUTION for status, error_type in refused))
