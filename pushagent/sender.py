@@ -34,6 +34,7 @@ from .classifier import (CURRENT, INDEXED, REJECTED_EXECUTION, RETRYABLE, classi
 from .errorlog import ErrorDigest, error_of_body
 from .errors import AuthError, PushAgentError
 from .outage import OutageClock, backoff_delay
+from .ratelimit import InFlightLimit
 from .security import find_ssl_error, secure_session, tls_failure
 
 # Only what the classifier reads: a 5000-item answer stays small.
@@ -235,6 +236,7 @@ class ChunkSender:
         self.stop_event = stop_event
         self.outage = OutageClock(config.outage_seconds, clock)
         self.errors = ErrorDigest()
+        self.in_flight = InFlightLimit(config.concurrency)
         stats.rate_per_minute = rate_limiter.rate_per_minute
 
     def resolve(self, docs: list, body=None) -> Outcome:
@@ -318,14 +320,20 @@ class ChunkSender:
                              retry_after, left)
 
     def _post(self, body: bytes, docs: int) -> BulkResponse:
-        if self.outage.tripped.is_set() or not self.rate_limiter.acquire(self.stop_event):
+        if self.outage.tripped.is_set() or not self.in_flight.acquire(self.stop_event):
             raise ChunkAborted()
-        return self.transport.post(body, docs)
+        try:
+            if not self.rate_limiter.acquire(self.stop_event):
+                raise ChunkAborted()
+            return self.transport.post(body, docs)
+        finally:
+            self.in_flight.release()
 
     def _pushed_back(self, rejected: bool) -> None:
-        """Backpressure: rejections halve the sending rate, clean answers raise it again."""
+        """Backpressure: rejections halve the sending rate and the requests in flight, clean answers raise them."""
         limiter = self.rate_limiter
         self.stats.rate_per_minute = limiter.slow_down() if rejected else limiter.speed_up()
+        (self.in_flight.slow_down if rejected else self.in_flight.speed_up)()
 
     @staticmethod
     def _describe(response: BulkResponse, expected: int) -> str:

@@ -5,13 +5,14 @@ through the same code paths as a real push.
 """
 
 import logging
+import threading
 
 import pytest
 
 from pushagent.builder import Doc
 from pushagent.config import Config, load_config
 from pushagent.errors import ConfigError
-from pushagent.ratelimit import TokenBucket, bucket_for, task_rate
+from pushagent.ratelimit import InFlightLimit, TokenBucket, bucket_for, task_rate
 from pushagent.sender import BulkResponse, ChunkAborted, ChunkSender, TransferStats, TransportFailure
 
 
@@ -211,3 +212,19 @@ def test_outage_seconds_is_a_config_key_with_a_duration():
     assert load_config(environ={"PUSHAGENT_OUTAGE_SECONDS": "2m"}).outage_seconds == 120
     with pytest.raises(ConfigError):
         load_config(environ={"PUSHAGENT_OUTAGE_SECONDS": "-1"})
+
+
+def test_rejections_halve_the_requests_in_flight_and_clean_answers_add_one():
+    clock = FakeTime()
+    transport = ScriptedTransport(clock, refused(), refused(), ok)
+    chunk_sender = sender(clock, transport, concurrency=4)
+    chunk_sender.in_flight.limit = 4
+    chunk_sender.resolve(docs())
+    assert chunk_sender.in_flight.limit == 2     # 4 -> 2 -> 1 on two refusals, +1 on the clean answer
+    limit = InFlightLimit(2)
+    assert limit.acquire() and limit.acquire()
+    stop = threading.Event()
+    stop.set()
+    assert limit.acquire(stop) is False                # full: a stopping run does not wait
+    limit.release()
+    assert limit.acquire(stop) is True
