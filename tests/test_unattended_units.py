@@ -117,8 +117,8 @@ def test_retry_after_is_cut_to_what_is_left_of_the_budget_then_the_run_stops():
 def test_a_15_minute_outage_is_ridden_out_with_capped_backoff():
     clock = FakeTime()
     started = clock.now
-    answers = [connection_refused] * 1 + [whole(503)] * 1
-    transport = ScriptedTransport(clock, *answers, lambda d: connection_refused(d) if clock.now < started + 880 else ok(d))
+    until_880_s = lambda d: connection_refused(d) if clock.now < started + 880 else ok(d)   # noqa: E731
+    transport = ScriptedTransport(clock, connection_refused, whole(503), until_880_s)
     outcome = sender(clock, transport, outage_seconds=900, max_retries=3).resolve(docs())
     assert len(outcome.indexed) == 10
     gaps = [b - a for a, b in zip(transport.sent_at, transport.sent_at[1:])]
@@ -207,11 +207,16 @@ def test_each_kind_of_error_is_warned_about_once(caplog):
                         "(first time in this run; 10 so far)")
 
 
-def test_outage_seconds_is_a_config_key_with_a_duration():
+def test_outage_seconds_is_a_config_key_with_a_duration(tmp_path):
     assert Config().outage_seconds == 900
     assert load_config(environ={"PUSHAGENT_OUTAGE_SECONDS": "2m"}).outage_seconds == 120
     with pytest.raises(ConfigError):
         load_config(environ={"PUSHAGENT_OUTAGE_SECONDS": "-1"})
+    old = tmp_path / "pushagent.yaml"
+    old.write_text("max_consecutive_failures: 10\n")
+    with pytest.raises(ConfigError, match="max_consecutive_failures is no longer used") as raised:
+        load_config(str(old), environ={})
+    assert "outage_seconds" in str(raised.value)
 
 
 def test_rejections_halve_the_requests_in_flight_and_clean_answers_add_one():
