@@ -29,10 +29,11 @@ def classify_item(item: dict) -> tuple[str, str | None]:
     return PERMANENT, reason
 
 
-def item_error_kind(item: dict) -> tuple[int, str]:
-    """(status, error type) of one refused entry of a bulk response's `items`."""
+def item_error(item: dict) -> tuple[int, str, str]:
+    """(status, error type, the cluster's reason) of one refused entry of a bulk response's `items`."""
     result = next(iter(item.values()))
-    return result.get("status", 0), (result.get("error") or {}).get("type", "error")
+    error = result.get("error") or {}
+    return result.get("status", 0), error.get("type", "error"), str(error.get("reason", ""))
 
 
 def request_outcome(status: int) -> str:

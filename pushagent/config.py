@@ -16,6 +16,9 @@ ENV_PREFIX = "PUSHAGENT_"
 # Read from the environment by auth.py only: a secret is never a config value.
 SECRET_ENV_KEYS = {"PUSHAGENT_API_KEY"}
 
+# Keys an older configuration may still carry, and what replaced them.
+RETIRED_KEYS = {"max_consecutive_failures": "remove it: outage_seconds (default 15m) says how long an outage is "
+                                            "ridden out before the run stops"}
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
                "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
@@ -116,6 +119,10 @@ def _read_file(config_file) -> dict:
         raise ConfigError(f"cannot read configuration: {error}", file=str(path)) from None
     if not isinstance(data, dict):
         raise ConfigError("configuration must be a mapping of key: value", file=str(path))
+    retired = sorted(set(data) & set(RETIRED_KEYS))
+    if retired:
+        raise ConfigError(f"configuration key {retired[0]} is no longer used", file=str(path),
+                          hint=RETIRED_KEYS[retired[0]])
     unknown = sorted(set(data) - set(FIELDS))
     if unknown:
         raise ConfigError(f"unknown configuration key(s): {', '.join(unknown)}", file=str(path),
@@ -154,8 +161,8 @@ def _coerce(key, value):
             return None
         if key in ("chunk_bytes",):
             return parse_size(value)
-        if key in ("max_retry_delay", "lease_seconds", "outage_seconds", "grace_seconds", "progress_seconds", "push_interval",
-                   "health_lag_warning", "health_lag_critical"):
+        if key in ("max_retry_delay", "lease_seconds", "outage_seconds", "grace_seconds", "progress_seconds",
+                   "push_interval", "health_lag_warning", "health_lag_critical"):
             return parse_duration(value)
         if kind in (bool, "bool"):
             return _parse_bool(value)

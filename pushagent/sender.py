@@ -30,10 +30,11 @@ except ImportError:  # pragma: no cover - isal is a dependency; zlib stays corre
 from . import __version__
 from .chunker import bulk_body
 from .classifier import (CURRENT, INDEXED, MISSING_INDEX, REJECTED_EXECUTION, RETRYABLE, classify_item,
-                         item_error_kind, request_outcome)
+                         item_error, request_outcome)
 from .errorlog import ErrorDigest, error_of_body
 from .errors import AuthError, ConfigError, PushAgentError
 from .outage import OutageClock, backoff_delay
+from .ratelimit import InFlightLimit
 from .security import find_ssl_error, secure_session, tls_failure
 
 # Only what the classifier reads: a 5000-item answer stays small.
@@ -237,6 +238,7 @@ class ChunkSender:
         self.stop_event = stop_event
         self.outage = OutageClock(config.outage_seconds, clock)
         self.errors = ErrorDigest()
+        self.in_flight = InFlightLimit(config.concurrency)
         stats.rate_per_minute = rate_limiter.rate_per_minute
 
     def resolve(self, docs: list, body=None) -> Outcome:
@@ -295,9 +297,9 @@ class ChunkSender:
             raise auth_refused(response.status)
         if kind == "too_large" or (kind == "ok" and len(response.items) == docs):
             return response
-        error_type = error_of_body(response.text)[0] if kind != "ok" else "item_count_mismatch"
         reason = self._describe(response, docs)
-        self.errors.seen("request", response.status, error_type, reason)
+        error_type, text = error_of_body(response.text) if kind != "ok" else ("item_count_mismatch", reason)
+        self.errors.seen("request", response.status, error_type, text if error_type != "error" else reason)
         if response.status == 429:
             self._pushed_back(True)
         return RequestFailed(reason, response.retry_after)
@@ -320,14 +322,20 @@ class ChunkSender:
                              retry_after, left)
 
     def _post(self, body: bytes, docs: int) -> BulkResponse:
-        if self.outage.tripped.is_set() or not self.rate_limiter.acquire(self.stop_event):
+        if self.outage.tripped.is_set() or not self.in_flight.acquire(self.stop_event):
             raise ChunkAborted()
-        return self.transport.post(body, docs)
+        try:
+            if not self.rate_limiter.acquire(self.stop_event):
+                raise ChunkAborted()
+            return self.transport.post(body, docs)
+        finally:
+            self.in_flight.release()
 
     def _pushed_back(self, rejected: bool) -> None:
-        """Backpressure: rejections halve the sending rate, clean answers raise it again."""
+        """Backpressure: rejections halve the sending rate and the requests in flight, clean answers raise them."""
         limiter = self.rate_limiter
         self.stats.rate_per_minute = limiter.slow_down() if rejected else limiter.speed_up()
+        (self.in_flight.slow_down if rejected else self.in_flight.speed_up)()
 
     @staticmethod
     def _describe(response: BulkResponse, expected: int) -> str:
@@ -356,7 +364,8 @@ class ChunkSender:
             else:
                 outcome.dead.append((doc, reason))
             if reason:
-                refused.setdefault(item_error_kind(item), [0, reason])[0] += 1
+                status, error_type, text = item_error(item)
+                refused.setdefault((status, error_type), [0, text])[0] += 1
         for (status, error_type), (count, reason) in refused.items():
             self.errors.seen("item", status, error_type, reason, count)
         self._pushed_back(any(status == 429 or error_type in REJECTED_EXECUTION for status, error_type in refused))

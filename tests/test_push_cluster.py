@@ -235,7 +235,7 @@ def test_cluster_down_past_the_outage_budget_stops_with_the_reason(cluster_url, 
                      stderr)
     assert 3 <= elapsed < 20 and attempts > 4   # retried for the budget, not a number of attempts
     # One warning for the kind of failure, not one per attempt.
-    assert stderr.count("bulk request failed: 503 unavailable: HTTP 503") == 1, stderr
+    assert stderr.count("bulk request failed: 503 unavailable: restarting (first time") == 1, stderr
     assert report["read"] == 0 and report["queued"] == 0
     code, report, stderr = run_push(cluster_url, index, state_dir, data, extra=["--chunk-docs", "500"])
     assert (code, report["indexed"]) == (0, 5_000), stderr

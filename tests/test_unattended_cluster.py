@@ -131,3 +131,27 @@ def test_queue_purge_by_reason_batch_and_age_is_audited(cluster_url, index, stat
         ("queue_purge", 0, None), ("queue_purge", 1, "malformed JSON"), ("queue_purge", 1, None)]
     code, audit, stderr = run_cli("state", "audit", "--state-dir", state_dir)
     assert code == 0 and audit["ok"], (audit, stderr)
+
+
+def test_array_tasks_split_the_keys_budget(cluster_url, index, state_dir, tmp_path):
+    data = generate(tmp_path / "words.jsonl", 100)
+    code, report, stderr = run_push(cluster_url, index, state_dir, data,
+                                    env={"PUSHAGENT_REQUESTS_PER_MINUTE": "600", "SLURM_ARRAY_TASK_COUNT": "4"})
+    assert (code, report["rate_per_minute"]) == (0, 150), stderr
+
+
+def test_the_first_warning_of_an_error_never_shows_the_key(cluster_url, index, state_dir, tmp_path):
+    key = "c2VjcmV0LWtleS1pZDpzZWNyZXQta2V5LXZhbHVl"
+    echoed = orjson.dumps({"error": {"type": "too_many_requests", "reason": f"rejected ApiKey {key} for now"}})
+    sent = []
+
+    def plan(request):
+        if request.ids:
+            sent.append(request.number)
+            return Fault.reply(429, body=echoed) if len(sent) == 1 else None
+    with FaultProxy(cluster_url, plan) as proxy:
+        code, report, stderr = run_push(proxy.url, index, state_dir, generate(tmp_path / "words.jsonl", 50),
+                                        env={"PUSHAGENT_API_KEY": key})
+    assert code == 0, stderr
+    assert "bulk request failed: 429 too_many_requests: rejected ApiKey [REDACTED] for now" in stderr
+    assert key not in stderr and key not in json.dumps(report)

@@ -5,13 +5,14 @@ through the same code paths as a real push.
 """
 
 import logging
+import threading
 
 import pytest
 
 from pushagent.builder import Doc
 from pushagent.config import Config, load_config
 from pushagent.errors import ConfigError
-from pushagent.ratelimit import TokenBucket, bucket_for, task_rate
+from pushagent.ratelimit import InFlightLimit, TokenBucket, bucket_for, task_rate
 from pushagent.sender import BulkResponse, ChunkAborted, ChunkSender, TransferStats, TransportFailure
 
 
@@ -116,8 +117,8 @@ def test_retry_after_is_cut_to_what_is_left_of_the_budget_then_the_run_stops():
 def test_a_15_minute_outage_is_ridden_out_with_capped_backoff():
     clock = FakeTime()
     started = clock.now
-    answers = [connection_refused] * 1 + [whole(503)] * 1
-    transport = ScriptedTransport(clock, *answers, lambda d: connection_refused(d) if clock.now < started + 880 else ok(d))
+    until_880_s = lambda d: connection_refused(d) if clock.now < started + 880 else ok(d)   # noqa: E731
+    transport = ScriptedTransport(clock, connection_refused, whole(503), until_880_s)
     outcome = sender(clock, transport, outage_seconds=900, max_retries=3).resolve(docs())
     assert len(outcome.indexed) == 10
     gaps = [b - a for a, b in zip(transport.sent_at, transport.sent_at[1:])]
@@ -201,13 +202,34 @@ def test_each_kind_of_error_is_warned_about_once(caplog):
         sender(clock, transport).resolve(docs())
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2
-    assert lines[0].startswith("bulk request failed: 503 unavailable: HTTP 503") and "1 so far" in lines[0]
-    assert lines[1] == ("bulk items refused: 429 cluster_block_exception: 429 cluster_block_exception: "
-                        "index [words] blocked (first time in this run; 10 so far)")
+    assert lines[0] == "bulk request failed: 503 unavailable: node restarting (first time in this run; 1 so far)"
+    assert lines[1] == ("bulk items refused: 429 cluster_block_exception: index [words] blocked "
+                        "(first time in this run; 10 so far)")
 
 
-def test_outage_seconds_is_a_config_key_with_a_duration():
+def test_outage_seconds_is_a_config_key_with_a_duration(tmp_path):
     assert Config().outage_seconds == 900
     assert load_config(environ={"PUSHAGENT_OUTAGE_SECONDS": "2m"}).outage_seconds == 120
     with pytest.raises(ConfigError):
         load_config(environ={"PUSHAGENT_OUTAGE_SECONDS": "-1"})
+    old = tmp_path / "pushagent.yaml"
+    old.write_text("max_consecutive_failures: 10\n")
+    with pytest.raises(ConfigError, match="max_consecutive_failures is no longer used") as raised:
+        load_config(str(old), environ={})
+    assert "outage_seconds" in str(raised.value)
+
+
+def test_rejections_halve_the_requests_in_flight_and_clean_answers_add_one():
+    clock = FakeTime()
+    transport = ScriptedTransport(clock, refused(), refused(), ok)
+    chunk_sender = sender(clock, transport, concurrency=4)
+    chunk_sender.in_flight.limit = 4
+    chunk_sender.resolve(docs())
+    assert chunk_sender.in_flight.limit == 2     # 4 -> 2 -> 1 on two refusals, +1 on the clean answer
+    limit = InFlightLimit(2)
+    assert limit.acquire() and limit.acquire()
+    stop = threading.Event()
+    stop.set()
+    assert limit.acquire(stop) is False                # full: a stopping run does not wait
+    limit.release()
+    assert limit.acquire(stop) is True

@@ -103,7 +103,8 @@ local now, batch, moved = ARGV[1], ARGV[2], 0
 for _, key in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. now, '+inf')) do
   local hkey = KEYS[1] .. key
   if batch == '' or redis.call('HGET', hkey, 'batch') == batch then
-    local meta = (string.gsub(redis.call('HGET', hkey, 'meta'), '"next_attempt_at":[^,}]*', '"next_attempt_at":' .. now))
+    local meta = redis.call('HGET', hkey, 'meta')
+    meta = (string.gsub(meta, '"next_attempt_at":[^,}]*', '"next_attempt_at":' .. now))
     redis.call('HSET', hkey, 'meta', meta, 'next', now)
     redis.call('ZADD', KEYS[2], now, key)
     moved = moved + 1
