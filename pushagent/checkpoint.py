@@ -14,7 +14,7 @@ from pathlib import Path
 from .chunker import Position
 from .errors import BatchLockedError, PushAgentError
 
-COUNTERS = ("read", "indexed", "current", "queued", "dead", "quarantined")
+COUNTERS = ("read", "indexed", "current", "unchanged", "queued", "dead", "quarantined")
 DONE_STATUSES = ("pushed", "verified", "verification_failed")   # every record read; a new push starts over
 
 

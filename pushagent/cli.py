@@ -122,9 +122,12 @@ def cli():
 @click.option("--snapshot", is_flag=True, default=None,
               help="The batch is the whole index: verification also counts its embedding version and fails "
                    "on documents it does not hold.")
+@click.option("--incremental", is_flag=True, default=None,
+              help="Send only documents the cluster does not hold with the same content and stamps "
+                   "(one _mget per chunk, counted against the rate limit); the others count as unchanged.")
 def push(inputs, config_file, as_json, url, index, state_dir, insecure, embedding_version, batch_id,
          batch_time, id_field, chunk_docs, concurrency, restart, from_line, on_error, dry_run, no_verify, shard,
-         snapshot):
+         snapshot, incremental):
     """Push INPUT files (JSONL, .jsonl.gz, globs, s3://bucket/key, s3://bucket/prefix/) into the cluster.
 
     Resumes by itself when a checkpoint for the same inputs exists.
@@ -139,7 +142,7 @@ def push(inputs, config_file, as_json, url, index, state_dir, insecure, embeddin
     config = load_config(config_file, _flags(url=url, index=index, state_dir=state_dir, insecure=insecure,
                                              embedding_version=embedding_version, batch_time=batch_time,
                                              id_field=id_field, chunk_docs=chunk_docs, concurrency=concurrency,
-                                             snapshot=snapshot))
+                                             snapshot=snapshot, incremental=incremental))
     _warn_insecure(config)
     options = PushOptions(list(inputs), batch_id=batch_id, restart=restart, from_line=from_line,
                           on_error=on_error, dry_run=dry_run, verify=not no_verify, shard=shard)
@@ -427,8 +430,13 @@ def _verification_lines(verification) -> list:
               help="With --full: fetch every _source and recompute its checksum instead of reading the stamp.")
 @click.option("--snapshot", is_flag=True,
               help="Verify the batch as the whole index: its embedding version's count and extra documents count.")
+@click.option("--delete-extra", is_flag=True,
+              help="With --full: delete the documents the index holds and the batch does not (needs allow_delete; "
+                   "refused above max_delete_fraction of the batch unless --force).")
+@click.option("--force", is_flag=True, help="With --delete-extra: delete even above max_delete_fraction.")
 def verify(config_file, as_json, url, index, state_dir, insecure, batch_id, embedding_version, expected_count,
-           sources, id_field, batch_time, expected_date, full, enqueue_missing, repair, recompute, snapshot):
+           sources, id_field, batch_time, expected_date, full, enqueue_missing, repair, recompute, snapshot,
+           delete_extra, force):
     """Check what arrived: count, sample checksums, timestamps; --full scans everything.
 
     Exits 0 when every check passes, 3 when one fails.
@@ -437,12 +445,14 @@ def verify(config_file, as_json, url, index, state_dir, insecure, batch_id, embe
 
         pushagent verify --batch-id words-3f2a9c1b0d --full --repair && pushagent drain --all
     """
-    if (enqueue_missing or repair or recompute) and not full:
-        raise click.UsageError("--enqueue-missing, --repair and --recompute need --full")
+    if (enqueue_missing or repair or recompute or delete_extra) and not full:
+        raise click.UsageError("--enqueue-missing, --repair, --recompute and --delete-extra need --full")
+    if force and not delete_extra:
+        raise click.UsageError("--force only goes with --delete-extra")
     config = load_config(config_file, _flags(url=url, index=index, state_dir=state_dir, insecure=insecure,
                                              id_field=id_field, batch_time=batch_time))
     options = VerifyOptions(batch_id, embedding_version, config.index, expected_count, sources, expected_date, full,
-                            enqueue_missing, recompute, snapshot, repair)
+                            enqueue_missing, recompute, snapshot, repair, delete_extra, force)
     with _interrupt_on_signals():
         report, exit_code = verify_batch(config, options)
     if as_json:

@@ -46,6 +46,8 @@ class Config:
     checksum_field: str = "sync_checksum"
     batch_field: str = "sync_batch"
     snapshot: bool = False                   # the batch is a full snapshot of its index (verification)
+    incremental: bool = False                # send only what the cluster does not hold as written
+    max_delete_fraction: float = 0.05        # verify --delete-extra refuses above this share of the batch
     chunk_docs: int = 5000
     chunk_bytes: int = 50 * 1024**2
     compress: bool = True

@@ -125,8 +125,9 @@ class DocTable:
                                 "ON d.idx = s.idx AND d.id = s.id WHERE d.op = 'index' ORDER BY s.slot").fetchall()
 
     def documents(self, index: str, op: str = "index"):
-        """(id, version) of every row of `op` in `index`, in id order."""
-        return self._db.execute("SELECT id, version FROM docs WHERE idx = ? AND op = ? ORDER BY id", (index, op))
+        """(id, version, checksum) of every row of `op` in `index`, in id order."""
+        return self._db.execute("SELECT id, version, checksum FROM docs WHERE idx = ? AND op = ? ORDER BY id",
+                                (index, op))
 
     def earlier_lines(self, index: str, doc_ids: list) -> dict:
         """{id: (file, line)} of the rows of `doc_ids` in `index`: where the batch already met them."""

@@ -1,10 +1,10 @@
-"""The ledger: every record read is indexed, current, queued, dead or quarantined."""
+"""The ledger: every record read is indexed, current, unchanged (incremental), queued, dead or quarantined."""
 
 import dataclasses
 
 from .errors import LedgerError
 
-OUTCOMES = ("indexed", "current", "queued", "dead", "quarantined")
+OUTCOMES = ("indexed", "current", "unchanged", "queued", "dead", "quarantined")
 
 
 @dataclasses.dataclass
@@ -12,6 +12,7 @@ class Ledger:
     read: int = 0
     indexed: int = 0
     current: int = 0
+    unchanged: int = 0      # --incremental: the cluster already held it as the agent wrote it; not sent
     queued: int = 0
     dead: int = 0
     quarantined: int = 0
@@ -32,8 +33,8 @@ class Ledger:
     def check(self, label: str = "run") -> None:
         if self.read != self.accounted:
             raise LedgerError(f"{label} ledger does not add up: read {self.read} != indexed {self.indexed} + "
-                              f"current {self.current} + queued {self.queued} + dead {self.dead} + "
-                              f"quarantined {self.quarantined}",
+                              f"current {self.current} + unchanged {self.unchanged} + queued {self.queued} + "
+                              f"dead {self.dead} + quarantined {self.quarantined}",
                               hint="this is a bug: keep the state dir and report it")
 
     def as_dict(self) -> dict:

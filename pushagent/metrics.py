@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, push_to_gateway, write_to_textf
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from .ledger import OUTCOMES, Ledger
-from .status import last_success, queue_depth
+from .status import extra_documents, last_success, queue_depth
 
 log = logging.getLogger("pushagent.metrics")
 JOB = "pushagent"
@@ -46,6 +46,7 @@ class RunFacts:
     duration_s: float
     last_success: float | None    # epoch seconds
     rate_per_minute: float | None = None   # the sender's rate now, lowered by backpressure
+    extra: list = dataclasses.field(default_factory=list)  # (batch_id, extra documents, over max_delete_fraction)
 
 
 def chunk_size_label(docs: int) -> str:
@@ -84,6 +85,13 @@ class RunCollector:
             yield GaugeMetricFamily("pushagent_request_rate_per_minute",
                                     "Bulk requests a minute the sender allows itself now (429s lower it).",
                                     facts.rate_per_minute)
+        if facts.extra:
+            yield _labelled(GaugeMetricFamily, "pushagent_extra_documents", "Documents in the index that a "
+                            "snapshot batch does not hold, at its last verify --full.", "batch_id",
+                            {batch_id: extra for batch_id, extra, _ in facts.extra})
+            yield _labelled(GaugeMetricFamily, "pushagent_extra_over_threshold", "1 when a snapshot's extra "
+                            "documents exceed max_delete_fraction of it.", "batch_id",
+                            {batch_id: int(over) for batch_id, _, over in facts.extra})
         if facts.last_success is not None:
             yield GaugeMetricFamily("pushagent_last_success_timestamp_seconds",
                                     "End of the last push that finished (pushed or verified).", facts.last_success)
@@ -164,7 +172,8 @@ class MetricsExporter:
         return RunFacts(self._run.batch_id, self._status, self._this_run, dict(stats.statuses), stats.retries,
                         stats.bytes_raw, stats.bytes_sent, list(zip(stats.latencies, stats.request_docs)),
                         self._queue(), time.monotonic() - self._started if duration_s is None else duration_s,
-                        self._last_success(), stats.rate_per_minute)
+                        self._last_success(), stats.rate_per_minute,
+                        extra_documents(self.config.state_path, self.config.max_delete_fraction))
 
     def _queue(self) -> dict:
         if self._run.options.dry_run:

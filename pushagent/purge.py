@@ -6,11 +6,7 @@ purge appends an entry to the audit log: who removed how many items of which
 batch, and why they matched.
 """
 
-import getpass
-import socket
-from datetime import datetime, timezone
-
-from .state import AuditLog
+from .state import audit_event
 
 EVENT = "queue_purge"
 
@@ -18,8 +14,5 @@ EVENT = "queue_purge"
 def purge_dead(retry_queue, state_dir, batch_id=None, reason=None, older_than=None) -> dict:
     """Delete the dead items matching every given filter; return the audit entry written for it."""
     purged = retry_queue.purge(batch_id, reason, older_than)
-    entry = {"event": EVENT, "batch_id": batch_id, "reason_contains": reason, "older_than_s": older_than,
-             "purged": purged, "user": getpass.getuser(), "host": socket.gethostname(),
-             "at": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")}
-    AuditLog(state_dir).append(entry)
-    return entry
+    return audit_event(state_dir, EVENT, batch_id=batch_id, reason_contains=reason, older_than_s=older_than,
+                       purged=purged)

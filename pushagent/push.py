@@ -22,6 +22,7 @@ from .checkpoint import DONE_STATUSES, BatchLock, CheckpointStore, CommitTracker
 from .chunker import Chunker, Position
 from .errors import (EXIT_FAILURE, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK, ConfigError, InputChangedError,
                      PushAgentError, StopRequested, StorageError)
+from .incremental import ChangeProbe
 from .ledger import Ledger
 from .mirror import mirror_state
 from .provenance import ContentRegistry, content_digest
@@ -30,7 +31,7 @@ from .recording import BatchRecorder
 from .repeats import RepeatedIds
 from .reader import InputReadError, expand_inputs, next_line_start, read_lines
 from .retry_queue import QueueItem, open_queue
-from .sender import ChunkAborted, ChunkSender, DryRunTransport, HttpTransport, TransferStats
+from .sender import ChunkAborted, ChunkSender, DryRunTransport, HttpTransport, Outcome, TransferStats
 from .shard import Shard, file_ranges, run_key
 from .sharded import agreed_inputs
 from .slurm_env import slurm_facts
@@ -151,6 +152,7 @@ class PushRun:
         self.builder = Builder(self.build_settings)
         self.repeats = None
         self.interruptible = False      # a stop signal may interrupt what runs now (verification reads only)
+        self.probe = None               # --incremental: what the cluster already holds
 
     def _inputs(self) -> list:
         """The expanded inputs; for a shard, the list the batch's first shard found (sharded.agreed_inputs)."""
@@ -301,7 +303,9 @@ class PushRun:
                      else HttpTransport(self.config, authorization_header(self.config), self.stats))
         limiter = bucket_for(self.config)
         sender = self._sender = ChunkSender(transport, self.config, self.stats, limiter, self.stop_event)
-        pump = _ChunkPump(sender, self.config.concurrency)
+        if self.config.incremental and not self.options.dry_run:
+            self.probe = ChangeProbe(self.config, self.build_settings, limiter, self.stop_event)
+        pump = _ChunkPump(self._resolve_chunk, self.config.concurrency)
         committer = _Committer(self, state, queue, this_run)
         self.repeats = RepeatedIds(self.recorder.table.earlier_lines if self.recorder else lambda index, ids: {})
         start = state.position
@@ -311,8 +315,20 @@ class PushRun:
             self._finish_in_flight(pump, committer)
         finally:
             pump.close()
+            if self.probe is not None:
+                self.probe.close()
         self._tell_replaced_stamps()
         return self._result(state, this_run, sender, time.monotonic() - started)
+
+    def _resolve_chunk(self, chunk) -> Outcome:
+        """Send a chunk (in a worker thread); with --incremental only what the cluster does not hold yet."""
+        if self.probe is None:
+            return self._sender.resolve(chunk.docs, chunk.body)
+        send, unchanged = self.probe.split(chunk.docs)
+        outcome = self._sender.resolve(send, chunk.body if len(send) == len(chunk.docs) else None) if send \
+            else Outcome()
+        outcome.unchanged = unchanged
+        return outcome
 
     def _tell_replaced_stamps(self) -> None:
         """Records may not carry the fields the agent stamps: their values are replaced, and the user told."""
@@ -437,21 +453,21 @@ class _ChunkPump:
     ends cannot keep the process from exiting with its checkpoint saved.
     """
 
-    def __init__(self, sender: ChunkSender, concurrency: int):
+    def __init__(self, resolve, concurrency: int):
         self.concurrency = concurrency
         self.in_flight = 0
         self._work = queue.Queue()
         self._results = queue.Queue()
-        self._threads = [threading.Thread(target=self._work_loop, args=(sender,), daemon=True,
+        self._threads = [threading.Thread(target=self._work_loop, args=(resolve,), daemon=True,
                                           name=f"pushagent-sender-{n}") for n in range(concurrency)]
         for thread in self._threads:
             thread.start()
 
-    def _work_loop(self, sender: ChunkSender) -> None:
+    def _work_loop(self, resolve) -> None:
         for chunk in iter(self._work.get, None):
             started = time.monotonic()
             try:
-                result = (chunk, sender.resolve(chunk.docs, chunk.body) if chunk.docs else None, None)
+                result = (chunk, resolve(chunk) if chunk.docs else None, None)
             except BaseException as error:  # handed to the main thread, which decides
                 result = (chunk, None, error)
             chunk.seconds = time.monotonic() - started
@@ -512,6 +528,7 @@ class _Committer:
                                  r.raw, r.file, r.line, "quarantined", r.reason) for r in chunk.rejected]
         if outcome is not None:
             ledger.indexed, ledger.current = len(outcome.indexed), len(outcome.current)
+            ledger.unchanged = len(outcome.unchanged)
             ledger.queued, ledger.dead = len(outcome.retry), len(outcome.dead)
             retry = [_document_item(batch_id, doc, reason, "retryable") for doc, reason in outcome.retry]
             dead = [_document_item(batch_id, doc, reason, "permanent") for doc, reason in outcome.dead]

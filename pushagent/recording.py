@@ -17,6 +17,7 @@ from .builder import BuildSettings
 from .cluster import ClusterClient
 from .doctable import DocTable, table_path
 from .errors import EXIT_INCOMPLETE, EXIT_OK, ConfigError
+from .extra import DeleteRefused, delete_extra
 from .fullscan import enqueue
 from .mirror import mirror_state
 from .retry_queue import open_queue
@@ -26,6 +27,7 @@ from .state import AuditLog, SyncStateStore, runtime_fields
 from .verifier import VerifySpec, add_full_scan, load_sources, run_checks, summarize, temporary_table
 
 log = logging.getLogger(__name__)
+REFUSED = "delete_refused"
 
 
 def spec_for(settings: BuildSettings, state_path, expected_date=None, snapshot: bool = False) -> VerifySpec:
@@ -68,7 +70,7 @@ class BatchRecorder:
         """Documents the index should hold: acknowledged ones (2xx replaces an equal version, 409 does not),
         and queued ones, which `drain` delivers later; dead-lettered ones are not expected."""
         self.table.add(outcome.indexed, replace_equal=True)
-        self.table.add(outcome.current + [doc for doc, _ in outcome.retry], replace_equal=False)
+        self.table.add(outcome.current + outcome.unchanged + [doc for doc, _ in outcome.retry], replace_equal=False)
 
     def finished(self, state, result):
         """Write the final record; verify first when the batch was pushed completely and can be verified now."""
@@ -156,6 +158,8 @@ class VerifyOptions:
     recompute: bool = False
     snapshot: bool = False
     repair: bool = False
+    delete_extra: bool = False
+    force: bool = False
 
 
 def verify_batch(config, options: VerifyOptions) -> tuple:
@@ -183,11 +187,14 @@ def _verify_recorded(config, client, options: VerifyOptions) -> dict:
         _note_queued(config, record["batch_id"], result)
     finally:
         table.close()
-    enqueued = _full_from_inputs(config, client, options, result, settings, record) if options.full else None
+    added = _full_from_inputs(config, client, options, result, settings, record) if options.full else {}
+    record["snapshot"] = bool(record.get("snapshot") or options.snapshot)
     record.update(status="verified" if result["ok"] else "verification_failed", verification=result,
                   updated_at=_now_iso(), **runtime_fields())
     save_record(config.state_path, record)
-    report = _report(record["batch_id"], result, enqueued, record.get("counters", {}))
+    if REFUSED in added:
+        raise added[REFUSED]
+    report = _report(record["batch_id"], result, added, record.get("counters", {}))
     mirrored = mirror_state(config, record["batch_id"])  # a sharded batch's record is final only here
     if mirrored is not None:
         report["mirror"] = mirrored
@@ -224,12 +231,12 @@ def _batch_table(config, record: dict) -> DocTable:
     return table
 
 
-def _full_from_inputs(config, client, options: VerifyOptions, result: dict, settings, record: dict) -> int | None:
+def _full_from_inputs(config, client, options: VerifyOptions, result: dict, settings, record: dict) -> dict:
     """--full for a recorded batch: the source is its inputs, read again."""
     directory, source = temporary_table(config.sample_size, "")
     try:
         load_sources(record["inputs"], settings, source, config.s3_endpoint_url)
-        return _full(config, client, options, result, settings, source, record["indices"])
+        return _full(config, client, options, result, settings, source, record["indices"], record.get("snapshot"))
     finally:
         source.close()
         directory.cleanup()
@@ -250,11 +257,13 @@ def _verify_unrecorded(config, client, options: VerifyOptions) -> dict:
                           settings.timestamp_field, settings.checksum_field,
                           None if options.sources else options.expected_count)
         result = run_checks(client, table, spec, [options.index], table.sample())
-        enqueued = _full(config, client, options, result, settings, table, [options.index])
+        added = _full(config, client, options, result, settings, table, [options.index])
     finally:
         table.close()
         directory.cleanup()
-    return _report(options.batch_id or f"verify-{options.embedding_version}", result, enqueued, {})
+    if REFUSED in added:
+        raise added[REFUSED]
+    return _report(options.batch_id or f"verify-{options.embedding_version}", result, added, {})
 
 
 def _settings_for_sources(config, options: VerifyOptions) -> BuildSettings:
@@ -265,29 +274,38 @@ def _settings_for_sources(config, options: VerifyOptions) -> BuildSettings:
     return build_settings(config, batch_ms)
 
 
-def _full(config, client, options: VerifyOptions, result: dict, settings, table, indices) -> int | None:
-    """--full (and --enqueue-missing): diff the whole index against the sources loaded in `table`."""
+def _full(config, client, options: VerifyOptions, result: dict, settings, table, indices, snapshot=False) -> dict:
+    """--full: diff the whole index against the sources loaded in `table`; then queue what is missing
+    (--enqueue-missing, --repair) or delete what is extra (--delete-extra). Returns what the report adds."""
     if not options.full:
-        return None
-    spec = spec_for(settings, config.state_path, snapshot=options.snapshot)
+        return {}
+    spec = spec_for(settings, config.state_path, snapshot=snapshot or options.snapshot)
     add_full_scan(client, result, table, indices, spec, options.recompute)
+    batch_id = options.batch_id or f"verify-{settings.embedding_version}"
+    added = {"enqueued": _enqueue(config, options, result, settings, table, batch_id)}
+    if options.delete_extra and "error" not in result["full"]:
+        try:
+            added["deleted_extra"] = delete_extra(config, table, settings, settings.batch_id or batch_id,
+                                                  spec.snapshot, options.force)
+        except DeleteRefused as refusal:
+            added[REFUSED] = refusal    # raised once the scan's findings are recorded
+    return {key: value for key, value in added.items() if value is not None}
+
+
+def _enqueue(config, options: VerifyOptions, result: dict, settings, table, batch_id: str) -> int | None:
     queueing = options.enqueue_missing or options.repair
     if not queueing or not (result["full"].get("missing") or options.repair and result["full"].get("mismatched")):
         return 0 if queueing else None
     queue = open_queue(config.resolved_queue_url, config.max_attempts, config.max_retry_delay)
     try:
-        return enqueue(table, settings, queue, options.batch_id or f"verify-{settings.embedding_version}",
-                       options.repair, config.s3_endpoint_url)
+        return enqueue(table, settings, queue, batch_id, options.repair, config.s3_endpoint_url)
     finally:
         queue.close()
 
 
-def _report(batch_id: str, result: dict, enqueued, counters: dict) -> dict:
-    report = {"batch_id": batch_id, "status": "verified" if result["ok"] else "verification_failed",
-              **counters, "verification": result}
-    if enqueued is not None:
-        report["enqueued"] = enqueued
-    return report
+def _report(batch_id: str, result: dict, added: dict, counters: dict) -> dict:
+    return {"batch_id": batch_id, "status": "verified" if result["ok"] else "verification_failed",
+            **counters, "verification": result, **added}
 
 
 def _now_iso() -> str:

@@ -74,10 +74,11 @@ class Outcome:
     current: list = dataclasses.field(default_factory=list)
     retry: list = dataclasses.field(default_factory=list)   # (doc, last error)
     dead: list = dataclasses.field(default_factory=list)    # (doc, reason)
+    unchanged: list = dataclasses.field(default_factory=list)  # --incremental: held as written, not sent
     conflicts: dict = dataclasses.field(default_factory=dict)  # (index, id) -> the 409 of a current doc
 
     def merge(self, other: "Outcome") -> None:
-        for name in ("indexed", "current", "retry", "dead"):
+        for name in ("indexed", "current", "retry", "dead", "unchanged"):
             getattr(self, name).extend(getattr(other, name))
         self.conflicts.update(other.conflicts)
 

@@ -12,10 +12,12 @@ edited record is found too.
 
 import dataclasses
 import fcntl
+import getpass
 import hashlib
 import json
 import os
 import socket
+from datetime import datetime, timezone
 from pathlib import Path
 
 from . import __version__
@@ -33,6 +35,15 @@ TORN_PARTIAL = "the last line is incomplete (an append was killed while writing 
 def runtime_fields(environ=None) -> dict:
     """Agent version, host and Slurm job (ids, restart count, node) of the process writing a record."""
     return {"agent_version": __version__, "host": socket.gethostname(), "slurm": slurm_facts(environ)}
+
+
+def audit_event(state_dir, event: str, **facts) -> dict:
+    """Append an entry for something done outside a batch's records (a purge, a deletion) to the audit log,
+    with who did it, where and when; returns the entry."""
+    entry = {"event": event, **facts, "user": getpass.getuser(), "host": socket.gethostname(),
+             "at": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")}
+    AuditLog(state_dir).append(entry)
+    return entry
 
 
 class SyncStateStore:

@@ -155,8 +155,9 @@ def _is_running(run: dict) -> bool:
 
 def verdict(report: dict, config) -> tuple[str, list]:
     """The worst level among the checks, and one reason per check that is not healthy."""
+    state_dir = Path(report["state_dir"])
     reasons = (_lag_reasons(report, config) + _dead_reasons(report, config) + _run_reasons(report)
-               + _incomplete_reasons(Path(report["state_dir"])))
+               + _incomplete_reasons(state_dir) + _extra_reasons(state_dir, config))
     level = max((level for level, _ in reasons), key=list(EXIT_CODES).index, default=HEALTHY)
     return level, [{"level": level, "message": message} for level, message in reasons]
 
@@ -192,6 +193,25 @@ def _run_reasons(report: dict) -> list:
     if run["status"] == "pushing" and not run["running"]:
         return [(WARNING, f"last run of {run['batch_id']} stopped without finishing: run the same command again")]
     return []
+
+
+def extra_documents(state_dir: Path, fraction: float) -> list:
+    """(batch_id, extra, over the threshold) for each snapshot batch whose last `verify --full` found documents
+    in the index that the batch does not hold: what `--delete-extra` would delete. (In an index many batches
+    feed, a batch that is not a snapshot always has other batches' documents beside it.)"""
+    found = []
+    for record in read_records(state_dir / "sync-state"):
+        extra = ((record.get("verification") or {}).get("full") or {}).get("extra")
+        if record.get("snapshot") and extra:
+            found.append((record["batch_id"], extra, extra > fraction * max(record.get("doc_count") or 0, 1)))
+    return found
+
+
+def _extra_reasons(state_dir: Path, config) -> list:
+    return [(WARNING, f"batch {batch_id}: the index holds {extra} documents this snapshot does not, more than "
+             f"max_delete_fraction ({config.max_delete_fraction:.0%}) of it: a shrinking snapshot? "
+             "`pushagent verify --full` lists them")
+            for batch_id, extra, over in extra_documents(state_dir, config.max_delete_fraction) if over]
 
 
 def _incomplete_reasons(state_dir: Path) -> list:

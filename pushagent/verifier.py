@@ -118,7 +118,7 @@ def check_count(client, table: DocTable, spec: VerifySpec, indices: list) -> dic
         if spec.embedding_version is not None:
             result["embedding_version_count"] += settled_count(client, index, version_query(client, index, spec),
                                                                want)
-    explained = result["actual"] + result["superseded"]
+    explained = result["actual"] + result["superseded"] + result["unchanged"]
     result["ok"] = (explained == result["expected"] and result["actual"] <= result["expected"]
                     and not (result["missing_ids"] or result["replaced_ids"] or result["still_present_ids"]))
     if spec.snapshot and spec.embedding_version is not None:
@@ -127,7 +127,7 @@ def check_count(client, table: DocTable, spec: VerifySpec, indices: list) -> dic
 
 
 def _empty_count_result(counts: dict) -> dict:
-    return {"by": "batch", "expected": counts["distinct"], "actual": 0, "superseded": 0, "missing": 0,
+    return {"by": "batch", "expected": counts["distinct"], "actual": 0, "superseded": 0, "unchanged": 0, "missing": 0,
             "missing_ids": [], "replaced_ids": [], "deleted": counts["deleted"], "still_present_ids": [],
             "duplicates": counts["duplicates"], "embedding_version_count": 0, "per_index": {}}
 
@@ -152,28 +152,46 @@ def _stamped_elsewhere(source: dict, spec: VerifySpec) -> bool:
 
 
 def _account_for_shortfall(client, table: DocTable, spec: VerifySpec, index: str, result: dict) -> None:
-    """Sort the batch's ids that do not carry its stamp: superseded, replaced by hand, or missing."""
+    """Sort the batch's ids that do not carry its stamp: superseded by a later batch, unchanged since an
+    earlier one (--incremental left it as it was), replaced by hand, or missing."""
     for page in _pages(table.documents(index)):
-        versions = {doc_id: version for doc_id, version in page}
+        ours = {doc_id: (version, checksum) for doc_id, version, checksum in page}
         missing = []
-        for doc_id, doc in _fetch(client, index, list(versions), [spec.batch_field]):
-            if not doc.get("found"):
+        for doc_id, doc in _fetch(client, index, list(ours), [spec.batch_field, spec.checksum_field]):
+            kind = _without_our_stamp(doc, spec, *ours[doc_id])
+            if kind == "missing":
                 missing.append(doc_id)
-            elif _stamped_elsewhere(doc["_source"], spec):
-                result["superseded"] += 1
-            elif doc["_source"].get(spec.batch_field) != spec.batch_id:
+            elif kind == "replaced":
                 result["replaced_ids"].append(doc_id)
-        deleted_later = deleted_by_later_batches(spec, index, {i: versions[i] for i in missing})
+            elif kind:
+                result[kind] += 1
+        deleted_later = deleted_by_later_batches(spec, index, {i: ours[i][0] for i in missing})
         missing = [doc_id for doc_id in missing if doc_id not in deleted_later]
         result["superseded"] += len(deleted_later)
         result["missing"] += len(missing)
         result["missing_ids"] += missing[:LIST_LIMIT - len(result["missing_ids"])]
 
 
+def _without_our_stamp(doc: dict, spec: VerifySpec, version: int, checksum: str) -> str:
+    """What became of one of the batch's documents: "" (it carries our stamp), superseded, unchanged,
+    replaced or missing."""
+    if not doc.get("found"):
+        return "missing"
+    stamp = doc["_source"].get(spec.batch_field)
+    if stamp == spec.batch_id:
+        return ""
+    if stamp is None:
+        return "replaced"
+    if doc.get("_version", 0) > version:
+        return "superseded"
+    # An earlier batch's document: ours if its content is (--incremental did not send it), else our write is lost.
+    return "unchanged" if doc["_source"].get(spec.checksum_field) == checksum else "missing"
+
+
 def _check_deleted(client, table: DocTable, spec: VerifySpec, index: str, result: dict) -> None:
     """Ids the batch deleted are absent, unless a later batch wrote them again."""
     for page in _pages(table.documents(index, "delete")):
-        for doc_id, doc in _fetch(client, index, [doc_id for doc_id, _ in page], [spec.batch_field]):
+        for doc_id, doc in _fetch(client, index, [doc_id for doc_id, _, _ in page], [spec.batch_field]):
             if doc.get("found") and not _stamped_elsewhere(doc["_source"], spec):
                 result["still_present_ids"].append(doc_id)
 
@@ -236,8 +254,8 @@ def _superseded(doc: dict, actual: str, version: int, spec: VerifySpec) -> bool:
 
 
 def check_timestamp(client, indices: list, spec: VerifySpec) -> dict:
-    """Documents last updated before the expected date: of this batch, or (a snapshot, or a batch
-    without stamps) of the whole embedding version, where they are updates this batch missed."""
+    """Documents last updated before the expected date: of this batch, or (a batch without stamps) of the
+    whole embedding version, where they are updates this batch missed."""
     if not spec.expected_date:
         return {"ok": True, "skipped": "no embedding_version and no --expected-date: nothing to compare with"}
     older, ids = 0, []
@@ -254,7 +272,9 @@ def check_timestamp(client, indices: list, spec: VerifySpec) -> dict:
 
 
 def _timestamp_scope(client, index: str, spec: VerifySpec) -> dict:
-    if spec.by_batch and not spec.snapshot:
+    # Not the whole embedding version, even for a snapshot: --incremental leaves unchanged documents with the
+    # time of the batch that last changed them. A snapshot's extra documents are the count's and --full's.
+    if spec.by_batch:
         return exact_match(client, index, spec.batch_field, spec.batch_id)
     return version_query(client, index, spec)
 
@@ -328,8 +348,9 @@ def _count_problem(check: dict) -> str:
                 f"{check['expected']} distinct ids ({check['duplicates']} input lines repeated an id); "
                 "run `pushagent verify --full --repair` for this batch, then `pushagent drain` "
                 "(an index with refresh_interval -1 shows no new documents to searches until it is refreshed)")
-    parts = [f"count: {check['actual']} documents carry this batch and {check['superseded']} were superseded by "
-             f"later batches, of {check['expected']} distinct ids it delivered"]
+    parts = [f"count: {check['actual']} documents carry this batch, {check['superseded']} were superseded by "
+             f"later batches and {check.get('unchanged', 0)} were unchanged, of {check['expected']} distinct ids it "
+             "delivered"]
     if check.get("waiting_in_queue"):
         parts.append(f"{check['waiting_in_queue']} records of this batch are waiting in the retry queue: "
                      "`pushagent drain --all` sends them, then verify again")

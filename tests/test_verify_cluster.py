@@ -116,7 +116,8 @@ def test_deleted_documents_fail_the_count_and_are_enqueued_then_repaired(cluster
     code, result, stderr = verify(cluster_url, state_dir, batch_id)
     assert code == 3, stderr
     assert (result["verification"]["count"]["expected"], result["verification"]["count"]["actual"]) == (3_000, 2_990)
-    assert "count: 2990 documents carry this batch and 0 were superseded by later batches, of 3000" in \
+    assert "count: 2990 documents carry this batch, 0 were superseded by later batches and 0 were unchanged, " \
+        "of 3000" in \
         result["verification"]["problems"][0]
     assert result["verification"]["count"]["missing_ids"] == deleted
     code, result, _ = verify(cluster_url, state_dir, batch_id, "--full", "--enqueue-missing")
