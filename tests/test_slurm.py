@@ -349,8 +349,8 @@ def test_array_of_three_shards_then_the_verify_job(jobs, cluster_url, index, sta
     assert [(r["shard"], r["batch_id"], r["slurm"]["array_task_id"]) for r in reports] == [
         (f"{task}/3", "words-array", task) for task in range(3)]
     assert sum(r["read"] for r in reports) == records and all(r["read"] > 0 for r in reports)
-    assert sorted(p.name for p in (state_dir / "runs").glob("*.json")) == [
-        f"words-array.shard-{task}-of-3.json" for task in range(3)]
+    assert sorted(p.name for p in (state_dir / "runs").glob("*.json")) == [       # one input list for all three
+        "words-array.manifest.json", *(f"words-array.shard-{task}-of-3.json" for task in range(3))]
     assert count(cluster_url, index) == records
     record = check_verified_record(state_dir, "words-array", records, [ids["array_job"], ids["verify_job"]])
     assert len(list((state_dir / "sync-state").glob("words-array*.json"))) == 1
