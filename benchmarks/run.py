@@ -152,8 +152,9 @@ def command(kind: str, url: str, index: str, path: Path, gzip: bool, state_dir: 
     return [sys.executable, str(BENCH / "clients.py"), kind, url, index, str(path)] + (["--gzip"] if gzip else [])
 
 
-def run_once(argv, env: dict, stdin_lines=None) -> dict:
-    """Run one client process under /usr/bin/time: wall time, CPU (user+sys) and peak RSS.
+def run_once(argv, env: dict, stdin_lines=None, capture_report: bool = False) -> dict:
+    """Run one client process under /usr/bin/time: wall time, CPU (user+sys) and peak RSS (and, with
+    `capture_report`, its --json report).
 
     Not wait4 from here: Linux carries a process's peak RSS across fork and
     exec, so a child of this (large) harness would report at least its size.
@@ -169,7 +170,10 @@ def run_once(argv, env: dict, stdin_lines=None) -> dict:
         if process.returncode != 0:
             raise RuntimeError(f"{argv[:4]} exited {process.returncode}: {process.stderr.decode()[-800:]}")
         user, system, rss_kib = usage.read().split()[-3:]
-    return {"wall_s": wall, "cpu_s": float(user) + float(system), "rss_mib": int(rss_kib) / 1024}
+    measured = {"wall_s": wall, "cpu_s": float(user) + float(system), "rss_mib": int(rss_kib) / 1024}
+    if capture_report:
+        measured["report"] = orjson.loads(process.stdout)
+    return measured
 
 
 def measure(clients, target_name, target, path: Path, docs: int, runs: int, chunks: dict, work: Path) -> list:

@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 class ChangeProbe:
     """Splits a chunk's documents into (to send, unchanged); thread-safe, one client per worker thread."""
 
-    def __init__(self, config, settings, rate_limiter, stop_event: threading.Event):
-        self.config, self.settings = config, settings
+    def __init__(self, config, settings, rate_limiter, stop_event: threading.Event, stats):
+        self.config, self.settings, self.stats = config, settings, stats
         self.rate_limiter, self.stop_event = rate_limiter, stop_event
         self._local = threading.local()
         self._clients = []
@@ -38,6 +38,7 @@ class ChangeProbe:
             return docs, []
         if not self.rate_limiter.acquire(self.stop_event):
             raise ChunkAborted()
+        self.stats.record_probe()
         try:
             found = self._client().request("POST", "/_mget", {"docs": [{"_index": d.index, "_id": d.doc_id}
                                                                         for d in candidates]},

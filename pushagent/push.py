@@ -76,7 +76,7 @@ class PushResult:
         report = {"batch_id": self.batch_id, "status": self.status, **self.batch.as_dict(),
                   "duplicates": self.duplicates,
                   "this_run": self.this_run.as_dict(), "requests": self.stats.requests,
-                  "retries": self.stats.retries, "bytes_raw": self.stats.bytes_raw,
+                  "retries": self.stats.retries, "probes": self.stats.probes, "bytes_raw": self.stats.bytes_raw,
                   "bytes_sent": self.stats.bytes_sent, "duration_s": round(self.duration_s, 3),
                   "docs_per_s": round(self.this_run.read / self.duration_s, 1) if self.duration_s else 0.0,
                   "position": self.position._asdict(), "statuses": self.stats.statuses,
@@ -304,7 +304,7 @@ class PushRun:
         limiter = bucket_for(self.config)
         sender = self._sender = ChunkSender(transport, self.config, self.stats, limiter, self.stop_event)
         if self.config.incremental and not self.options.dry_run:
-            self.probe = ChangeProbe(self.config, self.build_settings, limiter, self.stop_event)
+            self.probe = ChangeProbe(self.config, self.build_settings, limiter, self.stop_event, self.stats)
         pump = _ChunkPump(self._resolve_chunk, self.config.concurrency)
         committer = _Committer(self, state, queue, this_run)
         self.repeats = RepeatedIds(self.recorder.table.earlier_lines if self.recorder else lambda index, ids: {})

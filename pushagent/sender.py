@@ -88,7 +88,7 @@ class TransferStats:
 
     def __init__(self):
         self._lock = threading.Lock()
-        self.requests = self.retries = self.bytes_raw = self.bytes_sent = 0
+        self.requests = self.retries = self.bytes_raw = self.bytes_sent = self.probes = 0
         self.statuses = {}
         self.latencies = []
         self.request_docs = []   # documents in each request, in the order of latencies
@@ -106,6 +106,11 @@ class TransferStats:
     def record_retry(self):
         with self._lock:
             self.retries += 1
+
+    def record_probe(self):
+        """One `_mget` of --incremental asking what the cluster holds (it spends the rate limit too)."""
+        with self._lock:
+            self.probes += 1
 
 
 class HttpTransport:
