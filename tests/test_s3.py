@@ -12,6 +12,7 @@ import time
 
 import orjson
 import pytest
+import requests
 
 from faultproxy import Fault, FaultProxy
 from pushagent.builder import canonical_checksum
@@ -262,3 +263,23 @@ def test_shards_split_one_object_by_byte_ranges_and_verify_mirrors_the_batch_rec
     assert f"s3://{bucket}/agent/sync-state/words-s3.json" in verified["mirror"]["uploaded"]
     record = json.loads(remote(s3_client, bucket, "agent/sync-state/words-s3.json"))
     assert record["status"] == "verified" and record["doc_count"] == 3_000, record
+
+
+def test_full_verify_and_repair_of_a_batch_read_from_s3(cluster_url, index, state_dir, tmp_path, s3_client, bucket,
+                                                       s3_proxy):
+    data = generate(tmp_path / "words.jsonl.gz", 500)
+    put(s3_client, bucket, "batch/words.jsonl.gz", data)
+    env = s3_env(s3_proxy)
+    code, report, stderr = run_push(cluster_url, index, state_dir, f"s3://{bucket}/batch/", env=env)
+    assert code == 0, stderr
+    for doc_id in ("w00000003", "w00000300"):                 # deleted by hand, within index.gc_deletes
+        requests.delete(f"{cluster_url}/{index}/_doc/{doc_id}", timeout=30).raise_for_status()
+    requests.post(f"{cluster_url}/{index}/_refresh", timeout=30)
+    # --full reads the batch's inputs again: from S3, like the push did.
+    code, result, stderr = run_cli("verify", "--batch-id", report["batch_id"], "--full", "--repair", env=env,
+                                   url=cluster_url, state_dir=state_dir)
+    assert (code, result["verification"]["full"]["missing_ids"], result["enqueued"]) == \
+        (3, ["w00000003", "w00000300"], 2), stderr
+    code, drained, stderr = run_cli("drain", "--all", url=cluster_url, state_dir=state_dir, env=env)
+    assert (code, drained["indexed"]) == (0, 2), stderr
+    assert stored_checksums(cluster_url, index) == checksums(data)
