@@ -7,7 +7,6 @@ import shutil
 import orjson
 import requests
 
-from faultproxy import Fault, FaultProxy
 from support import generate, run_cli, run_push
 
 V1 = ["--embedding-version", "v1"]
@@ -206,18 +205,3 @@ def test_shards_share_the_first_shards_input_list_and_the_record_says_incomplete
     code, _, stderr = run_push(cluster_url, index, state_dir, f"{folder}/*.jsonl", extra=[*shard, "1/2"])
     assert code == 2 and "the inputs of batch arrayed changed since its first shard started" in stderr
 
-
-def test_a_queued_older_document_never_brings_back_an_id_a_newer_delete_removed(cluster_url, index, state_dir,
-                                                                                tmp_path):
-    data = generate(tmp_path / "words.jsonl", 40)
-    with FaultProxy(cluster_url) as proxy:          # every other one of the first ten answered 429: queued
-        proxy.plan = lambda request: Fault.item_status(429, every=2) if request.ids[:1] == ["w00000000"] else None
-        code, report, stderr = push(proxy.url, index, state_dir, data, "older", "2026-01-01T00:00:00Z",
-                                    "--chunk-docs", "10", env={"PUSHAGENT_MAX_RETRIES": "0"})
-    assert (code, report["queued"]) == (3, 5), stderr
-    deletes = write_lines(tmp_path / "deletes.jsonl", [{"ipa_id": f"w{n:08d}", "op": "delete"} for n in range(10)])
-    code, report, stderr = push(cluster_url, index, state_dir, deletes, "newer", "2026-01-02T00:00:00Z", env=DELETES)
-    assert (code, report["indexed"]) == (0, 10), stderr
-    code, drained, stderr = run_cli("drain", "--url", cluster_url, "--state-dir", state_dir, "--all")
-    assert (code, drained["read"]) == (0, 0), stderr          # the delete resolved the older queued items
-    assert all(source(cluster_url, index, f"w{n:08d}") is None for n in range(10))
