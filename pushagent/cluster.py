@@ -84,6 +84,13 @@ class ClusterClient:
                                       status=reply.status_code)
         return reply
 
+    def field_types(self, index: str, fields: list) -> dict:
+        """{field: set of its types} in `index` for `fields` and their `.keyword` sub-fields (_field_caps needs
+        only read privilege). A dynamically mapped string is text with a keyword sub-field."""
+        names = ",".join(f"{field},{field}.keyword" for field in fields)
+        caps = self.request("GET", f"/{index}/_field_caps", params={"fields": names})["fields"]
+        return {name: set(types) for name, types in caps.items()}
+
     def info(self) -> dict:
         """Cluster name, version and distribution; {} when GET / is not allowed to this key."""
         try:
@@ -102,3 +109,8 @@ class ClusterClient:
 
     def close(self) -> None:
         self._session.close()
+
+
+def keyword_field(types: dict, field: str) -> str | None:
+    """`field` itself or its `.keyword` sub-field, whichever is a keyword (exact, with doc values)."""
+    return next((name for name in (field, f"{field}.keyword") if "keyword" in types.get(name, ())), None)

@@ -21,7 +21,14 @@ log = logging.getLogger(__name__)
 
 
 class ChangeProbe:
-    """Splits a chunk's documents into (to send, unchanged); thread-safe, one client per worker thread."""
+    """Splits a chunk's documents into (to send, unchanged); thread-safe, one client per worker thread.
+
+    The stamps come from a realtime `_mget` with source filtering. An `ids`
+    search over doc values answers 3-4x faster (the cluster need not parse
+    each stored source, embeddings and all), but sees refreshed documents
+    only: an edit made a second ago, or any edit in an index whose refresh is
+    off during a load, would look unchanged and be skipped.
+    """
 
     def __init__(self, config, settings, rate_limiter, stop_event: threading.Event, stats):
         self.config, self.settings, self.stats = config, settings, stats
@@ -34,32 +41,31 @@ class ChangeProbe:
     def split(self, docs: list) -> tuple[list, list]:
         # Later lines of a repeated id are always sent: they must land after the earlier line.
         candidates = [doc for doc in docs if doc.op == "index" and doc.version_type == "external"]
-        if not candidates:
-            return docs, []
-        if not self.rate_limiter.acquire(self.stop_event):
-            raise ChunkAborted()
-        self.stats.record_probe()
         try:
-            found = self._client().request("POST", "/_mget", {"docs": [{"_index": d.index, "_id": d.doc_id}
-                                                                        for d in candidates]},
-                                           params={"_source_includes": ",".join(self._stamps())})["docs"]
+            held = self._held(candidates) if candidates else set()
         except ClusterRequestError as error:
             self._warn(error)
             return docs, []
-        held = {id(doc) for doc, answer in zip(candidates, found) if self._unchanged(doc, answer)}
         return [doc for doc in docs if id(doc) not in held], [doc for doc in docs if id(doc) in held]
 
-    def _stamps(self) -> tuple:
+    def _held(self, docs: list) -> set:
+        """id() of the documents of `docs` the cluster holds unchanged."""
+        if not self.rate_limiter.acquire(self.stop_event):
+            raise ChunkAborted()
+        self.stats.record_probe()
         settings = self.settings
-        return settings.checksum_field, settings.embedding_version_field, settings.timestamp_field
+        stamps = (settings.checksum_field, settings.embedding_version_field, settings.timestamp_field)
+        answers = self._client().request("POST", "/_mget", {"docs": [{"_index": doc.index, "_id": doc.doc_id}
+                                                                     for doc in docs]},
+                                         params={"_source_includes": ",".join(stamps)})["docs"]
+        return {id(doc) for doc, answer in zip(docs, answers) if self._unchanged(doc, answer)}
 
     def _unchanged(self, doc, answer: dict) -> bool:
         if not answer.get("found"):
             return False
         source, settings = answer.get("_source") or {}, self.settings
-        if source.get(settings.checksum_field) != doc.checksum:
-            return False
-        if source.get(settings.embedding_version_field) != settings.embedding_version:
+        if (source.get(settings.checksum_field) != doc.checksum
+                or source.get(settings.embedding_version_field) != settings.embedding_version):
             return False
         written = doc.version if settings.version_field else _ms(source.get(settings.timestamp_field))
         return written is not None and answer.get("_version") == written

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from .builder import Builder, Doc, canonical_checksum
+from .cluster import keyword_field
 from .doctable import DocTable, deletions_in
 from .errors import PushAgentError
 from .fullscan import full_scan, recomputed_checksum, stamped_checksum
@@ -57,11 +58,9 @@ def exact_match(client, index: str, field: str, value: str) -> dict:
     query on the text would match any value sharing a word ("words" in
     "words-0001"). _field_caps needs only read privilege.
     """
-    caps = client.request("GET", f"/{index}/_field_caps", params={"fields": f"{field},{field}.keyword"})["fields"]
-    for name in (field, f"{field}.keyword"):
-        if "keyword" in caps.get(name, {}):
-            return {"term": {name: value}}
-    return {"match_phrase": {field: value}}
+    name = keyword_field(client.field_types(index, [field]), field)
+    return {"term": {name: value}} if name else {"match_phrase": {field: value}}
+
 
 
 def version_query(client, index: str, spec: VerifySpec) -> dict:
