@@ -90,3 +90,6 @@ def test_a_document_changed_by_hand_is_sent_again_by_the_next_incremental_push(c
     assert (code, report["status"], report["unchanged"], list(sent)) == (0, "verified", 199, ["w00000042"]), stderr
     answer = requests.get(f"{cluster_url}/{index}/_doc/w00000042", timeout=30).json()["_source"]
     assert answer["word"] != "edited by hand" and answer["sync_batch"] == "day-2"
+    # A state directory that never saw this index has no versions to expect: the stamps themselves decide.
+    code, report, stderr = push(cluster_url, index, tmp_path / "elsewhere", data, "day-3", 3, "--incremental")
+    assert (code, report["status"], report["unchanged"], report["requests"]) == (0, "verified", 200, 0), stderr
