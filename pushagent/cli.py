@@ -1,6 +1,7 @@
 """The click CLI: parse, call one library function, map errors to exit codes.
 
-Human progress and logs go to stderr; `--json` puts the final report on stdout.
+Human progress and logs go to stderr; the final report goes to stdout, as a summary for a person
+or, with `--json`, as one JSON object.
 """
 
 import contextlib
@@ -27,6 +28,7 @@ from .security import insecure_warning
 from .shard import parse_shard
 from .state import AuditLog, SyncStateStore, audit_state
 from .status import EXIT_CODES, format_status, health_report
+from .summary import summary_lines
 
 log = logging.getLogger("pushagent")
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
@@ -389,23 +391,7 @@ def _report_and_exit(result, as_json: bool) -> None:
 
 
 def _print_report(report: dict, as_json: bool) -> None:
-    if as_json:
-        click.echo(json.dumps(report, sort_keys=True))
-        return
-    lines = [f"batch {report['batch_id'] or '(all)'}: {report['status']}",
-             "  read {read}  indexed {indexed}  current {current}  queued {queued}  dead {dead}"
-             "  quarantined {quarantined}".format(**report),
-             f"  {report['requests']} requests, {report['retries']} retries, {report['bytes_sent']} bytes sent,"
-             f" {report['duration_s']} s"]
-    lines += _verification_lines(report.get("verification"))
-    click.echo("\n".join(lines), err=True)
-
-
-def _verification_lines(verification) -> list:
-    if not verification:
-        return []
-    lines = [f"  verification: {'passed' if verification['ok'] else 'FAILED'}"]
-    return lines + [f"  - {problem}" for problem in verification.get("problems", [])]
+    click.echo(json.dumps(report, sort_keys=True) if as_json else "\n".join(summary_lines(report)))
 
 
 @cli.command()
@@ -445,11 +431,7 @@ def verify(config_file, as_json, url, index, state_dir, insecure, batch_id, embe
                             enqueue_missing, recompute, snapshot, repair)
     with _interrupt_on_signals():
         report, exit_code = verify_batch(config, options)
-    if as_json:
-        click.echo(json.dumps(report, sort_keys=True))
-    else:
-        click.echo("\n".join([f"batch {report['batch_id']}: {report['status']}"]
-                              + _verification_lines(report["verification"])), err=True)
+    _print_report(report, as_json)
     sys.exit(exit_code)
 
 

@@ -70,6 +70,7 @@ class PushResult:
     verification: dict | None = None
     mirror: dict | None = None
     duplicates: int = 0         # lines repeating an id of the batch (the later line won)
+    dry_run: bool = False       # nothing was sent: what the ledger calls indexed is reported as would_send
 
     def report(self) -> dict:
         report = {"batch_id": self.batch_id, "status": self.status, **self.batch.as_dict(),
@@ -87,6 +88,9 @@ class PushResult:
             report["verification"] = self.verification
         if self.mirror is not None:
             report["mirror"] = self.mirror
+        if self.dry_run:
+            for counters in (report, report["this_run"]):
+                counters["would_send"] = counters.pop("indexed")
         return report
 
 
@@ -427,7 +431,8 @@ class PushRun:
             self.store.save(state)
         duplicates = self.recorder.table.counts()["duplicates"] if self.recorder else self.repeats.count
         return PushResult(self.batch_id, status, exit_code, batch, this_run, self.stats, duration,
-                          state.position, error, state.shard, state.slurm, duplicates=duplicates)
+                          state.position, error, state.shard, state.slurm, duplicates=duplicates,
+                          dry_run=bool(self.options.dry_run))
 
 
 class _ChunkPump:
