@@ -115,7 +115,9 @@ def cli():
 @click.option("--restart", is_flag=True, help="Ignore saved progress and push the batch from the start.")
 @click.option("--from-line", type=click.IntRange(min=1), help="Start at this line of the first input.")
 @click.option("--on-error", type=click.Choice(["continue", "stop"]), default="continue", show_default=True,
-              help="Stop at the first dead-lettered or quarantined record.")
+              help="stop: read no line after the first quarantined one; after a document the cluster refuses "
+                   "(dead-lettered), send no further chunk (the rest of its chunk and chunks in flight were sent). "
+                   "Exit 3; the same command resumes after what was sent.")
 @click.option("--dry-run", "dry_run", type=click.Path(file_okay=False),
               help="Write the NDJSON request bodies to this directory; send nothing.")
 @click.option("--no-verify", is_flag=True, help="Skip the count, sample and timestamp checks at the end.")

@@ -344,6 +344,8 @@ class PushRun:
                     chunk = chunker.feed(item, Position(file_index, entry.end_offset, entry.number))
                     if chunk and not self._submit(chunk, pump, committer):
                         return
+                    if self._stops_here(item):
+                        return self._submit_rest(chunker, pump, committer)
             except (InputChangedError, StorageError) as error:
                 self.fail(error)
                 return
@@ -352,6 +354,16 @@ class PushRun:
                 chunk = chunker.feed(rejected, Position(file_index + 1, 0, 0))
                 if chunk and not self._submit(chunk, pump, committer):
                     return
+                if self._stops_here(rejected):
+                    return self._submit_rest(chunker, pump, committer)
+        self._submit_rest(chunker, pump, committer)
+
+    def _stops_here(self, item) -> bool:
+        """--on-error stop reads no line after the first quarantined one. A document the cluster refuses is
+        known only when its chunk comes back: then no further chunk is sent, those in flight finish."""
+        return self.options.on_error == "stop" and isinstance(item, Rejected)
+
+    def _submit_rest(self, chunker, pump, committer) -> None:
         chunk = chunker.flush()
         if chunk:
             self._submit(chunk, pump, committer)

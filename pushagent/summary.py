@@ -134,8 +134,8 @@ def next_step(report: dict) -> str:
     if status == "failed":
         return "fix the cause named by `pushagent: error:`, then run the same command again: it resumes"
     if status == "stopped":
-        return (f"`pushagent queue list --status dead{scope}` shows why; fix the input, then run the same "
-                "command again: it resumes after the records already sent")
+        return (f"`pushagent queue list --status dead{scope}` shows why; the same command pushes the rest "
+                "(the refused records stay in the dead letter)")
     return _queue_step(report, scope) or _verification_step(report.get("verification"), scope) or "nothing to do"
 
 
