@@ -28,7 +28,7 @@ from .security import insecure_warning
 from .shard import parse_shard
 from .state import AuditLog, SyncStateStore, audit_state
 from .status import EXIT_CODES, format_status, health_report
-from .summary import summary_lines
+from .summary import format_table, summary_lines
 
 log = logging.getLogger("pushagent")
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
@@ -261,8 +261,9 @@ def queue_stats(config_file, as_json, state_dir, queue_url):
 
         pushagent queue stats --json
     """
-    from .queue_view import format_stats
-    stats = _with_queue(config_file, state_dir, queue_url, lambda q: q.stats())
+    from .queue_view import EMPTY_STATS, format_stats, read_queue
+    config = load_config(config_file, _flags(state_dir=state_dir, queue_url=queue_url))
+    stats = read_queue(config, lambda q: q.stats(), EMPTY_STATS)
     click.echo(json.dumps(stats, sort_keys=True) if as_json else format_stats(stats))
 
 
@@ -279,8 +280,9 @@ def queue_list(config_file, as_json, state_dir, queue_url, status, batch_id, lim
 
         pushagent queue list --status dead --limit 20
     """
-    from .queue_view import format_items, item_summary
-    items = _with_queue(config_file, state_dir, queue_url, lambda q: q.list(status, limit, batch_id))
+    from .queue_view import format_items, item_summary, read_queue
+    config = load_config(config_file, _flags(state_dir=state_dir, queue_url=queue_url))
+    items = read_queue(config, lambda q: q.list(status, limit, batch_id), [])
     click.echo(json.dumps([item_summary(i) for i in items]) if as_json else format_items(items))
 
 
@@ -467,8 +469,7 @@ def state_list(config_file, as_json, state_dir):
     if as_json:
         click.echo(json.dumps(rows, sort_keys=True))
         return
-    for row in rows:
-        click.echo("{batch_id}  {status}  {updated_at}  {index}  {embedding_version}  {doc_count}".format(**row))
+    click.echo(format_table(rows) if rows else f"no sync-state records in {_state_path(config_file, state_dir)}")
 
 
 @state.command("show")

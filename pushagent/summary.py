@@ -136,7 +136,7 @@ def next_step(report: dict) -> str:
     if status == "stopped":
         return (f"`pushagent queue list --status dead{scope}` shows why; the same command pushes the rest "
                 "(the refused records stay in the dead letter)")
-    return _queue_step(report, scope) or _verification_step(report.get("verification"), scope) or "nothing to do"
+    return _verification_step(report.get("verification"), scope) or _queue_step(report, scope) or "nothing to do"
 
 
 def _queue_step(report: dict, scope: str) -> str:
@@ -177,3 +177,12 @@ def _verification_step(verification: dict | None, scope: str) -> str:
     if not (verification.get("sample") or {}).get("ok", True):
         return f"`pushagent verify{scope} --full --recompute` finds every document something else changed"
     return "see the failed checks above; `pushagent verify --full` lists every document that differs"
+
+
+def format_table(rows: list[dict]) -> str:
+    """Rows of equal keys as aligned columns under a header of their keys; an empty value shows as -."""
+    columns = list(rows[0])
+    cells = [[column.replace("_", " ") for column in columns]]
+    cells += [["-" if row[column] in (None, "") else str(row[column]) for column in columns] for row in rows]
+    widths = [max(len(line[n]) for line in cells) for n in range(len(columns))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in cells)
