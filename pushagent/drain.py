@@ -14,6 +14,7 @@ drain looking while items of its scope wait for their next attempt.
 """
 
 import dataclasses
+import logging
 import re
 import threading
 import time
@@ -25,11 +26,13 @@ from .cluster import ClusterClient
 from .doctable import deletions_in
 from .errors import EXIT_FAILURE, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK
 from .ledger import Ledger
+from .queue_view import EMPTY_STATS, counts_text
 from .ratelimit import bucket_for
 from .retry_queue import REPAIR, QueueItem, open_queue
 from .sender import ChunkAborted, ChunkSender, HttpTransport, Outcome, TransferStats
 
 
+log = logging.getLogger(__name__)
 WAIT_POLL = 5.0   # seconds between looks at the queue while --wait waits for items to fall due
 
 
@@ -115,6 +118,7 @@ class DrainRun:
             if self.options.all:
                 # Once, before taking: what this drain fails keeps its backoff instead of being taken again.
                 queue.make_due(self.options.batch_id)
+            log.info("draining %s: %s", self.options.batch_id or "the retry queue", counts_text(self._scope(queue)))
             sender = self._sender()
             self._run_workers(queue, sender)
             if sender.outage.tripped.is_set() and self._error is None:
@@ -261,10 +265,14 @@ class DrainRun:
 
     def _remaining(self, queue) -> dict:
         """Items of this drain's scope still in the queue; leased ones are another drainer's."""
+        stats = self._scope(queue)
+        return {name: stats.get(name, 0) for name in ("due", "later", "leased", "dead")}
+
+    def _scope(self, queue) -> dict:
         stats = queue.stats()
         if self.options.batch_id is not None:
-            stats = stats["batches"].get(self.options.batch_id, {})
-        return {name: stats.get(name, 0) for name in ("due", "later", "leased", "dead")}
+            stats = stats["batches"].get(self.options.batch_id, EMPTY_STATS)
+        return stats
 
     def request_stop(self, reason: str) -> None:
         self._stop_reason = self._stop_reason or reason

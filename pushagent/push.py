@@ -232,6 +232,8 @@ class PushRun:
         """The recorder's final record and verification; a stop signal may cut the verification short (the
         batch stays `pushed`, and running the same command again verifies it)."""
         self.interruptible = True
+        if self.options.verify and result.status == "pushed":
+            self.notify("phase", "verifying")
         try:
             return self.recorder.finished(state, result)
         except StopRequested as signal_name:

@@ -177,6 +177,7 @@ def _verify_recorded(config, client, options: VerifyOptions) -> dict:
     record = SyncStateStore(config.state_path).load(options.batch_id)
     settings = settings_from_record(record)
     table = _batch_table(config, record)
+    log.info("verifying batch %s: count, sample and timestamp checks", record["batch_id"])
     try:
         spec = spec_for(settings, config.state_path, options.expected_date, record.get("snapshot") or options.snapshot)
         result = run_checks(client, table, spec, record["indices"], table.sample())
@@ -240,6 +241,8 @@ def _full_from_inputs(config, client, options: VerifyOptions, result: dict, sett
     """--full for a recorded batch: the source is its inputs, read again."""
     directory, source = temporary_table(config.sample_size, "")
     try:
+        log.info("scanning batch %s: every document of %s against its inputs, read again", record["batch_id"],
+                 ", ".join(record["indices"]))
         load_sources(record["inputs"], settings, source, config.s3_endpoint_url)
         source.executemany("DELETE FROM docs WHERE idx = ? AND id = ?", _dead_documents(config, record["batch_id"]))
         return _full(config, client, options, result, settings, source, record["indices"])

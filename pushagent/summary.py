@@ -17,11 +17,8 @@ CHECK_NAMES = {"count": "count", "sample": "sample", "timestamp": "timestamps", 
 def summary_lines(report: dict) -> list[str]:
     """The summary of a push, drain or verify report, one fact per line."""
     lines = [_headline(report)]
-    counters = _counters_line(report)
-    if counters:
-        lines.append(counters)
-    if "bytes_sent" in report:
-        lines.append(_transfer_line(report))
+    if not _nothing_due(report):
+        lines += [line for line in (_counters_line(report), _transfer_line(report)) if line]
     lines += verification_lines(report.get("verification"))
     lines.append("  next: " + next_step(report))
     return lines
@@ -29,11 +26,15 @@ def summary_lines(report: dict) -> list[str]:
 
 def _headline(report: dict) -> str:
     batch = report.get("batch_id") or "(all batches)"
-    if "remaining" in report and report["status"] == "incomplete" and not report.get("read"):
+    if _nothing_due(report):
         return f"batch {batch}: nothing was due, nothing sent"
     words = {"dry_run": "dry run finished, nothing was sent", "verification_failed": "verification FAILED",
              "stopped": "stopped at the first record that could not be indexed (--on-error stop)"}
     return f"batch {batch}: {words.get(report['status'], report['status'])}"
+
+
+def _nothing_due(report: dict) -> bool:
+    return "remaining" in report and report["status"] == "incomplete" and not report.get("read")
 
 
 def _counters_line(report: dict) -> str:
@@ -46,6 +47,8 @@ def _counters_line(report: dict) -> str:
 
 
 def _transfer_line(report: dict) -> str:
+    if "bytes_sent" not in report:
+        return ""
     seconds = report.get("duration_s") or 0.0
     rate = report.get("docs_per_s", report.get("items_per_s", 0.0))
     requests = report.get("requests", 0)
@@ -148,21 +151,29 @@ def _queue_step(report: dict, scope: str) -> str:
                 "(a later `pushagent drain` sends them when they fall due)")
     if report.get("dead") or report.get("quarantined"):
         refused = report.get("dead", 0) + report.get("quarantined", 0)
-        return f"`pushagent queue list --status dead{scope}` shows why {refused} records were refused"
+        return f"`pushagent queue list --status dead{scope}` shows why {_records(refused)} refused"
     return ""
+
+
+def _items(count: int) -> str:
+    return f"{count} item is" if count == 1 else f"{count} items are"
+
+
+def _records(count: int) -> str:
+    return f"{count} record was" if count == 1 else f"{count} records were"
 
 
 def _drain_step(report: dict, remaining: dict, scope: str) -> str:
     waiting = remaining.get("due", 0) + remaining.get("later", 0)
     if waiting:
         when = f", the next due {report['next_due_at']}" if report.get("next_due_at") else ""
-        return (f"{waiting} items wait for their next attempt{when}: `pushagent drain --all{scope}` sends "
+        return (f"{_items(waiting)} waiting for the next attempt{when}: `pushagent drain --all{scope}` sends "
                 "them now, `--wait 10m` waits for them")
     if remaining.get("dead"):
-        return (f"{remaining['dead']} items are dead: `pushagent queue list --status dead{scope}` shows why, "
+        return (f"{_items(remaining['dead'])} dead: `pushagent queue list --status dead{scope}` shows why, "
                 "`pushagent queue requeue-dead` makes them pending again")
     if remaining.get("leased"):
-        return f"{remaining['leased']} items are being sent by another drainer"
+        return f"{_items(remaining['leased'])} being sent by another drainer"
     return ""
 
 
