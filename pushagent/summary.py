@@ -38,11 +38,13 @@ def _nothing_due(report: dict) -> bool:
 
 
 def _counters_line(report: dict) -> str:
+    # The ledger's outcomes, then any the run's own counters add (a newer ledger than this module knows).
     names = [field.name for field in dataclasses.fields(Ledger)]
+    names += [name for name in report.get("this_run", {}) if name not in names and name != "would_send"]
     if "would_send" in report:
         names = [("would_send" if name == "indexed" else name) for name in names]
-    parts = [f"{name.replace('_', ' ')} {report[name]}" for name in names if name in report]
-    parts += [f"{name} {report[name]}" for name in ("duplicates", "superseded", "acked") if report.get(name)]
+    parts = [f"{name.replace('_', ' ')} {report[name]:,}" for name in names if name in report]
+    parts += [f"{name} {report[name]:,}" for name in ("duplicates", "superseded", "acked") if report.get(name)]
     return "  " + ", ".join(parts) if parts else ""
 
 
@@ -90,11 +92,11 @@ def _check_detail(name: str, check: dict) -> str:
 
 
 def _count_detail(check: dict) -> str:
-    text = f"{check['actual']} documents in the index, {check['expected']} expected"
+    text = f"{check['actual']:,} documents in the index, {check['expected']:,} expected"
     if check.get("superseded"):
-        text += f", {check['superseded']} superseded by later batches"
+        text += f", {check['superseded']:,} superseded by later batches"
     if check.get("missing"):
-        text += f"; {check['missing']} missing{_ids(check.get('missing_ids'))}"
+        text += f"; {check['missing']:,} missing{_ids(check.get('missing_ids'))}"
     if check.get("waiting_in_queue"):
         text += f"; {check['waiting_in_queue']} wait in the retry queue"
     if check.get("replaced_ids"):
@@ -117,11 +119,11 @@ def _sample_detail(check: dict) -> str:
 def _timestamp_detail(check: dict) -> str:
     if check["ok"]:
         return f"none last updated before {check['expected_date']}"
-    return f"{check['older']} last updated before {check['expected_date']}{_ids(check['ids'])}"
+    return f"{check['older']:,} last updated before {check['expected_date']}{_ids(check['ids'])}"
 
 
 def _full_detail(check: dict) -> str:
-    parts = [f"{check[kind]} {kind}{_ids(check.get(kind + '_ids'))}" for kind in ("missing", "mismatched", "extra")]
+    parts = [f"{check[kind]:,} {kind}{_ids(check.get(kind + '_ids'))}" for kind in ("missing", "mismatched", "extra")]
     return ", ".join(parts)
 
 
