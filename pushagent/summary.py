@@ -30,7 +30,11 @@ def _headline(report: dict) -> str:
         return f"batch {batch}: nothing was due, nothing sent"
     words = {"dry_run": "dry run finished, nothing was sent", "verification_failed": "verification FAILED",
              "stopped": "stopped at the first record that could not be indexed (--on-error stop)"}
-    return f"batch {batch}: {words.get(report['status'], report['status'])}"
+    headline = f"batch {batch}: {words.get(report['status'], report['status'])}"
+    outside = sum(report.get(name, 0) for name in ("queued", "dead", "quarantined"))
+    if outside and report["status"] in ("pushed", "verified", "verification_failed"):
+        headline += f"; {outside:,} record{'s' * (outside != 1)} not in the index"
+    return headline
 
 
 def _nothing_due(report: dict) -> bool:
@@ -141,6 +145,8 @@ def next_step(report: dict) -> str:
     if status == "stopped":
         return (f"`pushagent queue list --status dead{scope}` shows why; the same command pushes the rest "
                 "(the refused records stay in the dead letter)")
+    if report.get("enqueued"):
+        return f"`pushagent drain --all{scope}` sends the {_documents(report['enqueued'])} just queued, then verify again"
     return _verification_step(report.get("verification"), scope) or _queue_step(report, scope) or "nothing to do"
 
 
@@ -165,6 +171,10 @@ def _records(count: int) -> str:
     return f"{count} record was" if count == 1 else f"{count} records were"
 
 
+def _documents(count: int) -> str:
+    return f"{count:,} document" + "s" * (count != 1)
+
+
 def _drain_step(report: dict, remaining: dict, scope: str) -> str:
     waiting = remaining.get("due", 0) + remaining.get("later", 0)
     if waiting:
@@ -176,6 +186,8 @@ def _drain_step(report: dict, remaining: dict, scope: str) -> str:
                 "`pushagent queue requeue-dead` makes them pending again")
     if remaining.get("leased"):
         return f"{_items(remaining['leased'])} being sent by another drainer"
+    if report.get("read") and scope:
+        return f"`pushagent verify{scope}` checks the batch again"
     return ""
 
 

@@ -47,7 +47,7 @@ def test_push_prints_a_short_summary_on_stdout_with_the_facts_of_the_json_report
     code, out, err = human("push", data, *where(cluster_url, index, state_dir))
     assert code == 3, err
     lines = out.splitlines()
-    assert len(lines) <= 10 and lines[0].startswith("batch words-") and lines[0].endswith(": verified"), out
+    assert len(lines) <= 10 and lines[0].startswith("batch words-") and lines[0].endswith(": verified; 1 record not in the index"), out
     assert lines[1] == "  read 301, indexed 300, current 0, queued 0, dead 0, quarantined 1"
     assert "    count      ok   300 documents in the index, 300 expected" in lines
     batch = lines[0].split()[1].rstrip(":")
