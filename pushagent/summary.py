@@ -146,7 +146,8 @@ def next_step(report: dict) -> str:
         return (f"`pushagent queue list --status dead{scope}` shows why; the same command pushes the rest "
                 "(the refused records stay in the dead letter)")
     if report.get("enqueued"):
-        return f"`pushagent drain --all{scope}` sends the {_documents(report['enqueued'])} just queued, then verify again"
+        return (f"`pushagent drain --all{scope}` sends the {_documents(report['enqueued'])} just queued, "
+                "then verify again")
     return _verification_step(report.get("verification"), scope) or _queue_step(report, scope) or "nothing to do"
 
 

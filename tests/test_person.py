@@ -2,7 +2,7 @@
 
 import dataclasses
 import gzip
-import json
+import os
 import re
 import subprocess
 import sys
@@ -47,11 +47,13 @@ def test_push_prints_a_short_summary_on_stdout_with_the_facts_of_the_json_report
     code, out, err = human("push", data, *where(cluster_url, index, state_dir))
     assert code == 3, err
     lines = out.splitlines()
-    assert len(lines) <= 10 and lines[0].startswith("batch words-") and lines[0].endswith(": verified; 1 record not in the index"), out
+    assert len(lines) <= 10 and lines[0].startswith("batch words-"), out
+    assert lines[0].endswith(": verified; 1 record not in the index"), out
     assert lines[1] == "  read 301, indexed 300, current 0, queued 0, dead 0, quarantined 1"
     assert "    count      ok   300 documents in the index, 300 expected" in lines
     batch = lines[0].split()[1].rstrip(":")
-    assert lines[-1] == f"  next: `pushagent queue list --status dead --batch-id {batch}` shows why 1 record was refused"
+    assert lines[-1] == (f"  next: `pushagent queue list --status dead --batch-id {batch}` shows why 1 record "
+                         "was refused")
     assert "read 301" not in err and "verification" not in err.lower().replace("verifying", "")
     code, report, err = run_push(cluster_url, index, state_dir, data, extra=["--restart"])
     summary = "\n".join(summary_lines(report))
@@ -204,8 +206,7 @@ def test_a_truncated_gzip_is_not_taken_for_gigabytes(tmp_path):
     assert estimated_size(str(whole), whole.stat().st_size) < whole.stat().st_size * MAX_DEFLATE_RATIO
 
 
-@pytest.mark.skipif(not hasattr(__import__("os"), "geteuid") or __import__("os").geteuid() != 0,
-                    reason="the node runs as another user only when started as root")
+@pytest.mark.skipif(os.geteuid() != 0, reason="the node runs as another user only when started as root")
 def test_dev_cluster_refuses_a_directory_its_node_cannot_reach(tmp_path):
     private = tmp_path / "private"
     private.mkdir(mode=0o700)
@@ -213,8 +214,8 @@ def test_dev_cluster_refuses_a_directory_its_node_cannot_reach(tmp_path):
     # pytest's own base directory may be 0700 too: the first one on the way is the one named.
     private = next(path for path in [*reversed(private.parents), private] if not path.stat().st_mode & 0o001)
     mode = f"{private.stat().st_mode & 0o777:o}"
-    completed = subprocess.run([str(ROOT / "scripts" / "dev-cluster.sh"), "start", str(tmp_path / "private" / "node"), "1"],
-                               capture_output=True, text=True, timeout=60)
+    start = [str(ROOT / "scripts" / "dev-cluster.sh"), "start", str(tmp_path / "private" / "node"), "1"]
+    completed = subprocess.run(start, capture_output=True, text=True, timeout=60)
     assert completed.returncode == 2 and completed.stdout == ""
     assert completed.stderr == (f"dev-cluster: the node runs as user pushagent-search, who cannot enter {private} "
                                 f"(mode {mode}): give a DIR outside it, or chmod o+x '{private}'\n")
