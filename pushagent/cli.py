@@ -1,6 +1,7 @@
 """The click CLI: parse, call one library function, map errors to exit codes.
 
-Human progress and logs go to stderr; `--json` puts the final report on stdout.
+Human progress and logs go to stderr; the final report goes to stdout, as a summary for a person
+or, with `--json`, as one JSON object.
 """
 
 import contextlib
@@ -27,6 +28,7 @@ from .security import insecure_warning
 from .shard import parse_shard
 from .state import AuditLog, SyncStateStore, audit_state
 from .status import EXIT_CODES, format_status, health_report
+from .summary import format_table, summary_lines
 
 log = logging.getLogger("pushagent")
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
@@ -113,7 +115,9 @@ def cli():
 @click.option("--restart", is_flag=True, help="Ignore saved progress and push the batch from the start.")
 @click.option("--from-line", type=click.IntRange(min=1), help="Start at this line of the first input.")
 @click.option("--on-error", type=click.Choice(["continue", "stop"]), default="continue", show_default=True,
-              help="Stop at the first dead-lettered or quarantined record.")
+              help="stop: read no line after the first quarantined one; after a document the cluster refuses "
+                   "(dead-lettered), send no further chunk (the rest of its chunk and chunks in flight were sent). "
+                   "Exit 3; the same command resumes after what was sent.")
 @click.option("--dry-run", "dry_run", type=click.Path(file_okay=False),
               help="Write the NDJSON request bodies to this directory; send nothing.")
 @click.option("--no-verify", is_flag=True, help="Skip the count, sample and timestamp checks at the end.")
@@ -260,8 +264,9 @@ def queue_stats(config_file, as_json, state_dir, queue_url):
 
         pushagent queue stats --json
     """
-    from .queue_view import format_stats
-    stats = _with_queue(config_file, state_dir, queue_url, lambda q: q.stats())
+    from .queue_view import EMPTY_STATS, format_stats, read_queue
+    config = load_config(config_file, _flags(state_dir=state_dir, queue_url=queue_url))
+    stats = read_queue(config, lambda q: q.stats(), EMPTY_STATS)
     click.echo(json.dumps(stats, sort_keys=True) if as_json else format_stats(stats))
 
 
@@ -278,8 +283,9 @@ def queue_list(config_file, as_json, state_dir, queue_url, status, batch_id, lim
 
         pushagent queue list --status dead --limit 20
     """
-    from .queue_view import format_items, item_summary
-    items = _with_queue(config_file, state_dir, queue_url, lambda q: q.list(status, limit, batch_id))
+    from .queue_view import format_items, item_summary, read_queue
+    config = load_config(config_file, _flags(state_dir=state_dir, queue_url=queue_url))
+    items = read_queue(config, lambda q: q.list(status, limit, batch_id), [])
     click.echo(json.dumps([item_summary(i) for i in items]) if as_json else format_items(items))
 
 
@@ -392,23 +398,7 @@ def _report_and_exit(result, as_json: bool) -> None:
 
 
 def _print_report(report: dict, as_json: bool) -> None:
-    if as_json:
-        click.echo(json.dumps(report, sort_keys=True))
-        return
-    lines = [f"batch {report['batch_id'] or '(all)'}: {report['status']}",
-             "  read {read}  indexed {indexed}  current {current}  queued {queued}  dead {dead}"
-             "  quarantined {quarantined}".format(**report),
-             f"  {report['requests']} requests, {report['retries']} retries, {report['bytes_sent']} bytes sent,"
-             f" {report['duration_s']} s"]
-    lines += _verification_lines(report.get("verification"))
-    click.echo("\n".join(lines), err=True)
-
-
-def _verification_lines(verification) -> list:
-    if not verification:
-        return []
-    lines = [f"  verification: {'passed' if verification['ok'] else 'FAILED'}"]
-    return lines + [f"  - {problem}" for problem in verification.get("problems", [])]
+    click.echo(json.dumps(report, sort_keys=True) if as_json else "\n".join(summary_lines(report)))
 
 
 @cli.command()
@@ -455,11 +445,7 @@ def verify(config_file, as_json, url, index, state_dir, insecure, batch_id, embe
                             enqueue_missing, recompute, snapshot, repair, delete_extra, force)
     with _interrupt_on_signals():
         report, exit_code = verify_batch(config, options)
-    if as_json:
-        click.echo(json.dumps(report, sort_keys=True))
-    else:
-        click.echo("\n".join([f"batch {report['batch_id']}: {report['status']}"]
-                              + _verification_lines(report["verification"])), err=True)
+    _print_report(report, as_json)
     sys.exit(exit_code)
 
 
@@ -493,8 +479,7 @@ def state_list(config_file, as_json, state_dir):
     if as_json:
         click.echo(json.dumps(rows, sort_keys=True))
         return
-    for row in rows:
-        click.echo("{batch_id}  {status}  {updated_at}  {index}  {embedding_version}  {doc_count}".format(**row))
+    click.echo(format_table(rows) if rows else f"no sync-state records in {_state_path(config_file, state_dir)}")
 
 
 @state.command("show")

@@ -24,6 +24,7 @@ from . import __version__
 from .auth import authorization_header, scheme_name
 from .durability import read_mounts, redis_durability, sqlite_durability
 from .errors import PushAgentError
+from .queue_view import counts_text
 from .retry_queue import open_queue
 from .retry_queue.base import redact_url
 from .security import find_ssl_error, secure_session, tls_failure, trust_context
@@ -75,6 +76,7 @@ class Doctor:
         self.session = secure_session(config.ca_bundle)
         self.session.headers["User-Agent"] = f"pushagent/{__version__} doctor"
         self.distribution = None
+        self.credentials_refused = False   # the key file was refused: requests go without credentials
 
     def run(self) -> list[Check]:
         checks = [self._credentials(), self._tls()]
@@ -97,6 +99,7 @@ class Doctor:
         try:
             self.session.headers.update(authorization_header(self.config, self.environ))
         except PushAgentError as error:
+            self.credentials_refused = True
             return Check("credentials", FAIL, str(error))
         scheme = scheme_name(self.config, self.environ)
         if scheme == "none":
@@ -159,6 +162,9 @@ class Doctor:
             return Check("authentication", FAIL, f"unexpected HTTP {root.status} from {self.base}/: "
                          "is url the cluster's base URL?")
         scheme = scheme_name(self.config, self.environ)
+        if self.credentials_refused:
+            return Check("authentication", SKIP, "no credentials were sent (see the credentials check); the "
+                                                 "cluster answers requests without them")
         if scheme == "none":
             return Check("authentication", WARN, "the cluster answers without credentials: is it really the "
                                                  "secured cluster you mean?")
@@ -175,13 +181,28 @@ class Doctor:
     def _clock(self, root: _Root) -> Check:
         try:
             server = email.utils.parsedate_to_datetime(root.date).timestamp()
+            skew = (root.sent_at + root.latency / 2) - server
         except (TypeError, ValueError):
-            return Check("clock", SKIP, "the cluster sent no Date header")
-        skew = (root.sent_at + root.latency / 2) - server
+            # Elasticsearch and OpenSearch send no Date header themselves (a proxy in front usually does):
+            # the cluster's own clock is in its stats.
+            skew = self._stats_clock_skew()
+        if skew is None:
+            return Check("clock", SKIP, "the cluster sent no Date header and this key may not read "
+                                        "/_cluster/stats: the clock was not compared")
         detail = f"this machine is {abs(skew):.0f} s {'ahead of' if skew > 0 else 'behind'} the cluster"
         if abs(skew) > MAX_CLOCK_SKEW:
             return Check("clock", WARN, detail + ": fix NTP, timestamps and certificate checks depend on it")
         return Check("clock", OK, detail)
+
+    def _stats_clock_skew(self) -> float | None:
+        """This machine's clock minus the cluster's, from the timestamp of /_cluster/stats; None if unreadable."""
+        sent_at, started = time.time(), time.monotonic()
+        reply = self._get("/_cluster/stats?filter_path=timestamp")
+        latency = time.monotonic() - started
+        stamp = _json_or_empty(reply).get("timestamp") if reply is not None and reply.status_code == 200 else None
+        if not isinstance(stamp, (int, float)):
+            return None
+        return (sent_at + latency / 2) - stamp / 1000
 
     # -- indices --------------------------------------------------------------------------------------
 
@@ -347,5 +368,4 @@ def _json_or_empty(reply) -> dict:
 
 
 def _summary(stats: dict) -> str:
-    flat = {k: v for k, v in stats.items() if isinstance(v, (int, float))}
-    return ", ".join(f"{v} {k}" for k, v in sorted(flat.items())) or "empty"
+    return counts_text(stats)

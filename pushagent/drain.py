@@ -14,9 +14,11 @@ drain looking while items of its scope wait for their next attempt.
 """
 
 import dataclasses
+import logging
 import re
 import threading
 import time
+from datetime import datetime, timezone
 
 from .auth import authorization_header
 from .builder import Doc, action_line
@@ -24,11 +26,13 @@ from .cluster import ClusterClient
 from .doctable import deletions_in
 from .errors import EXIT_FAILURE, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK
 from .ledger import Ledger
+from .queue_view import EMPTY_STATS, counts_text
 from .ratelimit import bucket_for
 from .retry_queue import REPAIR, QueueItem, open_queue
 from .sender import ChunkAborted, ChunkSender, HttpTransport, Outcome, TransferStats
 
 
+log = logging.getLogger(__name__)
 WAIT_POLL = 5.0   # seconds between looks at the queue while --wait waits for items to fall due
 
 
@@ -53,6 +57,7 @@ class DrainResult:
     duration_s: float
     remaining: dict
     error: Exception | None = None
+    next_due_at: str | None = None     # when the first item waiting for a later attempt falls due
 
     def report(self) -> dict:
         report = {"batch_id": self.batch_id, "status": self.status, **self.ledger.as_dict(), "acked": self.acked,
@@ -60,6 +65,8 @@ class DrainResult:
                   "bytes_sent": self.stats.bytes_sent, "duration_s": round(self.duration_s, 3),
                   "items_per_s": round(self.ledger.read / self.duration_s, 1) if self.duration_s else 0.0,
                   "remaining": self.remaining, "statuses": self.stats.statuses}
+        if self.next_due_at:
+            report["next_due_at"] = self.next_due_at
         if self.error:
             report["error"] = str(self.error)
         return report
@@ -68,6 +75,17 @@ class DrainResult:
 def open_configured_queue(config):
     """The retry queue named by the configuration."""
     return open_queue(config.resolved_queue_url, config.max_attempts, config.max_retry_delay)
+
+
+def next_due_at(queue, batch_id: str | None, look_at: int = 1000) -> str | None:
+    """When the first pending item falls due (ISO 8601), among the oldest `look_at`: a person asking
+    why nothing was sent wants to know how long to wait, not every item's time."""
+    moment = time.time()
+    times = [item.next_attempt_at for item in queue.list("pending", look_at, batch_id)
+             if item.next_attempt_at > moment]
+    if not times:
+        return None
+    return datetime.fromtimestamp(min(times), timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def queue_doc(item: QueueItem) -> Doc:
@@ -100,6 +118,7 @@ class DrainRun:
             if self.options.all:
                 # Once, before taking: what this drain fails keeps its backoff instead of being taken again.
                 queue.make_due(self.options.batch_id)
+            log.info("draining %s: %s", self.options.batch_id or "the retry queue", counts_text(self._scope(queue)))
             sender = self._sender()
             self._run_workers(queue, sender)
             if sender.outage.tripped.is_set() and self._error is None:
@@ -107,9 +126,10 @@ class DrainRun:
             if isinstance(self._error, Exception) and getattr(self._error, "exit_code", None) is None:
                 raise self._error
             remaining = self._remaining(queue) if self._error is None else {}
+            next_due = next_due_at(queue, self.options.batch_id) if remaining.get("later") else None
         finally:
             queue.close()
-        return self._result(remaining, time.monotonic() - started)
+        return dataclasses.replace(self._result(remaining, time.monotonic() - started), next_due_at=next_due)
 
     def _sender(self) -> ChunkSender:
         transport = HttpTransport(self.config, authorization_header(self.config), self.stats)
@@ -245,10 +265,14 @@ class DrainRun:
 
     def _remaining(self, queue) -> dict:
         """Items of this drain's scope still in the queue; leased ones are another drainer's."""
+        stats = self._scope(queue)
+        return {name: stats.get(name, 0) for name in ("due", "later", "leased", "dead")}
+
+    def _scope(self, queue) -> dict:
         stats = queue.stats()
         if self.options.batch_id is not None:
-            stats = stats["batches"].get(self.options.batch_id, {})
-        return {name: stats.get(name, 0) for name in ("due", "later", "leased", "dead")}
+            stats = stats["batches"].get(self.options.batch_id, EMPTY_STATS)
+        return stats
 
     def request_stop(self, reason: str) -> None:
         self._stop_reason = self._stop_reason or reason

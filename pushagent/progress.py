@@ -17,7 +17,10 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 log = logging.getLogger("pushagent.progress")
 GZIP_SIZE_WRAP = 2**32
+MAX_DEFLATE_RATIO = 1032
 DEFAULT_SCREEN = (120, 24)
+# What a phase after pushing is called on its own line.
+PHASES = {"verifying": "verifying batch {batch}: count, sample and timestamp checks"}
 
 
 def estimated_size(path: str, size: int) -> int:
@@ -38,7 +41,9 @@ def estimated_size(path: str, size: int) -> int:
         return size
     while isize < size:
         isize += GZIP_SIZE_WRAP
-    return isize
+    # DEFLATE cannot compress more than about 1032:1: a larger "size" is no trailer at all, e.g. the
+    # last bytes of a truncated file, and would show gigabytes for a few kilobytes.
+    return isize if isize <= size * MAX_DEFLATE_RATIO else size
 
 
 def input_sizes(fingerprints: list) -> list:
@@ -154,6 +159,7 @@ class _Tracker:
         self._ranges = None
         self._first_bytes = 0
         self._first_records = 0
+        self._complete = False
 
     def started(self, run, state) -> None:
         with self._lock:
@@ -164,13 +170,18 @@ class _Tracker:
             self._first_records = state.counters.get("read", 0)
             self._started = time.monotonic()
 
+    def read_everything(self) -> None:
+        """The run read all its input: the total is what it read, whatever the estimate said."""
+        with self._lock:
+            self._complete = True
+
     def snapshot(self) -> Snapshot | None:
         with self._lock:
             if self._state is None:
                 return None
             counters = self._state.counters
             done = bytes_done(self._sizes, self._state.position, self._ranges)
-            total = bytes_total(self._sizes, self._ranges)
+            total = done if self._complete else bytes_total(self._sizes, self._ranges)
             return Snapshot(self._run.batch_id, counters.get("read", 0), counters.get("read", 0) - self._first_records,
                             done, total, done - self._first_bytes, time.monotonic() - self._started,
                             self._run.stats.retries, counters.get("queued", 0), counters.get("dead", 0),
@@ -200,7 +211,16 @@ class LogProgress:
         if snapshot is not None:
             log.info("progress %s", snapshot.line(), extra=snapshot.fields())
 
+    def phase(self, run, name: str) -> None:
+        """The push read everything and moves on (e.g. to verifying): its last line, then the new phase's."""
+        self.close()
+        self.tracker.read_everything()
+        self._emit()
+        log.info(PHASES.get(name, name).format(batch=run.batch_id))
+
     def finished(self, run, result) -> None:
+        if self._thread is None and self._stop.is_set():
+            return   # the push's last line was written when the next phase began
         self.close()
         self._emit()
 
@@ -250,6 +270,17 @@ class TerminalProgress:
         self.bar.set_postfix_str(f"{snapshot.records:,} records, {snapshot.docs_per_s:,.0f} docs/s, "
                                  f"retries {snapshot.retries}", refresh=False)
         self.bar.update(snapshot.bytes_done - self.bar.n)
+
+    def phase(self, run, name: str) -> None:
+        """The push read everything: the bar ends at what was read; the next phase gets a line of its own."""
+        if self.bar is not None:
+            self.tracker.read_everything()
+            snapshot = self.tracker.snapshot()
+            self.bar.total = snapshot.bytes_total
+            self._show(snapshot)
+        self.close()
+        self.stream.write(PHASES.get(name, name).format(batch=run.batch_id) + " ...\n")
+        self.stream.flush()
 
     def finished(self, run, result) -> None:
         self.close()

@@ -71,6 +71,7 @@ class PushResult:
     verification: dict | None = None
     mirror: dict | None = None
     duplicates: int = 0         # lines repeating an id of the batch (the later line won)
+    dry_run: bool = False       # nothing was sent: what the ledger calls indexed is reported as would_send
 
     def report(self) -> dict:
         report = {"batch_id": self.batch_id, "status": self.status, **self.batch.as_dict(),
@@ -88,6 +89,9 @@ class PushResult:
             report["verification"] = self.verification
         if self.mirror is not None:
             report["mirror"] = self.mirror
+        if self.dry_run:
+            for counters in (report, report["this_run"]):
+                counters["would_send"] = counters.pop("indexed")
         return report
 
 
@@ -230,6 +234,8 @@ class PushRun:
         """The recorder's final record and verification; a stop signal may cut the verification short (the
         batch stays `pushed`, and running the same command again verifies it)."""
         self.interruptible = True
+        if self.options.verify and result.status == "pushed":
+            self.notify("phase", "verifying")
         try:
             return self.recorder.finished(state, result)
         except StopRequested as signal_name:
@@ -356,6 +362,8 @@ class PushRun:
                     chunk = chunker.feed(item, Position(file_index, entry.end_offset, entry.number))
                     if chunk and not self._submit(chunk, pump, committer):
                         return
+                    if self._stops_here(item):
+                        return self._submit_rest(chunker, pump, committer)
             except (InputChangedError, StorageError) as error:
                 self.fail(error)
                 return
@@ -364,6 +372,16 @@ class PushRun:
                 chunk = chunker.feed(rejected, Position(file_index + 1, 0, 0))
                 if chunk and not self._submit(chunk, pump, committer):
                     return
+                if self._stops_here(rejected):
+                    return self._submit_rest(chunker, pump, committer)
+        self._submit_rest(chunker, pump, committer)
+
+    def _stops_here(self, item) -> bool:
+        """--on-error stop reads no line after the first quarantined one. A document the cluster refuses is
+        known only when its chunk comes back: then no further chunk is sent, those in flight finish."""
+        return self.options.on_error == "stop" and isinstance(item, Rejected)
+
+    def _submit_rest(self, chunker, pump, committer) -> None:
         chunk = chunker.flush()
         if chunk:
             self._submit(chunk, pump, committer)
@@ -443,7 +461,8 @@ class PushRun:
             self.store.save(state)
         duplicates = self.recorder.table.counts()["duplicates"] if self.recorder else self.repeats.count
         return PushResult(self.batch_id, status, exit_code, batch, this_run, self.stats, duration,
-                          state.position, error, state.shard, state.slurm, duplicates=duplicates)
+                          state.position, error, state.shard, state.slurm, duplicates=duplicates,
+                          dry_run=bool(self.options.dry_run))
 
 
 class _ChunkPump:

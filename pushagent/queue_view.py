@@ -2,8 +2,27 @@
 
 import dataclasses
 from datetime import datetime, timezone
+from pathlib import Path
 
+from .progress import human_duration
 from .retry_queue import QueueItem
+from .retry_queue.base import summarize
+
+EMPTY_STATS = summarize([], {}, 0.0)
+
+
+def read_queue(config, action, empty):
+    """action(queue) on the configured queue; `empty` when it is a SQLite file that does not exist yet,
+    which looking at it must not create (nor its state directory)."""
+    from .drain import open_configured_queue   # drain imports the sender: only when a queue is read
+    url = config.resolved_queue_url
+    if url.startswith("sqlite://") and not Path(url[len("sqlite://"):]).exists():
+        return empty
+    retry_queue = open_configured_queue(config)
+    try:
+        return action(retry_queue)
+    finally:
+        retry_queue.close()
 
 
 def item_summary(item: QueueItem) -> dict:
@@ -23,9 +42,14 @@ def format_stats(stats: dict) -> str:
 
 
 def _counts_line(label: str, counts: dict) -> str:
+    return f"{label}: {counts_text(counts)}"
+
+
+def counts_text(counts: dict) -> str:
+    """Due, later, leased and dead items and the oldest item's age, in words."""
     age = counts.get("oldest_age_s")
-    return (f"{label}: {counts['due']} due now, {counts['later']} later, {counts['leased']} leased,"
-            f" {counts['dead']} dead" + (f", oldest {age:.0f} s" if age is not None else ""))
+    return (f"{counts['due']} due now, {counts['later']} later, {counts['leased']} leased, {counts['dead']} dead"
+            + (f", oldest {human_duration(age)} old" if age is not None else ""))
 
 
 def format_items(items: list) -> str:

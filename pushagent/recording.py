@@ -181,6 +181,7 @@ def _verify_recorded(config, client, options: VerifyOptions) -> dict:
     record = SyncStateStore(config.state_path).load(options.batch_id)
     settings = settings_from_record(record)
     table = _batch_table(config, record)
+    log.info("verifying batch %s: count, sample and timestamp checks", record["batch_id"])
     try:
         spec = spec_for(settings, config.state_path, options.expected_date, record.get("snapshot") or options.snapshot)
         result = run_checks(client, table, spec, record["indices"], table.sample())
@@ -216,6 +217,18 @@ def _note_queued(config, batch_id: str, result: dict) -> None:
         summarize(result)
 
 
+def _dead_documents(config, batch_id: str) -> list:
+    """(index, id) of the batch's dead-lettered documents: the cluster refused them, so the index is not
+    expected to hold them (the push's own table leaves them out too)."""
+    retry_queue = open_queue(config.resolved_queue_url, config.max_attempts, config.max_retry_delay)
+    try:
+        dead = retry_queue.stats()["batches"].get(batch_id, {}).get("dead", 0)
+        items = retry_queue.list("dead", dead, batch_id) if dead else []
+    finally:
+        retry_queue.close()
+    return [(item.index, item.doc_id) for item in items if item.doc_id is not None]
+
+
 def _batch_table(config, record: dict) -> DocTable:
     """The documents the batch's index should hold. A sharded batch's come from all its shards, once they
     have finished; `record`, the one its last shard wrote, then gets the batch's totals and shards."""
@@ -235,7 +248,10 @@ def _full_from_inputs(config, client, options: VerifyOptions, result: dict, sett
     """--full for a recorded batch: the source is its inputs, read again."""
     directory, source = temporary_table(config.sample_size, "")
     try:
+        log.info("scanning batch %s: every document of %s against its inputs, read again", record["batch_id"],
+                 ", ".join(record["indices"]))
         load_sources(record["inputs"], settings, source, config.s3_endpoint_url)
+        source.executemany("DELETE FROM docs WHERE idx = ? AND id = ?", _dead_documents(config, record["batch_id"]))
         return _full(config, client, options, result, settings, source, record["indices"], record.get("snapshot"))
     finally:
         source.close()

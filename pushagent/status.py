@@ -70,7 +70,20 @@ def record_time(record: dict, keys=TIME_KEYS) -> float | None:
 def last_run(state_dir: Path) -> dict | None:
     """The checkpoint updated last, or None when no batch was ever pushed."""
     runs = read_records(state_dir / "runs")
-    return max(runs, key=lambda r: record_time(r, ("updated_at",)) or 0, default=None)
+    run = max(runs, key=lambda r: record_time(r, ("updated_at",)) or 0, default=None)
+    return _with_later_verification(run, state_dir) if run else None
+
+
+def _with_later_verification(run: dict, state_dir: Path) -> dict:
+    """A `verify` after the push writes only the batch's sync-state record, not the checkpoint: when the
+    record is newer than a finished run, its status is the batch's latest word."""
+    if run.get("status") not in SUCCESS_STATUSES:
+        return run
+    record = next((r for r in read_records(state_dir / "sync-state") if r.get("batch_id") == run.get("batch_id")),
+                  None)
+    if record and (record_time(record, ("updated_at",)) or 0) > (record_time(run, ("updated_at",)) or 0):
+        return {**run, "status": record.get("status", run["status"]), "checkpoint_status": run["status"]}
+    return run
 
 
 def last_success(state_dir: Path, statuses=SUCCESS_STATUSES) -> tuple[float, str] | None:
@@ -129,7 +142,7 @@ def _input_progress(run: dict) -> dict:
         return {}
     done, total = bytes_done(sizes, position, ranges), bytes_total(sizes, ranges)
     resume = None
-    if position.file_index < len(inputs) and run.get("status") not in SUCCESS_STATUSES:
+    if position.file_index < len(inputs) and run.get("checkpoint_status", run.get("status")) not in SUCCESS_STATUSES:
         resume = {"file": inputs[position.file_index].get("path"), "line": position.line, "offset": position.offset}
     return {"bytes_done": done, "bytes_total": total,
             "percent": round(100.0 * done / total, 1) if total else 100.0, "next_resume": resume}
@@ -253,16 +266,23 @@ def _iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+def _resume_text(resume: dict) -> str:
+    if not resume["line"]:
+        return f"the same command resumes at the start of {resume['file']}"
+    return f"the same command resumes after line {resume['line']:,} of {resume['file']}"
+
+
 def format_status(report: dict) -> str:
     """The report for people, first line in the monitoring-plugin style."""
     lines = [f"pushagent {report['health'].upper()}"]
     lines += [f"  {reason['level']}: {reason['message']}" for reason in report["reasons"]]
     run = report["last_run"]
     if run:
-        lines.append(f"  last run: {run['batch_id']} {run['status']}{' (running)' if run['running'] else ''},"
+        status = str(run['status']).replace("_", " ")
+        lines.append(f"  last run: {run['batch_id']} {status}{' (running)' if run['running'] else ''},"
                      f" {run['processed']:,} records, {run.get('percent', '?')}% of input, updated {run['updated_at']}")
         if run.get("next_resume"):
-            lines.append("  resumes at {file} line {line}".format(**run["next_resume"]))
+            lines.append("  " + _resume_text(run["next_resume"]))
     synced = report["last_synced"]
     if synced:
         lines.append(f"  last {synced['basis']}: {synced['batch_id']} at {synced['at']},"

@@ -77,6 +77,22 @@ as_run_user() {
   if [ "$(id -u)" -eq 0 ]; then runuser -u "$RUN_USER" -- "$@"; else "$@"; fi
 }
 
+# As root the node runs as $RUN_USER, who must be able to enter every parent of DIR: a parent of mode
+# 0700 (as `mktemp -d` makes them) ends the node in a Java AccessDeniedException. Refuse first, by name.
+refuse_unreachable() {
+  local path="" parts part
+  [ "$(id -u)" -eq 0 ] || return 0
+  IFS=/ read -ra parts <<<"${1#/}"
+  for part in "${parts[@]}"; do
+    path="$path/$part"
+    if ! runuser -u "$RUN_USER" -- test -x "$path"; then
+      log "the node runs as user $RUN_USER, who cannot enter $path (mode $(stat -c %a "$path")):" \
+        "give a DIR outside it, or chmod o+x '$path'"
+      exit 2
+    fi
+  done
+}
+
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }
@@ -88,7 +104,7 @@ start() {
   if [ -s "$dir/url" ] && [ -s "$dir/$PID_FILE" ] && kill -0 "$(cat "$dir/$PID_FILE")" 2>/dev/null; then
     cat "$dir/url"; return
   fi
-  fetch; ensure_run_user
+  ensure_run_user; refuse_unreachable "$dir"; fetch
   java_home=$(find_java_home)
   rm -rf "$dir/config" "$dir/data" "$dir/logs"
   cp -r "$HOME_DIR/config" "$dir/config"

@@ -63,13 +63,21 @@ _pushagent_forward() {
 pushagent_push() {
   local job=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}} status
   job=${job:-${SLURM_JOB_ID:-$$}}
-  PUSHAGENT_REPORT=$PUSHAGENT_REPORT_DIR/${SLURM_JOB_NAME:-pushagent}-$job-run${SLURM_RESTART_COUNT:-0}.json
+  PUSHAGENT_REPORT=${PUSHAGENT_REPORT_DIR:-$(_pushagent_log_dir)}/${SLURM_JOB_NAME:-pushagent}-$job-run${SLURM_RESTART_COUNT:-0}.json
   pushagent_run push --json "$@" >"$PUSHAGENT_REPORT"
   status=$?
   cat "$PUSHAGENT_REPORT"
   PUSHAGENT_BATCH_ID=$(sed -n 's/.*"batch_id": *"\([^"]*\)".*/\1/p' "$PUSHAGENT_REPORT")
   pushagent_log "push exited $status: batch ${PUSHAGENT_BATCH_ID:-unknown}, report $PUSHAGENT_REPORT"
   return "$status"
+}
+
+# The directory of the job's log (the batch shell's stdout, wherever --output put it); "." when stdout
+# is not a file, e.g. a terminal.
+_pushagent_log_dir() {
+  local log
+  log=$(readlink -f "/proc/$$/fd/1" 2>/dev/null)
+  if [[ -f $log ]]; then dirname "$log"; else echo .; fi
 }
 
 # After exit 75 (checkpoint saved): requeue this job so that it resumes from the checkpoint, at most

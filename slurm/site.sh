@@ -14,5 +14,5 @@ PUSHAGENT_ACTIVATE=${PUSHAGENT_ACTIVATE:-}   # e.g. 'module load python/3.11 && 
 PUSHAGENT_CMD=${PUSHAGENT_CMD:-pushagent}    # the command, once activated (or e.g. "python3 -m pushagent")
 PUSHAGENT_CONFIG=${PUSHAGENT_CONFIG:-}       # --config FILE; empty: pushagent's own search (./pushagent.yaml, ...)
 PUSHAGENT_MAX_REQUEUES=${PUSHAGENT_MAX_REQUEUES:-5}  # requeues of an interrupted push before the job gives up
-PUSHAGENT_REPORT_DIR=${PUSHAGENT_REPORT_DIR:-.}      # each run's JSON report; "." is beside the %x-%j.out log
+PUSHAGENT_REPORT_DIR=${PUSHAGENT_REPORT_DIR:-}       # each run's JSON report; empty: beside the job's log
 PUSHAGENT_DRAIN_WAIT=${PUSHAGENT_DRAIN_WAIT:-10m}    # how long a job's drain waits for queued items to fall due

@@ -28,6 +28,25 @@ shift $((OPTIND - 1))
 (( $# )) || usage
 [[ $shards =~ ^[1-9][0-9]*$ ]] || { echo "submit.sh: -n needs a positive number, got '$shards'" >&2; exit 2; }
 
+# With fewer input files than shards, pushagent splits them by byte ranges, which a gzip file does not
+# allow: refuse now rather than let every task fail at run time. Globs, directories and s3:// prefixes
+# are counted by pushagent itself.
+refuse_unsplittable_gzip() {
+  local inputs=0 gzip=
+  for input in "$@"; do
+    [[ $input != -* ]] || break
+    [[ $input != s3://* && ! -d $input && $input != *[*?[]* ]] || return 0
+    inputs=$((inputs + 1))
+    [[ $input != *.gz ]] || gzip=$input
+  done
+  if [[ -n $gzip ]] && (( inputs < shards )); then
+    echo "submit.sh: cannot push $inputs input file(s) as $shards shards: $gzip is gzip, which cannot be split" \
+      "between shards; give -n $inputs or fewer, or plain .jsonl inputs" >&2
+    exit 2
+  fi
+}
+(( shards == 1 )) || refuse_unsplittable_gzip "$@"
+
 # The jobs run copies of the templates: tell them where slurm/ is.
 export PUSHAGENT_HOME=${slurm_dir%/slurm}
 site=()

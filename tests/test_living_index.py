@@ -110,11 +110,12 @@ def test_from_line_keeps_the_batch_history(cluster_url, index, state_dir, tmp_pa
     data.write_bytes(b"\n".join(lines) + b"\n")
     code, report, stderr = push(cluster_url, index, state_dir, data, "history", "2026-01-01T00:00:00Z",
                                 "--chunk-docs", "5", "--on-error", "stop")
-    assert (code, report["status"], report["read"]) == (3, "stopped", 10), stderr
+    # --on-error stop reads no line after the quarantined line 6
+    assert (code, report["status"], report["read"]) == (3, "stopped", 6), stderr
     code, report, stderr = push(cluster_url, index, state_dir, data, "history", "2026-01-01T00:00:00Z",
                                 "--chunk-docs", "5", "--from-line", "11")
-    assert (code, report["read"], report["this_run"]["read"], report["quarantined"]) == (3, 12, 2, 1), stderr
-    assert report["status"] == "verified" and report["verification"]["count"]["expected"] == 11
+    assert (code, report["read"], report["this_run"]["read"], report["quarantined"]) == (3, 8, 2, 1), stderr
+    assert report["status"] == "verified" and report["verification"]["count"]["expected"] == 7
 
 
 def test_an_index_the_cluster_will_not_create_stops_the_push_before_anything_is_recorded(

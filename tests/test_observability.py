@@ -72,6 +72,7 @@ def test_live_bar_on_a_pseudo_terminal(cluster_url, index, state_dir, tmp_path):
     assert "100%|" in output and "2,000 records" in output, output
     assert "docs/s" in output and "retries 0" in output, output
     assert " progress " not in output                   # no plain lines on a terminal
+    assert "\nverifying batch " in output.replace("\r", "")   # its own line once the bar has ended
 
 
 def test_periodic_progress_lines_in_a_redirected_log(cluster_url, index, state_dir, tmp_path):

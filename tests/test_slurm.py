@@ -86,6 +86,31 @@ def test_submit_sh_passes_the_site_options_and_chains_the_verify_job(tmp_path):
         f"{site} {ROOT}/slurm/push.sbatch in.jsonl"]
 
 
+def test_submit_sh_refuses_more_shards_than_gzip_files_before_submitting(tmp_path):
+    calls = tmp_path / "calls"
+    env = fake_commands(tmp_path, sbatch=f'#!/bin/sh\necho "$@" >> {calls}\necho 1\n')
+    submit = str(ROOT / "slurm" / "submit.sh")
+    refused = subprocess.run([submit, "-n", "2", "one.jsonl.gz", "--index", "words"], env=env, capture_output=True,
+                             text=True)
+    assert refused.returncode == 2 and not calls.exists()
+    assert refused.stderr == ("submit.sh: cannot push 1 input file(s) as 2 shards: one.jsonl.gz is gzip, which "
+                              "cannot be split between shards; give -n 1 or fewer, or plain .jsonl inputs\n")
+    accepted = subprocess.run([submit, "-n", "2", "a.jsonl.gz", "b.jsonl.gz"], env=env, capture_output=True, text=True)
+    assert accepted.returncode == 0 and "array_job=1" in accepted.stdout, accepted.stderr
+
+
+def test_a_jobs_report_lands_beside_its_log_wherever_output_puts_it(tmp_path):
+    fake = '#!/bin/bash\necho \'{"batch_id": "b7", "status": "verified"}\'\n'
+    env = fake_commands(tmp_path, pushagent=fake)
+    env.update({"SLURM_JOB_ID": "7", "SLURM_JOB_NAME": "words", "PUSHAGENT_CMD": "pushagent"})
+    logs, work = tmp_path / "logs", tmp_path / "work"
+    logs.mkdir(), work.mkdir()
+    script = f"source {ROOT}/slurm/pushagent-job.sh; pushagent_push in.jsonl > {logs}/words-7.out"
+    subprocess.run(["bash", "-c", script], cwd=work, env=env, check=True, capture_output=True)
+    assert json.loads((logs / "words-7-run0.json").read_text())["batch_id"] == "b7"
+    assert not list(work.iterdir())
+
+
 @pytest.fixture(scope="session")
 def slurm(tmp_path_factory):
     cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
