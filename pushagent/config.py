@@ -59,6 +59,7 @@ class Config:
     retry_backoff_seconds: float = 1.0
     max_backoff_seconds: float = 60
     outage_seconds: float = 900             # how long whole-request failures are retried before the run stops
+    requeue_on_outage: bool = False          # past the budget, exit 75 (Slurm templates: requeue) instead of 1
     state_dir: str = "~/.local/state/pushagent"
     queue_url: str | None = None
     max_attempts: int = 8

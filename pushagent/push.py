@@ -20,8 +20,8 @@ from pathlib import Path
 from .builder import Builder, BuildSettings, Rejected, iso_utc_from_ms
 from .checkpoint import DONE_STATUSES, BatchLock, CheckpointStore, CommitTracker, RunState
 from .chunker import Chunker, Position
-from .errors import (EXIT_FAILURE, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK, ConfigError, InputChangedError,
-                     PushAgentError, StopRequested, StorageError)
+from .errors import (EXIT_FAILURE, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK, ClusterUnavailableError, ConfigError,
+                     InputChangedError, PushAgentError, StopRequested, StorageError)
 from .incremental import ChangeProbe
 from .ledger import Ledger
 from .mirror import mirror_state
@@ -441,7 +441,10 @@ class PushRun:
         if sender.outage.tripped.is_set() and error is None:
             error = sender.outage.error()
         finished = error is None and not self.stop_event.is_set() and self._stop_reason is None
-        if error is not None:
+        if isinstance(error, ClusterUnavailableError) and self.config.requeue_on_outage:
+            # The checkpoint is clean: under Slurm the job is requeued and tries again, one budget later.
+            status, exit_code = "interrupted", EXIT_INTERRUPTED
+        elif error is not None:
             status, exit_code = "failed", getattr(error, "exit_code", EXIT_FAILURE)
         elif not finished:
             status, exit_code = "interrupted", EXIT_INTERRUPTED

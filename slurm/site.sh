@@ -16,3 +16,6 @@ PUSHAGENT_CONFIG=${PUSHAGENT_CONFIG:-}       # --config FILE; empty: pushagent's
 PUSHAGENT_MAX_REQUEUES=${PUSHAGENT_MAX_REQUEUES:-5}  # requeues of an interrupted push before the job gives up
 PUSHAGENT_REPORT_DIR=${PUSHAGENT_REPORT_DIR:-}       # each run's JSON report; empty: beside the job's log
 PUSHAGENT_DRAIN_WAIT=${PUSHAGENT_DRAIN_WAIT:-10m}    # how long a job's drain waits for queued items to fall due
+# A cluster that answers nothing useful for outage_seconds stops the push with its checkpoint; in a job it
+# exits 75 and the job is requeued (up to PUSHAGENT_MAX_REQUEUES) to try again, instead of failing.
+export PUSHAGENT_REQUEUE_ON_OUTAGE=${PUSHAGENT_REQUEUE_ON_OUTAGE:-true}

@@ -221,16 +221,19 @@ def test_whole_request_413_splits_down_to_one_document(cluster_url, index, state
     assert dead[4] == 18 and "413" in dead[5]
 
 
-def test_cluster_down_past_the_outage_budget_stops_with_the_reason(cluster_url, index, state_dir, tmp_path):
+@pytest.mark.parametrize("requeue, stopped", [("false", (1, "failed")), ("true", (75, "interrupted"))])
+def test_cluster_down_past_the_outage_budget_stops_with_the_reason(cluster_url, index, state_dir, tmp_path, requeue,
+                                                                   stopped):
     data = generate(tmp_path / "words.jsonl", 5_000)
     with FaultProxy(cluster_url) as proxy:
         proxy.plan = lambda request: Fault.reply(503, body=b'{"error":{"type":"unavailable","reason":"restarting"}}') \
             if request.ids else None
         started = time.monotonic()
         code, report, stderr = run_push(proxy.url, index, state_dir, data, extra=["--chunk-docs", "500"],
-                                        env={"PUSHAGENT_OUTAGE_SECONDS": "3", "PUSHAGENT_MAX_BACKOFF_SECONDS": "0.5"})
+                                        env={"PUSHAGENT_OUTAGE_SECONDS": "3", "PUSHAGENT_MAX_BACKOFF_SECONDS": "0.5",
+                                             "PUSHAGENT_REQUEUE_ON_OUTAGE": requeue})
         elapsed, attempts = time.monotonic() - started, len(proxy.bulk_requests())
-    assert code == 1, stderr
+    assert (code, report["status"]) == stopped, stderr  # 75 lets the Slurm templates requeue the job
     assert re.search(r"the cluster answered nothing useful for [34] s \(outage_seconds is 3\); last error: HTTP 503",
                      stderr)
     assert 3 <= elapsed < 20 and attempts > 4   # retried for the budget, not a number of attempts
