@@ -157,7 +157,7 @@ class Doctor:
         """
         reply = self._get(NODE_INFO)
         if reply is None:
-            return ""
+            return " (GET / is not served)"
         root.status, root.date = reply.status_code, root.date or reply.headers.get("Date")
         if reply.status_code == 200:
             data = _json_or_empty(reply)
@@ -165,7 +165,7 @@ class Doctor:
             elastic = "X-elastic-product" in first.headers or "build_flavor" in node
             root.body = {"cluster_name": data.get("cluster_name"), "version": {
                 "number": node.get("version"), "distribution": "elasticsearch" if elastic else "opensearch"}}
-        return f" to GET /; GET {NODE_INFO.split('?')[0]} answered HTTP {reply.status_code}"
+        return f" (GET / is not served; GET {NODE_INFO.split('?')[0]} answered HTTP {reply.status_code})"
 
     def _authentication(self, root: _Root) -> Check:
         if root.status == 401:

@@ -105,7 +105,7 @@ def test_get_root_refused_falls_back_to_the_node_info(stub, tmp_path):
     stub.post(BASE + "/_security/user/_has_privileges", json=privileges(read=True, index=True))
     checks = run_doctor(tmp_path)
     assert checks["reachability"][0] == "ok" and checks["reachability"][1].endswith(
-        "to GET /; GET /_nodes/_local answered HTTP 200")
+        "(GET / is not served; GET /_nodes/_local answered HTTP 200)")
     assert checks["authentication"][0] == "ok" and checks["cluster"] == ("ok", "prod: elasticsearch 8.19.0")
     assert checks["privileges:words"][0] == "ok"
     stub.replace(responses.GET, BASE + "/_nodes/_local", status=401)
