@@ -15,7 +15,8 @@ DEV_CLUSTER="$ROOT/scripts/dev-cluster.sh"
 SCENARIO="$ROOT/scripts/compat_scenario.py"
 DOC="${PUSHAGENT_COMPAT_DOC:-$ROOT/docs/compatibility.md}"
 LINES=("$@")
-[ ${#LINES[@]} -gt 0 ] || LINES=(opensearch:2.0.0 opensearch:2.19.1 opensearch:3.6.0
+# OpenSearch 1.3 is past its end of life but still widely run, and like 2.0 it has no point-in-time API.
+[ ${#LINES[@]} -gt 0 ] || LINES=(opensearch:1.3.20 opensearch:2.0.0 opensearch:2.19.1 opensearch:3.6.0
                                 elasticsearch:7.17.29 elasticsearch:8.19.0)
 export PUSHAGENT_CLUSTER_HEAP="${PUSHAGENT_CLUSTER_HEAP:-512m}"
 
