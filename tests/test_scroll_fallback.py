@@ -2,7 +2,8 @@
 
 On the real OpenSearch 2.19 the proxy refuses the PIT endpoints as OpenSearch 2.0 does ("no handler
 found", HTTP 400), so the fallback runs in CI. PUSHAGENT_TEST_LEGACY_URL names a real OpenSearch
-before 2.4 (scripts/compat.sh starts 2.0.0) to run the same test there.
+before 2.4 to run the same test there, e.g. one started with
+`PUSHAGENT_OPENSEARCH_VERSION=2.0.0 scripts/dev-cluster.sh start DIR` (scripts/compat.sh runs 1.3 and 2.0).
 """
 
 import json
@@ -41,7 +42,7 @@ def scan_url(request, cluster_url):
     if request.param == "legacy":
         legacy = os.environ.get("PUSHAGENT_TEST_LEGACY_URL")
         if not legacy:
-            pytest.skip("PUSHAGENT_TEST_LEGACY_URL names no OpenSearch before 2.4 (scripts/compat.sh starts one)")
+            pytest.skip("set PUSHAGENT_TEST_LEGACY_URL to a real OpenSearch before 2.4 to run this on it")
         with FaultProxy(legacy) as proxy:
             yield proxy.url, legacy.rstrip("/"), proxy
         return
