@@ -27,8 +27,9 @@ SCAN_FILTER = "pit_id,hits.hits._id,hits.hits._source,hits.hits.sort"
 SORT = {"opensearch": [{"_doc": "asc"}], "elasticsearch": [{"_shard_doc": "asc"}]}
 # A scroll is a snapshot too and one scroll walks every shard, so `_doc` (the cheapest order) is enough.
 SCROLL_FILTER = "_scroll_id,hits.total,hits.hits._id,hits.hits._source"
-# Known from GET /, these skip a refused PIT request. Elasticsearch has had one since 7.10, before
-# any version the agent supports; a server that hides its version is found out by the refusal.
+# Known from GET /, these skip a refused PIT request. Elasticsearch has had a PIT since 7.10 (and
+# _shard_doc since 7.12; 7.17 is the oldest line scripts/compat.sh checks), so it is not asked for its
+# version; a server that hides its version is found out by the refusal.
 FIRST_PIT_VERSION = {"opensearch": (2, 4)}
 
 log = logging.getLogger(__name__)

@@ -220,7 +220,10 @@ def run(args) -> dict:
 
 def java_version(url: str) -> str | None:
     fields = {"filter_path": "nodes.*.jvm.version,nodes.*.jvm.vm_vendor"}
-    nodes = requests.get(f"{url}/_nodes/_local/jvm", params=fields, timeout=30).json().get("nodes", {})
+    try:
+        nodes = requests.get(f"{url}/_nodes/_local/jvm", params=fields, timeout=30).json().get("nodes", {})
+    except (requests.RequestException, ValueError):
+        return None
     jvm = next(iter(nodes.values()), {}).get("jvm", {})
     return f"{jvm.get('vm_vendor', '')} {jvm.get('version', '')}".strip() or None
 
