@@ -143,8 +143,10 @@ class Scenario:
             return Step(False, f"fail: {full.get('error') or failure(code, report, stderr)}")
         only_deletes = (full["missing"] == DELETES and set(full["missing_ids"]) <= set(DELETED_IDS)
                         and not full["extra"] and not full["mismatched"])
+        superseded = f", superseded {full['superseded']}" if "superseded" in full else ""
         detail = (f"{full['scanned']:,} scanned through a {api} ({full['ids_per_s']:,.0f} ids/s), missing "
-                  f"{full['missing']}, extra {full['extra']}, mismatched {full['mismatched']}; verify exited {code}")
+                  f"{full['missing']}, extra {full['extra']}, mismatched {full['mismatched']}{superseded}; "
+                  f"verify exited {code}")
         if code == 0 or (code == 3 and only_deletes):
             note = "" if code == 0 else ": the 100 missing are the deleted ids, which verify still counts " \
                                         "against the first batch (see the delete batch)"
