@@ -38,6 +38,7 @@ CERT_EXPIRY_WARNING_DAYS = 14
 NEEDED_PRIVILEGES = ("read",)
 WRITE_PRIVILEGES = ("write", "index")     # either lets the agent index documents
 RISKY_PRIVILEGES = ("delete", "manage")
+NODE_INFO = "/_nodes/_local?filter_path=cluster_name,nodes.*.version,nodes.*.build_flavor"
 
 
 @dataclasses.dataclass
@@ -146,10 +147,30 @@ class Doctor:
             return root, Check("reachability", FAIL, f"cannot reach {self.base}: {type(error).__name__}: {reason}")
         root.latency = time.monotonic() - started
         root.status, root.date = reply.status_code, reply.headers.get("Date")
+        detail = f"{self.base} answered HTTP {reply.status_code} in {root.latency * 1000:.0f} ms"
         if reply.status_code == 200:
             root.body = _json_or_empty(reply)
-        return root, Check("reachability", OK, f"{self.base} answered HTTP {reply.status_code} in "
-                                               f"{root.latency * 1000:.0f} ms")
+        elif reply.status_code not in (401, 403):
+            detail += self._root_from_node_info(root, reply)
+        return root, Check("reachability", OK, detail)
+
+    def _root_from_node_info(self, root: _Root, first) -> str:
+        """GET / is not served (the Elasticsearch 8 integ-test zip answers 405): ask the local node's info instead.
+
+        Its answer stands in for GET / in the authentication and cluster checks. Only Elasticsearch sends
+        X-elastic-product and build_flavor, so the distribution is known, not guessed.
+        """
+        reply = self._get(NODE_INFO)
+        if reply is None:
+            return " (GET / is not served)"
+        root.status, root.date = reply.status_code, root.date or reply.headers.get("Date")
+        if reply.status_code == 200:
+            data = _json_or_empty(reply)
+            node = next(iter((data.get("nodes") or {}).values()), {})
+            elastic = "X-elastic-product" in first.headers or "build_flavor" in node
+            root.body = {"cluster_name": data.get("cluster_name"), "version": {
+                "number": node.get("version"), "distribution": "elasticsearch" if elastic else "opensearch"}}
+        return f" (GET / is not served; GET {NODE_INFO.split('?')[0]} answered HTTP {reply.status_code})"
 
     def _authentication(self, root: _Root) -> Check:
         if root.status == 401:
@@ -219,6 +240,9 @@ class Doctor:
         """index -> Check, or {'*': Check} when privileges are not checkable."""
         if self.distribution == "opensearch":
             return {"*": self._opensearch_privileges()}
+        missing = self._security_api_missing()
+        if missing:
+            return {"*": missing}
         body = {"index": [{"names": indices,
                            "privileges": [*NEEDED_PRIVILEGES, *WRITE_PRIVILEGES, *RISKY_PRIVILEGES]}]}
         try:
@@ -230,6 +254,21 @@ class Doctor:
                                                    f"{reply.status_code} (security disabled?)")}
         granted = _json_or_empty(reply).get("index", {})
         return {index: _judge_privileges(index, granted.get(index, {})) for index in indices}
+
+    def _security_api_missing(self) -> Check | None:
+        """A skip when the cluster has no security API; None when _has_privileges may be asked.
+
+        Without security, Elasticsearch 7 routes POST /_security/user/_has_privileges as a typed index
+        request into an index named `_security` and logs a CRITICAL deprecation; GET /_security/_authenticate
+        (typeless, allowed to every authenticated user) only gets a 405 or 400 there.
+        """
+        reply = self._get("/_security/_authenticate")
+        if reply is None:
+            return Check("privileges", SKIP, "not checkable: GET /_security/_authenticate had no answer")
+        if reply.status_code != 200:
+            return Check("privileges", SKIP, f"not checkable: _security/_authenticate answered HTTP "
+                                             f"{reply.status_code} (security disabled?)")
+        return None
 
     def _opensearch_privileges(self) -> Check:
         try:

@@ -1,10 +1,11 @@
-"""`verify --full`: every (_id, checksum) of the index through a point in time, diffed with the source.
+"""`verify --full`: every (_id, checksum) of the index through a point in time (or a scroll), diffed with the source.
 
 Both sides live in one SQLite file (the source DocTable plus a `cluster`
 table), so memory stays bounded for any index size and the diff is three
 joins. Missing documents can be put into the retry queue for `drain`.
 """
 
+import logging
 import time
 
 from .builder import Builder, Doc, canonical_checksum
@@ -24,10 +25,18 @@ SCAN_FILTER = "pit_id,hits.hits._id,hits.hits._source,hits.hits.sort"
 # scans one slice per shard (slice.max = shards maps each slice to one shard),
 # where _doc is unique and cheap. The total of the PIT is checked at the end.
 SORT = {"opensearch": [{"_doc": "asc"}], "elasticsearch": [{"_shard_doc": "asc"}]}
+# A scroll is a snapshot too and one scroll walks every shard, so `_doc` (the cheapest order) is enough.
+SCROLL_FILTER = "_scroll_id,hits.total,hits.hits._id,hits.hits._source"
+# Known from GET /, these skip a refused PIT request. Elasticsearch has had a PIT since 7.10 (and
+# _shard_doc since 7.12; 7.17 is the oldest line scripts/compat.sh checks), so it is not asked for its
+# version; a server that hides its version is found out by the refusal.
+FIRST_PIT_VERSION = {"opensearch": (2, 4)}
+
+log = logging.getLogger(__name__)
 
 
 class IncompleteScan(ClusterRequestError):
-    """The scan returned another number of documents than its point in time holds."""
+    """The scan returned another number of documents than its point in time (or scroll) holds."""
 
 
 class PointInTime:
@@ -37,7 +46,7 @@ class PointInTime:
         self.client, self.index, self.flavor = client, index, flavor
         self.pit_id = None
 
-    def __enter__(self):
+    def open(self):
         if self.flavor == "opensearch":
             answer = self.client.request("POST", f"/{self.index}/_search/point_in_time",
                                          params={"keep_alive": KEEP_ALIVE})
@@ -70,7 +79,7 @@ class PointInTime:
             yield hits
             search_after = hits[-1]["sort"]
 
-    def __exit__(self, *exc):
+    def close(self) -> None:
         try:
             if self.flavor == "opensearch":
                 self.client.request("DELETE", "/_search/point_in_time", {"pit_id": [self.pit_id]})
@@ -90,41 +99,116 @@ def recomputed_checksum(stamped_fields: tuple, batch_field: str):
     return True, lambda source: (canonical_checksum(source, stamped_fields), source.get(batch_field))
 
 
+class Scroll:
+    """Page through an index with the scroll API: for servers without a point in time (OpenSearch before 2.4).
+
+    Needs only read privilege, like the PIT. The first search opens the
+    scroll and tells its total; `close` clears it (else it expires after KEEP_ALIVE).
+    """
+
+    def __init__(self, client, index: str, source_fields):
+        self.client, self.index, self.source_fields = client, index, source_fields
+        self.scroll_id, self.total, self._first = None, 0, []
+
+    def __enter__(self):
+        body = {"size": PAGE_SIZE, "sort": ["_doc"], "_source": self.source_fields, "track_total_hits": True}
+        answer = self.client.request("POST", f"/{self.index}/_search", body,
+                                     params={"scroll": KEEP_ALIVE, "filter_path": SCROLL_FILTER})
+        self.scroll_id, hits = answer.get("_scroll_id"), answer.get("hits", {})
+        total = hits.get("total", 0)
+        self.total = total["value"] if isinstance(total, dict) else total
+        self._first = hits.get("hits", [])
+        return self
+
+    def pages(self):
+        """Yield lists of hits until the scroll is exhausted."""
+        hits = self._first
+        while hits:
+            yield hits
+            answer = self.client.request("POST", "/_search/scroll", {"scroll": KEEP_ALIVE, "scroll_id": self.scroll_id},
+                                         params={"filter_path": SCROLL_FILTER})
+            self.scroll_id = answer.get("_scroll_id", self.scroll_id)
+            hits = answer.get("hits", {}).get("hits", [])
+
+    def __exit__(self, *exc):
+        if self.scroll_id:
+            try:
+                self.client.request("DELETE", "/_search/scroll", {"scroll_id": [self.scroll_id]})
+            except ClusterRequestError:
+                pass  # it expires by itself after KEEP_ALIVE
+
+
 def scan_into(client, table, index: str, flavor: str, checksum) -> int:
     """Copy (_id, checksum) of every document of `index` into the table's `cluster` table.
 
     `checksum` is (source fields to fetch, function of the returned _source).
-    Raises IncompleteScan when the pages do not add up to the PIT's total.
+    Uses a point in time, or a scroll where the server has no PIT API.
+    Raises IncompleteScan when the pages do not add up to the snapshot's total.
     """
     table.query("CREATE TABLE IF NOT EXISTS cluster (idx TEXT, id TEXT, checksum TEXT, batch TEXT, "
                 "PRIMARY KEY (idx, id)) WITHOUT ROWID")
-    flavors = [flavor] if flavor in SORT else ["opensearch", "elasticsearch"]
-    for try_flavor in flavors:
+    pit = _open_pit(client, index, flavor)
+    if pit is None:
+        log.info("%s has no point-in-time API: the full scan of %s goes through a scroll", client.base, index)
+        with Scroll(client, index, checksum[0]) as scroll:
+            return _copy_pages(table, index, checksum[1], scroll.pages(), scroll.total, "scroll")
+    try:
+        return _scan_pit(pit, table, index, checksum)
+    finally:
+        pit.close()
+
+
+def _open_pit(client, index: str, flavor: str) -> PointInTime | None:
+    """A PIT opened with the first API the server answers; None when it has none."""
+    for try_flavor in _pit_flavors(client, flavor):
         try:
-            with PointInTime(client, index, try_flavor) as pit:
-                return _scan_pit(pit, table, index, checksum)
-        except IncompleteScan:
-            raise
+            return PointInTime(client, index, try_flavor).open()
         except ClusterRequestError as error:
-            if try_flavor == flavors[-1] or error.status not in (400, 404, 405):
+            if not _no_such_endpoint(error):
                 raise
-    return 0
+    return None
+
+
+def _pit_flavors(client, flavor: str) -> list:
+    """The PIT APIs worth trying: both when the distribution is unknown, none when GET / names a server before PIT."""
+    if flavor not in SORT:
+        return list(SORT)
+    first = FIRST_PIT_VERSION.get(flavor)
+    return [] if first and _predates(client.info().get("version"), first) else [flavor]
+
+
+def _predates(version: str | None, first: tuple) -> bool:
+    try:
+        return tuple(int(part) for part in version.split(".")[:2]) < first
+    except (AttributeError, ValueError):
+        return False  # version unknown: try the PIT and learn from the answer
+
+
+def _no_such_endpoint(error: ClusterRequestError) -> bool:
+    # 400 "no handler found for uri", 405 "incorrect HTTP method", or a 404 from a proxy in front;
+    # a 404 for a missing index is an answer of the PIT API itself.
+    return error.status in (400, 404, 405) and "index_not_found_exception" not in error.message
 
 
 def _scan_pit(pit: PointInTime, table, index: str, checksum) -> int:
     fields, checksum_of = checksum
-    total, scanned = pit.total(), 0
+    total = pit.total()
     slices = [None]
     if pit.flavor == "opensearch" and total["shards"] > 1:
         slices = [(number, total["shards"]) for number in range(total["shards"])]
-    for shard_slice in slices:
-        for hits in pit.pages(fields, shard_slice):
-            rows = [(index, hit["_id"], *checksum_of(hit.get("_source") or {})) for hit in hits]
-            table.executemany("INSERT OR REPLACE INTO cluster VALUES (?, ?, ?, ?)", rows)
-            scanned += len(rows)
-    if scanned != total["docs"]:
-        raise IncompleteScan(f"the scan of {index} returned {scanned} documents, its point in time holds "
-                             f"{total['docs']}", hint="report this: the paging of the full scan is wrong")
+    pages = (hits for shard_slice in slices for hits in pit.pages(fields, shard_slice))
+    return _copy_pages(table, index, checksum_of, pages, total["docs"], "point in time")
+
+
+def _copy_pages(table, index: str, checksum_of, pages, total: int, snapshot: str) -> int:
+    scanned = 0
+    for hits in pages:
+        rows = [(index, hit["_id"], *checksum_of(hit.get("_source") or {})) for hit in hits]
+        table.executemany("INSERT OR REPLACE INTO cluster VALUES (?, ?, ?, ?)", rows)
+        scanned += len(rows)
+    if scanned != total:
+        raise IncompleteScan(f"the scan of {index} returned {scanned} documents, its {snapshot} holds {total}",
+                             hint="report this: the paging of the full scan is wrong")
     return scanned
 
 

@@ -10,7 +10,8 @@
 #
 # PUSHAGENT_CLUSTER=elasticsearch picks Elasticsearch 8.15.0 instead of OpenSearch 2.19.1: the
 # tests start one for the code paths only Elasticsearch has (its point-in-time API). Versions:
-# PUSHAGENT_OPENSEARCH_VERSION, PUSHAGENT_ELASTICSEARCH_VERSION; heap: PUSHAGENT_CLUSTER_HEAP (512m).
+# PUSHAGENT_OPENSEARCH_VERSION, PUSHAGENT_ELASTICSEARCH_VERSION; heap: PUSHAGENT_CLUSTER_HEAP (512m). Java:
+# OPENSEARCH_JAVA_HOME / ES_JAVA_HOME, else the oldest installed Java the line runs on (21+ for OpenSearch 3).
 # The integ-test zip comes from Maven Central through Maven (cached in ~/.m2) and is
 # unpacked once (~/.cache/pushagent, or /var/cache/pushagent for root). Both distributions
 # refuse to run as root, so as root the node runs as the system user
@@ -42,14 +43,34 @@ NAME="$DISTRIBUTION $VERSION"
 
 log() { echo "dev-cluster: $*" >&2; }
 
+# OpenSearch 3 needs Java 21; the older lines (and Elasticsearch 7.17) are tested here on 17.
+required_java() {
+  if [ "$DISTRIBUTION" = opensearch ] && [ "${VERSION%%.*}" -ge 3 ]; then echo 21; else echo 17; fi
+}
+
+java_major() {
+  local version
+  version=$(sed -n 's/^JAVA_VERSION="\([0-9]*\).*/\1/p' "$1/release" 2>/dev/null)
+  [ -n "$version" ] || version=$("$1/bin/java" -version 2>&1 | sed -n '1s/.*version "\([0-9]*\).*/\1/p')
+  echo "${version:-0}"
+}
+
+# ${ENV_PREFIX}_JAVA_HOME when set, else the oldest installed Java that this server line runs on:
+# the one closest to what it was released for.
 find_java_home() {
-  local override="${ENV_PREFIX}_JAVA_HOME"
+  local override="${ENV_PREFIX}_JAVA_HOME" minimum best="" best_major=1000 candidate major java
   if [ -n "${!override:-}" ]; then echo "${!override}"; return; fi
-  for candidate in /usr/lib/jvm/java-17-openjdk-amd64 /usr/lib/jvm/java-17-openjdk-arm64 /usr/lib/jvm/java-17-openjdk; do
-    [ -x "$candidate/bin/java" ] && { echo "$candidate"; return; }
+  minimum=$(required_java)
+  java=$(command -v java 2>/dev/null) && java=$(dirname "$(dirname "$(readlink -f "$java")")")
+  for candidate in /usr/lib/jvm/* /opt/*jdk* /opt/java/* ${java:+"$java"}; do
+    [ -x "$candidate/bin/java" ] || continue
+    major=$(java_major "$candidate")
+    if [ "$major" -ge "$minimum" ] && [ "$major" -lt "$best_major" ]; then best=$candidate; best_major=$major; fi
   done
-  local java; java=$(command -v java) || { log "no Java found: install openjdk-17-jre-headless"; exit 1; }
-  dirname "$(dirname "$(readlink -f "$java")")"
+  [ -n "$best" ] || {
+    log "$NAME needs Java $minimum or newer and none is installed: install openjdk-$minimum-jre-headless or set $override"
+    exit 1; }
+  echo "$best"
 }
 
 fetch() {

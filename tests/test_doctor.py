@@ -12,6 +12,7 @@ import requests
 import responses
 from click.testing import CliRunner
 
+from faultproxy import FaultProxy
 from support import ROOT, agent_env
 from pushagent.cli import cli
 from pushagent.config import Config
@@ -39,6 +40,7 @@ def cluster(stub, root=ES_ROOT, status=200, skew=0.0, index_status=200):
     date = email.utils.formatdate(time.time() + skew, usegmt=True)
     stub.get(BASE + "/", json=root, status=status, headers={"Date": date})
     stub.head(BASE + "/words", status=index_status)
+    stub.get(BASE + "/_security/_authenticate", json={"username": "pusher"})
 
 
 def run_doctor(tmp_path, **config) -> dict:
@@ -57,7 +59,7 @@ def test_key_with_read_and_index_only_passes_everything(stub, tmp_path):
     assert checks["cluster"] == ("ok", "prod: elasticsearch 8.13.0")
     assert checks["credentials"] == ("ok", "API key from PUSHAGENT_API_KEY")
     assert checks["clock"][0] == "ok" and checks["index:words"] == ("ok", "exists")
-    sent = json.loads(stub.calls[1].request.body)
+    sent = json.loads(next(call for call in stub.calls if "_has_privileges" in call.request.url).request.body)
     assert sent["index"][0]["names"] == ["words"]
 
 
@@ -84,6 +86,32 @@ def test_privileges_not_checkable_is_said_not_guessed(stub, tmp_path):
     stub.get(BASE + "/_plugins/_security/authinfo", json={"user_name": "pusher", "roles": ["words_writer"]})
     status, detail = run_doctor(tmp_path)["privileges"]
     assert status == "skip" and "not checkable" in detail and "['words_writer']" in detail
+
+
+def test_no_security_api_skips_the_privilege_probe_without_sending_it(stub, tmp_path):
+    # Elasticsearch 7 without security would route the POST as a typed index request (a CRITICAL deprecation).
+    cluster(stub)
+    stub.replace(responses.GET, BASE + "/_security/_authenticate", status=405,
+                 json={"error": "Incorrect HTTP method for uri [/_security/_authenticate] and method [GET], "
+                                "allowed: [POST]", "status": 405})
+    assert run_doctor(tmp_path)["privileges"] == (
+        "skip", "not checkable: _security/_authenticate answered HTTP 405 (security disabled?)")
+    assert not [call for call in stub.calls if "_has_privileges" in call.request.url]
+
+
+def test_get_root_refused_falls_back_to_the_node_info(stub, tmp_path):
+    cluster(stub)
+    stub.replace(responses.GET, BASE + "/", status=405, headers={"X-elastic-product": "Elasticsearch"},
+                 json={"error": "Incorrect HTTP method for uri [/] and method [GET], allowed: [DELETE]"})
+    stub.get(BASE + "/_nodes/_local", json={"cluster_name": "prod", "nodes": {"n1": {"version": "8.19.0"}}})
+    stub.post(BASE + "/_security/user/_has_privileges", json=privileges(read=True, index=True))
+    checks = run_doctor(tmp_path)
+    assert checks["reachability"][0] == "ok" and checks["reachability"][1].endswith(
+        "(GET / is not served; GET /_nodes/_local answered HTTP 200)")
+    assert checks["authentication"][0] == "ok" and checks["cluster"] == ("ok", "prod: elasticsearch 8.19.0")
+    assert checks["privileges:words"][0] == "ok"
+    stub.replace(responses.GET, BASE + "/_nodes/_local", status=401)
+    assert run_doctor(tmp_path)["authentication"][0] == "fail"
 
 
 def test_index_auto_creation_and_clock_skew(stub, tmp_path):
@@ -197,3 +225,15 @@ def test_the_sqlite_queue_syncs_every_commit(tmp_path):
         assert queue._db.execute("PRAGMA synchronous").fetchone()[0] == 2   # FULL
     finally:
         queue.close()
+
+
+def test_doctor_on_the_elasticsearch_integ_test_zip(es_url, es_index, tmp_path):
+    # Its GET / answers 405 and it has no security module: doctor passes and never sends _has_privileges.
+    with FaultProxy(es_url) as proxy:
+        code, checks = doctor_via(proxy.url, {"PUSHAGENT_STATE_DIR": str(tmp_path)}, es_index)
+    assert code == 0, checks
+    version = requests.get(f"{es_url}/_nodes/_local", params={"filter_path": "nodes.*.version"},
+                           timeout=30).json()["nodes"].popitem()[1]["version"]
+    assert checks["reachability"][0] == "ok" and checks["cluster"] == ("ok", f"pushagent-dev: elasticsearch {version}")
+    assert checks["privileges"][0] == "skip"
+    assert not [r for r in proxy.requests if "_has_privileges" in r.path]
