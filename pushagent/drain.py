@@ -249,7 +249,8 @@ class DrainRun:
         def items(docs):
             return [by_key[(doc.index, doc.doc_id)] for doc in docs]
         acked = queue.ack(items(outcome.indexed + outcome.current))
-        queue.resolve(outcome.indexed + outcome.current)
+        queue.resolve(outcome.indexed)
+        queue.resolve(outcome.current, conflict=True)
         failed = _with_reasons(by_key, outcome.retry)
         queue.fail(failed)
         dead = _with_reasons(by_key, outcome.dead)

@@ -555,7 +555,8 @@ class _Committer:
             retry = [_document_item(batch_id, doc, reason, "retryable") for doc, reason in outcome.retry]
             dead = [_document_item(batch_id, doc, reason, "permanent") for doc, reason in outcome.dead]
             if self.queue is not None:
-                self.queue.resolve(outcome.indexed + outcome.current)
+                self.queue.resolve(outcome.indexed)
+                self.queue.resolve(outcome.current, conflict=True)
                 self.queue.put(retry)
                 self.queue.dead_letter(dead)
                 self.run.recorder.resolved(outcome)

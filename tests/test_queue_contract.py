@@ -235,6 +235,17 @@ def test_resolve_removes_queued_and_dead_items_of_that_version_or_older_only(que
     assert queue.stats()["dead"] == 1
 
 
+def test_a_409_leaves_a_repair_of_that_version_queued(queue):
+    repair = doc_item(5, version=100, kind="repair")
+    repair.version_type = "external_gte"
+    queue.put([repair, doc_item(6, version=100)])
+    assert queue.resolve([Acked(5, 100), Acked(6, 100)], conflict=True) == 1    # the plain item only
+    assert keys(queue.list(limit=10)) == {"words/w5"}
+    assert queue.resolve([Acked(5, 150)], conflict=True) == 1                  # a newer version held: done
+    queue.put([repair])
+    assert queue.resolve([Acked(5, 100)]) == 1                                 # the repair itself acknowledged
+
+
 def test_an_older_index_item_never_outlives_a_newer_acknowledged_delete(queue):
     queue.put([doc_item(4, version=100)])
     (taken,) = queue.take(1)

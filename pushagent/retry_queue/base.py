@@ -142,16 +142,18 @@ class RetryQueue:
         """
         raise NotImplementedError
 
-    def resolve(self, docs) -> int:
+    def resolve(self, docs, conflict: bool = False) -> int:
         """Remove queued or dead items a write just made obsolete; returns how many.
 
         `docs` have index, doc_id and version: documents the cluster acknowledged
-        (indexed, deleted, or already holding that version or a newer one). An
-        item of the same index and id with a version at most theirs can never
-        change the cluster again; left queued, an older index item would bring
-        back a document a newer delete removed, and a dead one would keep
-        `status` in warning for good. Leased items go too: their holder's
-        settle then finds nothing.
+        (indexed, deleted, or, with `conflict`, answered 409: it holds that
+        version or a newer one). An item of the same index and id with a version
+        at most theirs can never change the cluster again; left queued, an older
+        index item would bring back a document a newer delete removed, and a
+        dead one would keep `status` in warning for good. Leased items go too:
+        their holder's settle then finds nothing. A 409 leaves a repair of that
+        very version (external_gte) queued: a repair exists because the version
+        the cluster holds is not our content, and it is sent to win over it.
         """
         raise NotImplementedError
 
@@ -204,9 +206,9 @@ def open_queue(url: str, max_attempts: int = 8, max_retry_delay: float = 6 * 360
     raise ConfigError(f"unsupported queue_url {redact_url(url)!r}: expected sqlite:///path or redis://host:port/db")
 
 
-def resolvable(docs) -> list[tuple[str, int]]:
-    """(item key, version) of acknowledged documents that carry a version."""
-    return [(QueueItem.document_key(doc.index, doc.doc_id), doc.version) for doc in docs
+def resolvable(docs, conflict: bool = False) -> list[tuple[str, int, int]]:
+    """(item key, version, 1 when a repair of that version stays) of acknowledged documents with a version."""
+    return [(QueueItem.document_key(doc.index, doc.doc_id), doc.version, int(conflict)) for doc in docs
             if doc.version is not None and doc.doc_id is not None]
 
 

@@ -115,10 +115,14 @@ return moved
 # ARGV: per document: key, acknowledged version. Items of that version or older go, whatever their state.
 RESOLVE = """
 local removed = 0
-for i = 1, #ARGV, 2 do
-  local key = ARGV[i]
+for i = 1, #ARGV, 3 do
+  local key, acked = ARGV[i], tonumber(ARGV[i + 1])
   local version = redis.call('HGET', KEYS[1] .. key, 'version')
-  if version and version ~= '' and tonumber(version) <= tonumber(ARGV[i + 1]) then
+  local kept = false
+  if version and version ~= '' and ARGV[i + 2] == '1' and tonumber(version) == acked then
+    kept = cjson.decode(redis.call('HGET', KEYS[1] .. key, 'meta'))['version_type'] == 'external_gte'
+  end
+  if version and version ~= '' and tonumber(version) <= acked and not kept then
     redis.call('DEL', KEYS[1] .. key)
     redis.call('ZREM', KEYS[2], key); redis.call('ZREM', KEYS[3], key); redis.call('ZREM', KEYS[4], key)
     removed = removed + 1
@@ -213,8 +217,8 @@ class RedisQueue(RetryQueue):
     def make_due(self, batch_id=None) -> int:
         return self._script("make_due", [repr(now()), batch_id or ""])
 
-    def resolve(self, docs) -> int:
-        rows = resolvable(docs)
+    def resolve(self, docs, conflict=False) -> int:
+        rows = resolvable(docs, conflict)
         return sum(self._script("resolve", [value for row in rows[start:start + PAGE] for value in row])
                    for start in range(0, len(rows), PAGE))
 

@@ -58,7 +58,8 @@ UPDATE items SET next_attempt_at = :now
 WHERE status = 'pending' AND kind != '{QUARANTINED}' AND lease_until <= :now AND next_attempt_at > :now
   AND (:batch IS NULL OR batch_id = :batch)
 """
-RESOLVE = "DELETE FROM items WHERE key = ? AND version IS NOT NULL AND version <= ?"
+RESOLVE = ("DELETE FROM items WHERE key = ?1 AND version IS NOT NULL AND version <= ?2 "
+           "AND NOT (?3 AND version = ?2 AND version_type = 'external_gte')")
 PURGE = """
 DELETE FROM items WHERE status = 'dead' AND (:batch IS NULL OR batch_id = :batch)
   AND (:reason IS NULL OR instr(last_error, :reason) > 0) AND (:before IS NULL OR created_at < :before)
@@ -175,8 +176,8 @@ class SqliteQueue(RetryQueue):
         params = {"now": now(), "batch": batch_id}
         return self._transaction(lambda db: db.execute(MAKE_DUE, params).rowcount)
 
-    def resolve(self, docs) -> int:
-        rows = resolvable(docs)
+    def resolve(self, docs, conflict=False) -> int:
+        rows = resolvable(docs, conflict)
         return self._write(RESOLVE, rows) if rows else 0
 
     def purge(self, batch_id=None, reason=None, older_than=None) -> int:
