@@ -25,11 +25,13 @@ class Link:
     def __init__(self, bytes_per_s: float):
         self.bytes_per_s = bytes_per_s
         self.busy_until = 0.0
+        self.bytes = 0  # carried so far: the harness reads how full the link was
         self.lock = threading.Lock()
 
     def reserve(self, nbytes: int) -> float:
         """The monotonic time at which `nbytes`, queued now, have been put on the wire."""
         with self.lock:
+            self.bytes += nbytes
             self.busy_until = max(time.monotonic(), self.busy_until) + nbytes / self.bytes_per_s
             return self.busy_until
 
