@@ -123,7 +123,8 @@ def compare(args, work: Path) -> dict:
         results["left_out"]["esbulk"] = "no --esbulk binary given (the Go module proxy refuses esbulk)"
     cluster, proxy = bench.Cluster(work / "cluster"), None
     try:
-        results["machine"] = {**bench.machine_facts(cluster.version), "go": _go_version()}
+        results["machine"] = {**bench.machine_facts(cluster.version), "go": _go_version(),
+                              **({"esbulk": _esbulk_version(args.esbulk)} if args.esbulk else {})}
         profiles = {"loopback": cluster.url}
         if args.wan:
             proxy = WanProxy(int(cluster.url.rsplit(":", 1)[1]), DELAY_MS, MBIT).start()
@@ -154,6 +155,10 @@ def _go_version() -> str:
 def save(results: dict) -> None:
     bench.RESULTS.mkdir(parents=True, exist_ok=True)
     (bench.RESULTS / "peers.json").write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
+
+
+def _esbulk_version(binary: str) -> str:
+    return subprocess.run([binary, "-v"], capture_output=True, text=True).stdout.strip()
 
 
 def main(args) -> int:

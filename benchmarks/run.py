@@ -181,6 +181,9 @@ def run_once(argv, env: dict, stdin_lines=None, capture_report: bool = False, ch
             os.killpg(process.pid, signal.SIGKILL)  # its own session: time, the client and what it started
             stdout, stderr = process.communicate()
             status = "timeout"
+        except BaseException:  # the harness itself is stopped: leave no client behind
+            os.killpg(process.pid, signal.SIGKILL)
+            raise
         wall = time.monotonic() - started
         if check and status != 0:
             raise RuntimeError(f"{argv[:4]} exited {status}: {stderr.decode()[-800:]}")

@@ -121,3 +121,19 @@ def test_the_wan_proxy_adds_its_latency_each_way(wan):
         assert connection.recv(2) == b"ok"
         round_trip = time.monotonic() - started
     assert 2 * DELAY_MS / 1000 <= round_trip <= 2 * DELAY_MS / 1000 + 0.1, f"round trip {round_trip * 1000:.0f} ms"
+
+
+# ---------------------------------------------------------------- the opensearch-go peer
+
+def test_the_opensearch_go_peer_builds_and_delivers_every_document(sink, tmp_path):
+    import peers  # benchmarks/peers.py
+
+    binary, why_not = peers.build_gobulk(tmp_path, attempts=1)
+    if binary is None:
+        pytest.skip(f"opensearch-go peer not built: {why_not}")
+    data = bench.generate(tmp_path, "words.jsonl", RECORDS)
+    client = next(c for c in peers.peer_table(binary, None) if c[1] == "gobulk")
+    argv = peers.command(client, sink.url, "bench", data, {"gobulk": binary}, tmp_path)
+    measured = bench.run_once(argv, {}, check=False, timeout=60)
+    assert measured["exit"] == 0, measured.get("stderr")
+    assert sink.counters()["docs"] == RECORDS

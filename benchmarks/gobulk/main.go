@@ -50,7 +50,7 @@ func main() {
 				check(err)
 			}
 			check(indexer.Add(context.Background(), opensearchutil.BulkIndexerItem{
-				Action: "index", DocumentID: record.ID, Body: bytes.NewReader(line)}))
+				Action: "index", DocumentID: record.ID, Body: bytes.NewReader(bytes.TrimRight(line, "\r\n"))}))
 			docs++
 		}
 		if readErr != nil {
