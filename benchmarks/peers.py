@@ -77,14 +77,22 @@ def cluster_cpu_s(cluster) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def machine_busy_s() -> float:
+    """CPU seconds all cores of the machine spent busy so far (not idle, not waiting for I/O): the
+    other processes of a shared machine take cores from the client and the cluster too."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def sample(client, profile: str, url: str, cluster, proxy, path: Path, docs: int, binaries, work: Path,
            number: int) -> dict:
     name, kind, _, env, _ = client
     index = f"peers-{kind}-{number}"
     cluster.fresh_index(index)
     argv = command(client, url, index, path, binaries, Path(tempfile.mkdtemp(dir=work, prefix="state-")))
-    cpu_before, wire_before = cluster_cpu_s(cluster), proxy.up.bytes if proxy else 0
+    cpu_before, wire_before, busy_before = cluster_cpu_s(cluster), proxy.up.bytes if proxy else 0, machine_busy_s()
     measured = bench.run_once(argv, env, check=False, timeout=max(120, docs / 100))
+    measured["machine_busy_s"] = machine_busy_s() - busy_before
     measured["cluster_cpu_s"] = cluster_cpu_s(cluster) - cpu_before
     measured["wire_bytes"] = (proxy.up.bytes - wire_before) if proxy else None
     measured["stored"] = cluster.count(index)
@@ -102,7 +110,8 @@ def summarize(client, profile: str, docs: int, samples: list) -> dict:
     wall = median("wall_s")
     return {"client": client[0], "profile": profile, "gzip": client[2], "docs": docs, "runs": len(samples),
             "docs_per_s": docs / wall, "wall_s": wall, "cpu_s": median("cpu_s"), "rss_mib": median("rss_mib"),
-            "cluster_cpu_s": median("cluster_cpu_s"), "wire_bytes": median("wire_bytes"),
+            "cluster_cpu_s": median("cluster_cpu_s"), "machine_busy_s": median("machine_busy_s"),
+            "wire_bytes": median("wire_bytes"),
             "exits": [s["exit"] for s in samples], "exact": all(s["stored"] == docs for s in samples),
             "stored": [s["stored"] for s in samples], "samples": samples}
 
