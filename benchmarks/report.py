@@ -111,6 +111,79 @@ def chart(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+# ---------------------------------------------------------------- pushagent and its peers (run.py --peers)
+
+def bound(row: dict, cores: int, link_bytes_per_s: float | None) -> str:
+    """What limits a row, read from CPU time and bytes against wall time (a heuristic, stated as one)."""
+    client, cluster = row["cpu_s"] / row["wall_s"], row["cluster_cpu_s"] / row["wall_s"]
+    busy = row.get("machine_busy_s", 0) / row["wall_s"]
+    if link_bytes_per_s and row["wire_bytes"] and row["wire_bytes"] / row["wall_s"] >= 0.75 * link_bytes_per_s:
+        return "link"
+    if client >= 0.9:
+        return "client CPU (a core)"
+    if max(busy, client + cluster) >= 0.85 * cores:
+        users = {"client": client, "cluster": cluster, "other processes": max(busy - client - cluster, 0)}
+        return f"the {cores} shared cores (" + ", ".join(f"{k} {v:.1f}" for k, v in users.items()) + ")"
+    return "waiting on round trips (requests in flight)"
+
+
+def _ok(row: dict) -> bool:
+    return row["exact"] and all(status == 0 for status in row["exits"])
+
+
+def peers_table(results: dict, profile: str) -> list:
+    rows = [r for r in results["rows"] if r["profile"] == profile]
+    peers = [r for r in rows if not r["client"].startswith("pushagent") and _ok(r)]
+    best = max(peers, key=lambda r: r["docs_per_s"]) if peers else None
+    wan = results.get("wan") or {}
+    link = wan.get("mbit", 0) * 1e6 / 8 if profile == "wan" else None
+    cores = results.get("machine", {}).get("cores", 2)
+    lines = [f"| client | docs/s | vs best peer | client CPU s | client CPU / wall | cluster CPU / wall | "
+             f"machine busy / wall | {'link use | ' if link else ''}peak RSS MiB | exit | exact | bound |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | " + ("---: | " if link else "") + "---: | --- | --- | --- |"]
+    for r in rows:
+        ratio = f"{r['docs_per_s'] / best['docs_per_s']:.2f}x" if best else "-"
+        use = f"{r['wire_bytes'] / r['wall_s'] / link:.0%} | " if link and r["wire_bytes"] is not None else ""
+        exact = "yes" if r["exact"] else "**no** (" + ", ".join(f"{n:,}" for n in r["stored"]) + ")"
+        exits = ", ".join(str(e) for e in r["exits"])
+        lines.append(f"| {r['client']} | {r['docs_per_s']:,.0f} | {ratio} | {r['cpu_s']:.1f} | "
+                     f"{r['cpu_s'] / r['wall_s']:.2f} | {r['cluster_cpu_s'] / r['wall_s']:.2f} | "
+                     f"{r.get('machine_busy_s', 0) / r['wall_s']:.2f} | {use}"
+                     f"{r['rss_mib']:.0f} | {exits} | {exact} | {bound(r, cores, link)} |")
+    if best:
+        lines += ["", f"Best peer: {best['client']} ({best['docs_per_s']:,.0f} docs/s)."]
+    return lines
+
+
+def write_peers_report(results: dict, path: Path) -> None:
+    machine, wan = results.get("machine", {}), results.get("wan")
+    quick = " --quick" if results.get("quick") else ""
+    lines = ["# pushagent and its peers on a real cluster" + (" (quick run)" if quick else ""), "",
+             f"Produced by `python benchmarks/run.py --peers{' --wan' if wan else ''}{quick}` on {results['started']}: "
+             f"{results['records']:,} records of 384-float embeddings into the harness's own OpenSearch node, "
+             f"median of {results['runs']} runs per row; every round runs every client in every profile, "
+             "so load changes hit all rows alike.", "",
+             "Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()), ""]
+    if wan:
+        lines += [f"WAN profile: `benchmarks/wanproxy.py`, {wan['delay_ms']} ms added each way and ONE "
+                  f"{wan['mbit']} Mbit/s link per direction shared by all connections.", ""]
+    lines += ["Columns: client CPU s is the client's user+sys time (GNU time); CPU / wall is in cores; "
+              "cluster CPU is the node's own process over the same run; machine busy is all cores' busy time "
+              "(the client, the node, the proxy and everything else on the machine); link use is the request bytes the "
+              "WAN link carried over its capacity; exact means the index then held exactly the records, in "
+              "every run. Bound is read from those figures: the link when it is 75% full, the client when it "
+              "uses a whole core, the shared cores when 85% of them are busy, "
+              "otherwise waiting on round trips.", ""]
+    for profile in dict.fromkeys(r["profile"] for r in results["rows"]):
+        lines += [f"## {profile}", ""] + peers_table(results, profile) + [""]
+    left_out = results.get("left_out", {})
+    if left_out:
+        lines += ["## Left out", ""] + [f"- {name}: {why}" for name, why in left_out.items()] + [""]
+    path.write_text("\n".join(lines))
+
+
 if __name__ == "__main__":
     directory = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent / "results"
+    if (directory / "peers.json").exists():
+        write_peers_report(orjson.loads((directory / "peers.json").read_bytes()), directory / "peers.md")
     write_report(orjson.loads((directory / "results.json").read_bytes()), directory)

@@ -11,6 +11,11 @@ docs/s, client CPU (user+sys, from wait4) per 100k docs, peak RSS, and bytes
 on the wire (counted by the null sink). For pushagent it also measures the
 resume cost at 90% of the 1M-record file and the peak RSS at 100k vs 1M.
 Writes benchmarks/results/results.md, results.json and chart.png.
+
+    python benchmarks/run.py --peers [--wan] [--quick] [--records N] [--esbulk BINARY]
+
+compares pushagent with its peers on the cluster only, on loopback and over a
+WAN profile, in one interleaved run (benchmarks/peers.py): results/peers.md.
 """
 
 import argparse
@@ -152,9 +157,11 @@ def command(kind: str, url: str, index: str, path: Path, gzip: bool, state_dir: 
     return [sys.executable, str(BENCH / "clients.py"), kind, url, index, str(path)] + (["--gzip"] if gzip else [])
 
 
-def run_once(argv, env: dict, stdin_lines=None, capture_report: bool = False) -> dict:
-    """Run one client process under /usr/bin/time: wall time, CPU (user+sys) and peak RSS (and, with
-    `capture_report`, its --json report).
+def run_once(argv, env: dict, stdin_lines=None, capture_report: bool = False, check: bool = True,
+             timeout: float | None = None) -> dict:
+    """Run one client process under /usr/bin/time: wall time, CPU (user+sys), peak RSS and exit status
+    (and, with `capture_report`, its --json report). With `check`, a non-zero exit raises; past
+    `timeout` seconds the client's process group is killed and the exit status is "timeout".
 
     Not wait4 from here: Linux carries a process's peak RSS across fork and
     exec, so a child of this (large) harness would report at least its size.
@@ -162,17 +169,32 @@ def run_once(argv, env: dict, stdin_lines=None, capture_report: bool = False) ->
     """
     with tempfile.NamedTemporaryFile("r", suffix=".time") as usage:
         started = time.monotonic()
-        process = subprocess.run(["/usr/bin/time", "-f", "%U %S %M", "-o", usage.name, *argv],
-                                 env={**os.environ, "PYTHONPATH": str(ROOT), **env},
-                                 input="\n".join(stdin_lines).encode() if stdin_lines else None,
-                                 stdin=None if stdin_lines else subprocess.DEVNULL, capture_output=True)
+        process = subprocess.Popen(["/usr/bin/time", "-f", "%U %S %M", "-o", usage.name, *argv],
+                                   env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+                                   stdin=subprocess.PIPE if stdin_lines else subprocess.DEVNULL,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            stdout, stderr = process.communicate("\n".join(stdin_lines).encode() if stdin_lines else None,
+                                                 timeout=timeout)
+            status = process.returncode
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)  # its own session: time, the client and what it started
+            stdout, stderr = process.communicate()
+            status = "timeout"
+        except BaseException:  # the harness itself is stopped: leave no client behind
+            os.killpg(process.pid, signal.SIGKILL)
+            raise
         wall = time.monotonic() - started
-        if process.returncode != 0:
-            raise RuntimeError(f"{argv[:4]} exited {process.returncode}: {process.stderr.decode()[-800:]}")
-        user, system, rss_kib = usage.read().split()[-3:]
-    measured = {"wall_s": wall, "cpu_s": float(user) + float(system), "rss_mib": int(rss_kib) / 1024}
+        if check and status != 0:
+            raise RuntimeError(f"{argv[:4]} exited {status}: {stderr.decode()[-800:]}")
+        fields = usage.read().split()[-3:]
+    user, system, rss_kib = fields if len(fields) == 3 else (0, 0, 0)
+    measured = {"wall_s": wall, "cpu_s": float(user) + float(system), "rss_mib": int(rss_kib) / 1024,
+                "exit": status}
+    if status != 0:
+        measured["stderr"] = stderr.decode(errors="replace")[-400:]
     if capture_report:
-        measured["report"] = orjson.loads(process.stdout)
+        measured["report"] = orjson.loads(stdout)
     return measured
 
 
@@ -210,7 +232,8 @@ def sample_once(client, target_name, target, path: Path, docs: int, number: int,
 
 
 def row(client, target_name: str, docs: int, samples: list) -> dict:
-    median = {key: statistics.median(s[key] for s in samples) for key in samples[0]}
+    median = {key: statistics.median(s[key] for s in samples) for key in ("wall_s", "cpu_s", "rss_mib", "bytes")
+              if key in samples[0]}
     return {"client": client[0], "target": target_name, "gzip": client[2], "docs": docs, "runs": len(samples),
             "docs_per_s": docs / median["wall_s"], "cpu_s": median["cpu_s"],
             "cpu_s_per_100k": median["cpu_s"] * 100_000 / docs, "rss_mib": median["rss_mib"],
@@ -276,12 +299,18 @@ def resume_cost(sink: NullSink, path: Path, total: int, work: Path) -> dict:
 # ---------------------------------------------------------------- report
 
 def machine_facts(cluster_version) -> dict:
-    import elasticsearch
-    import opensearchpy
     return {"cores": os.cpu_count(), "cpu": _cpu_model(), "python": platform.python_version(),
             "os": platform.platform(), "opensearch": cluster_version or "not run",
-            "opensearch-py": opensearchpy.__versionstr__, "elasticsearch-py": elasticsearch.__versionstr__,
+            "opensearch-py": _version("opensearch-py"), "elasticsearch-py": _version("elasticsearch"),
             "curl": subprocess.run(["curl", "--version"], capture_output=True, text=True).stdout.split()[1]}
+
+
+def _version(distribution: str) -> str:
+    from importlib import metadata
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def _cpu_model() -> str:
@@ -301,7 +330,17 @@ def main(argv=None) -> int:
     parser.add_argument("--only", help="run only clients whose name contains this")
     parser.add_argument("--keep", action="store_true",
                         help="keep the rows of results.json from the same mode and run only the missing ones")
+    parser.add_argument("--peers", action="store_true",
+                        help="instead: pushagent side by side with its peers on the cluster (benchmarks/peers.py)")
+    parser.add_argument("--wan", action="store_true",
+                        help="with --peers: also run every cluster row through the WAN proxy (25 ms each way, "
+                             "one shared 100 Mbit/s link per direction)")
+    parser.add_argument("--records", type=int, help="with --peers: records to push [100000, --quick 50000]")
+    parser.add_argument("--esbulk", help="with --peers: an esbulk binary to run as a peer (built by hand)")
     args = parser.parse_args(argv)
+    if args.peers:
+        import peers  # benchmarks/peers.py
+        return peers.main(args)
     from report import write_report  # benchmarks/report.py
 
     data_dir = Path(args.data)
