@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import generate_data  # noqa: E402
 
-INDEX, QUEUE_INDEX = "compat-words", "compat-queue"
-BATCH_SIZE, DELETES, QUEUED = 2_000, 100, 50
+INDEX = "compat-words"
+BATCH_SIZE, DELETES = 2_000, 100
 DELETED_IDS = [f"w{number:08d}" for number in range(BATCH_SIZE - DELETES, BATCH_SIZE)]
 STEPS = {
     "push": "push a generated batch of 2,000 records with --embedding-version; it verifies at the end",
@@ -37,8 +37,8 @@ STEPS = {
     "delete batch": "a second batch of 100 delete operations (op_field, allow_delete: true) on ids of the first",
     "verify --full": "verify --full of the first batch: the scan reads every document; the only differences "
                      "allowed are the 100 ids the delete batch removed",
-    "drain": "50 records refused per item with 429 (a read-only-allow-delete block) go to the retry queue; "
-             "after the block is lifted, drain sends and acknowledges all of them",
+    "drain": "a document of the first batch edited by hand (its stamp kept): `verify --full --recompute "
+             "--repair` queues it and drain puts the batch's content back",
     "doctor": "doctor exits 0 and the server logs no CRITICAL deprecation for its probes",
 }
 DOC_HEADER = """# Compatibility
@@ -99,8 +99,7 @@ class Scenario:
     # -- the steps, in order: each returns a Step ---------------------------------------------------------
 
     def step_push(self) -> Step:
-        for index in (INDEX, QUEUE_INDEX):  # a node used before
-            requests.delete(f"{self.url}/{index}", timeout=60)
+        requests.delete(f"{self.url}/{INDEX}", timeout=60)  # a node used before
         data = self.work / "words-0001.jsonl"
         generate_data.write_records(str(data), BATCH_SIZE, 8, 42)
         code, report, stderr = self.push(data, extra=["--embedding-version", "v1"])
@@ -154,22 +153,23 @@ class Scenario:
         return Step(False, f"fail ({api}): {failure(code, report, stderr)}", detail)
 
     def step_drain(self) -> Step:
-        blocked = {"index.blocks.read_only_allow_delete": True}
-        requests.put(f"{self.url}/{QUEUE_INDEX}", json={"settings": blocked}, timeout=60).raise_for_status()
-        data = self.work / "queued-0003.jsonl"
-        generate_data.write_records(str(data), QUEUED, 8, 7, start=10_000)
-        code, report, stderr = self.push(data, index=QUEUE_INDEX, extra=["--no-verify"],
-                                         env={"PUSHAGENT_MAX_RETRIES": "1", "PUSHAGENT_RETRY_BACKOFF_SECONDS": "0.05"})
-        if report.get("queued") != QUEUED:
-            return Step(False, f"fail: the refused push queued {report.get('queued')} of {QUEUED}",
-                        failure(code, report, stderr))
-        requests.put(f"{self.url}/{QUEUE_INDEX}/_settings", json={"index.blocks.read_only_allow_delete": None},
+        # A document edited by hand: verify --full --repair queues it, drain must put our content back.
+        doc_id, url = "w00000007", f"{self.url}/{INDEX}/_doc/w00000007"
+        original = requests.get(url, timeout=60).json()["_source"]
+        requests.put(url, json={**original, "word": "edited by hand"}, params={"refresh": "true"},
                      timeout=60).raise_for_status()
+        code, report, stderr = self.cli("verify", "--batch-id", self.first_batch, "--full", "--recompute",
+                                        "--repair")
+        queued = report.get("verification", {}).get("full", {}).get("mismatched_ids")
+        if queued != [doc_id]:
+            return Step(False, f"fail: verify --full --repair found {queued}, not [{doc_id}]",
+                        failure(code, report, stderr))
         code, report, stderr = self.cli("drain", "--all")
-        held = self.count(QUEUE_INDEX)
-        if code == 0 and report.get("acked") == QUEUED and held == QUEUED:
-            return Step(True, "pass", f"{QUEUED} queued by per-item 429s, all sent and acknowledged by drain")
-        return Step(False, f"fail: {failure(code, report, stderr)}", f"acked {report.get('acked')}, index holds {held}")
+        restored = requests.get(url, timeout=60).json().get("_source", {}) == original
+        if code == 0 and restored:
+            return Step(True, "pass", f"{doc_id}, edited by hand, queued by verify --full --recompute --repair, "
+                                      f"restored by drain ({report.get('acked')} acknowledged)")
+        return Step(False, f"fail: {failure(code, report, stderr)}", f"restored: {restored}")
 
     def step_doctor(self) -> Step:
         code, report, stderr = self.cli("doctor", "--index", INDEX)
