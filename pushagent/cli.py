@@ -246,12 +246,9 @@ def queue():
 
 
 def _with_queue(config_file, state_dir, queue_url, action):
-    from .drain import open_configured_queue
-    retry_queue = open_configured_queue(load_config(config_file, _flags(state_dir=state_dir, queue_url=queue_url)))
-    try:
+    from .retry_queue import configured_queue
+    with configured_queue(load_config(config_file, _flags(state_dir=state_dir, queue_url=queue_url))) as retry_queue:
         return action(retry_queue)
-    finally:
-        retry_queue.close()
 
 
 @queue.command("stats")

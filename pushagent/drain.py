@@ -28,7 +28,7 @@ from .errors import EXIT_FAILURE, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK
 from .ledger import Ledger
 from .queue_view import EMPTY_STATS, counts_text
 from .ratelimit import bucket_for
-from .retry_queue import REPAIR, QueueItem, open_queue
+from .retry_queue import REPAIR, QueueItem, open_configured_queue
 from .sender import ChunkAborted, ChunkSender, HttpTransport, Outcome, TransferStats
 
 
@@ -70,11 +70,6 @@ class DrainResult:
         if self.error:
             report["error"] = str(self.error)
         return report
-
-
-def open_configured_queue(config):
-    """The retry queue named by the configuration."""
-    return open_queue(config.resolved_queue_url, config.max_attempts, config.max_retry_delay)
 
 
 def next_due_at(queue, batch_id: str | None, look_at: int = 1000) -> str | None:

@@ -30,7 +30,7 @@ from .ratelimit import bucket_for
 from .recording import BatchRecorder
 from .repeats import RepeatedIds
 from .reader import InputReadError, expand_inputs, next_line_start, read_lines
-from .retry_queue import QueueItem, open_queue
+from .retry_queue import QueueItem, open_configured_queue
 from .sender import ChunkAborted, ChunkSender, DryRunTransport, HttpTransport, Outcome, TransferStats
 from .shard import Shard, file_ranges, run_key
 from .sharded import agreed_inputs
@@ -210,8 +210,7 @@ class PushRun:
             saved = self.store.load(self.run_key)
             verify_only = saved is not None and self._verification_pending(saved)
             state = saved if verify_only else self._initial_state(saved)
-            retry_queue = open_queue(self.config.resolved_queue_url, self.config.max_attempts,
-                                     self.config.max_retry_delay)
+            retry_queue = open_configured_queue(self.config)
             self.recorder = BatchRecorder(self.config, self.batch_id, self.build_settings, self.files, self.store,
                                           self.options.verify, self.options.shard)
             try:

@@ -5,7 +5,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .progress import human_duration
-from .retry_queue import QueueItem
+from .retry_queue import QueueItem, configured_queue
 from .retry_queue.base import summarize
 
 EMPTY_STATS = summarize([], {}, 0.0)
@@ -14,15 +14,11 @@ EMPTY_STATS = summarize([], {}, 0.0)
 def read_queue(config, action, empty):
     """action(queue) on the configured queue; `empty` when it is a SQLite file that does not exist yet,
     which looking at it must not create (nor its state directory)."""
-    from .drain import open_configured_queue   # drain imports the sender: only when a queue is read
     url = config.resolved_queue_url
     if url.startswith("sqlite://") and not Path(url[len("sqlite://"):]).exists():
         return empty
-    retry_queue = open_configured_queue(config)
-    try:
+    with configured_queue(config) as retry_queue:
         return action(retry_queue)
-    finally:
-        retry_queue.close()
 
 
 def item_summary(item: QueueItem) -> dict:

@@ -20,7 +20,7 @@ from .errors import EXIT_INCOMPLETE, EXIT_OK, ConfigError
 from .extra import DeleteRefused, delete_extra
 from .fullscan import enqueue
 from .mirror import mirror_state
-from .retry_queue import open_queue
+from .retry_queue import configured_queue
 from .shard import Shard, run_key
 from .sharded import batch_fields, batch_progress, check_finished, merged_table, shard_states
 from .state import AuditLog, SyncStateStore, runtime_fields
@@ -207,11 +207,8 @@ def _note_queued(config, batch_id: str, result: dict) -> None:
     count = result.get("count", {})
     if not count.get("missing"):
         return
-    retry_queue = open_queue(config.resolved_queue_url, config.max_attempts, config.max_retry_delay)
-    try:
+    with configured_queue(config) as retry_queue:
         waiting = retry_queue.stats()["batches"].get(batch_id, {}).get("pending", 0)
-    finally:
-        retry_queue.close()
     if waiting:
         count["waiting_in_queue"] = waiting
         summarize(result)
@@ -220,12 +217,9 @@ def _note_queued(config, batch_id: str, result: dict) -> None:
 def _dead_documents(config, batch_id: str) -> list:
     """(index, id) of the batch's dead-lettered documents: the cluster refused them, so the index is not
     expected to hold them (the push's own table leaves them out too)."""
-    retry_queue = open_queue(config.resolved_queue_url, config.max_attempts, config.max_retry_delay)
-    try:
+    with configured_queue(config) as retry_queue:
         dead = retry_queue.stats()["batches"].get(batch_id, {}).get("dead", 0)
         items = retry_queue.list("dead", dead, batch_id) if dead else []
-    finally:
-        retry_queue.close()
     return [(item.index, item.doc_id) for item in items if item.doc_id is not None]
 
 
@@ -312,11 +306,8 @@ def _enqueue(config, options: VerifyOptions, result: dict, settings, table, batc
     queueing = options.enqueue_missing or options.repair
     if not queueing or not (result["full"].get("missing") or options.repair and result["full"].get("mismatched")):
         return 0 if queueing else None
-    queue = open_queue(config.resolved_queue_url, config.max_attempts, config.max_retry_delay)
-    try:
-        return enqueue(table, settings, queue, batch_id, options.repair, config.s3_endpoint_url)
-    finally:
-        queue.close()
+    with configured_queue(config) as retry_queue:
+        return enqueue(table, settings, retry_queue, batch_id, options.repair, config.s3_endpoint_url)
 
 
 def _report(batch_id: str, result: dict, added: dict, counters: dict) -> dict:

@@ -13,6 +13,7 @@ drainer whose lease expired cannot acknowledge what another one now holds,
 and a newer version put meanwhile is never deleted by the ack of an older.
 """
 
+import contextlib
 import dataclasses
 import time
 import uuid
@@ -192,6 +193,21 @@ def summarize(rows, by_kind: dict, moment: float) -> dict:
     totals = {name: sum(b[name] for b in batches.values()) for name in (*BATCH_FIELDS, PENDING)}
     ages = [b["oldest_age_s"] for b in batches.values() if b["oldest_age_s"] is not None]
     return {**totals, "oldest_age_s": max(ages) if ages else None, "by_kind": by_kind, "batches": batches}
+
+
+def open_configured_queue(config) -> "RetryQueue":
+    """The retry queue a configuration names (queue_url, max_attempts, max_retry_delay)."""
+    return open_queue(config.resolved_queue_url, config.max_attempts, config.max_retry_delay)
+
+
+@contextlib.contextmanager
+def configured_queue(config):
+    """open_configured_queue, closed when the block ends."""
+    retry_queue = open_configured_queue(config)
+    try:
+        yield retry_queue
+    finally:
+        retry_queue.close()
 
 
 def open_queue(url: str, max_attempts: int = 8, max_retry_delay: float = 6 * 3600) -> RetryQueue:
