@@ -98,6 +98,14 @@ def iso_utc_from_ms(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def ms_from_iso(text: str) -> int:
+    """Milliseconds since the epoch of an ISO 8601 time (UTC when it names no zone); ValueError if it is none."""
+    moment = datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return int(moment.timestamp() * 1000)
+
+
 class Builder:
     """Builds Docs (or Rejected lines) under one batch's settings."""
 

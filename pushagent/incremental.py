@@ -14,8 +14,8 @@ import glob
 import logging
 import sqlite3
 import threading
-from datetime import datetime
 
+from .builder import ms_from_iso
 from .cluster import ClusterClient, ClusterRequestError
 from .doctable import rows_with_ids, table_path
 from .sender import ChunkAborted
@@ -104,9 +104,9 @@ class ChangeProbe:
         settings, hints = self.settings, {}
         for index in {doc.index for doc in docs}:
             found = self.prior.lookup(index, [doc.doc_id for doc in docs if doc.index == index])
-            hints.update(((index, doc_id), version) for doc_id, (version, checksum) in found.items())
-            hints.update(((index, doc.doc_id), None) for doc in docs    # recorded with other content: no hint
-                         if doc.index == index and found.get(doc.doc_id, (0, doc.checksum))[1] != doc.checksum)
+            # A hint only where an earlier batch recorded this very content.
+            hints.update(((index, doc.doc_id), found[doc.doc_id][0]) for doc in docs
+                         if doc.index == index and found.get(doc.doc_id, (None, None))[1] == doc.checksum)
         stamps = [settings.checksum_field, settings.embedding_version_field, settings.timestamp_field]
         asked = [{"_index": doc.index, "_id": doc.doc_id,
                   "_source": False if hints.get((doc.index, doc.doc_id)) else stamps} for doc in docs]
@@ -157,9 +157,9 @@ class ChangeProbe:
             client.close()
 
 
-def _ms(iso) -> int | None:
-    """Milliseconds of an ISO 8601 time stamp (as the builder writes them), None if it is not one."""
+def _ms(stamp) -> int | None:
+    """Milliseconds of a time stamp (as the builder writes them), None if it is not one."""
     try:
-        return int(datetime.fromisoformat(str(iso).replace("Z", "+00:00")).timestamp() * 1000)
+        return ms_from_iso(stamp)
     except ValueError:
         return None

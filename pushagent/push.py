@@ -17,7 +17,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .builder import Builder, BuildSettings, Rejected, iso_utc_from_ms
+from .builder import Builder, BuildSettings, Rejected, iso_utc_from_ms, ms_from_iso
 from .checkpoint import DONE_STATUSES, BatchLock, CheckpointStore, CommitTracker, RunState
 from .chunker import Chunker, Position
 from .errors import (EXIT_FAILURE, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK, ClusterUnavailableError, ConfigError,
@@ -99,12 +99,9 @@ def batch_generation_ms(config, files) -> int:
     """The batch's version: batch_time when given, else the newest input mtime, in ms."""
     if config.batch_time:
         try:
-            moment = datetime.fromisoformat(config.batch_time.replace("Z", "+00:00"))
+            return ms_from_iso(config.batch_time)
         except ValueError:
             raise ConfigError(f"batch_time must be ISO 8601, got {config.batch_time!r}") from None
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=timezone.utc)
-        return int(moment.timestamp() * 1000)
     return max(f.mtime_ns for f in files) // 1_000_000
 
 
