@@ -53,6 +53,7 @@ class Config:
     compress: bool = True
     compress_level: int = 1
     concurrency: int = 2
+    build_workers: int = 0                   # processes building documents; 0: by the job's cores
     requests_per_minute: float = 100
     timeout_seconds: float = 60
     max_retries: int = 3
@@ -216,6 +217,9 @@ def validate(config: Config) -> None:
         raise ConfigError(f"chunk_docs must be between 1 and 100000, got {config.chunk_docs}")
     if config.chunk_bytes < 1024:
         raise ConfigError(f"chunk_bytes must be at least 1 KiB, got {config.chunk_bytes}")
+    if config.build_workers < 0:
+        raise ConfigError(f"build_workers must be 0 (one per core the job may use, less one) or more, got "
+                          f"{config.build_workers}")
     if config.concurrency < 1 or config.requests_per_minute <= 0:
         raise ConfigError("concurrency and requests_per_minute must be positive")
     if config.max_retries < 0 or config.outage_seconds < 0:

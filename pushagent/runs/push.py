@@ -18,6 +18,7 @@ from pushagent.cluster.bulk import ChunkSender, Outcome
 from pushagent.cluster.ratelimit import bucket_for
 from pushagent.cluster.transport import DryRunTransport, HttpTransport, TransferStats
 from pushagent.documents.builder import Builder, Rejected, iso_utc_from_ms
+from pushagent.documents.buildpool import BuildPool, default_build_workers
 from pushagent.documents.chunker import Chunker, Position
 from pushagent.errors import (EXIT_FAILURE, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK, ChunkAborted,
                               ClusterUnavailableError, ConfigError, InputChangedError, PushAgentError, StopRequested,
@@ -310,8 +311,23 @@ class PushRun:
                         ", ".join(f"{field} in {count} records" for field, count in replaced.items()))
 
     def _read_and_send(self, start: Position, pump, committer) -> None:
-        builder = self.builder
         chunker = Chunker(self.config.chunk_docs, self.config.chunk_bytes, first_seq=committer.tracker.next_seq)
+        with BuildPool(self.builder, self.config.build_workers or default_build_workers()) as pool:
+            try:
+                for item, position in pool.build(self._lines(start)):
+                    chunk = chunker.feed(item, position)
+                    if chunk and not self._submit(chunk, pump, committer):
+                        return
+                    if self._stops_here(item):
+                        break
+            except (InputChangedError, StorageError) as error:
+                self.fail(error)
+                return
+        self._submit_rest(chunker, pump, committer)
+
+    def _lines(self, start: Position):
+        """(raw line, file, line number, position after it) from `start`, in reading order. A file that cannot
+        be read further ends with a Rejected line instead, and reading goes on with the next one."""
         from_line = self.options.from_line or 0
         for file_index, _, end in self.ranges:
             if file_index < start.file_index:
@@ -323,23 +339,11 @@ class PushRun:
                 for entry in read_lines(input_file, offset, line, end):
                     if file_index == 0 and entry.number < from_line:
                         continue
-                    item = builder.build(entry.data, input_file.path, entry.number)
-                    chunk = chunker.feed(item, Position(file_index, entry.end_offset, entry.number))
-                    if chunk and not self._submit(chunk, pump, committer):
-                        return
-                    if self._stops_here(item):
-                        return self._submit_rest(chunker, pump, committer)
-            except (InputChangedError, StorageError) as error:
-                self.fail(error)
-                return
+                    yield entry.data, input_file.path, entry.number, Position(file_index, entry.end_offset,
+                                                                               entry.number)
             except InputReadError as error:
                 rejected = Rejected(error.message, b"", input_file.path, error.line)
-                chunk = chunker.feed(rejected, Position(file_index + 1, 0, 0))
-                if chunk and not self._submit(chunk, pump, committer):
-                    return
-                if self._stops_here(rejected):
-                    return self._submit_rest(chunker, pump, committer)
-        self._submit_rest(chunker, pump, committer)
+                yield rejected, input_file.path, error.line, Position(file_index + 1, 0, 0)
 
     def _stops_here(self, item) -> bool:
         """--on-error stop reads no line after the first quarantined one. A document the cluster refuses is

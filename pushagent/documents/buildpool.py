@@ -1,0 +1,138 @@
+"""Building spread over processes: `build_workers` processes parse, checksum and stamp the lines that the
+main process reads, and their documents come back in reading order.
+
+The main process keeps reading, chunking and committing, so nothing the
+checkpoint relies on changes: each document arrives with the position of its
+line, in the order of the lines, and a chunk is exactly what one process would
+have made. Lines go out in batches (a few hundred, so that passing them costs
+little next to building them), at most two batches a worker ahead of the
+chunker, which bounds the memory. With one worker everything stays in this
+process.
+"""
+
+import collections
+import multiprocessing
+import os
+import signal
+from concurrent.futures import ProcessPoolExecutor
+
+from pushagent.documents.builder import Builder, Rejected
+
+BATCH_LINES = 256               # lines a worker builds per task
+AHEAD_PER_WORKER = 2            # tasks a worker may be given before the chunker has taken the first
+MAX_DEFAULT_WORKERS = 8         # past this, reading and chunking in the main process are the bound
+
+_worker_builder = None          # in a worker process: its Builder
+
+
+def job_cores(environ=None) -> int:
+    """The cores this process may use: its CPU affinity, and SLURM_CPUS_PER_TASK when a job sets fewer."""
+    environ = os.environ if environ is None else environ
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):       # not Linux
+        cores = os.cpu_count() or 1
+    slurm = environ.get("SLURM_CPUS_PER_TASK", "")
+    return min(cores, int(slurm)) if slurm.isdigit() and int(slurm) > 0 else cores
+
+
+def default_build_workers(environ=None) -> int:
+    """One core stays with the main process (reading, chunking, sending); on two cores or fewer, 1: the
+    building stays in the main process, where it costs nothing to hand over."""
+    cores = job_cores(environ)
+    return 1 if cores <= 2 else min(cores - 1, MAX_DEFAULT_WORKERS)
+
+
+class BuildPool:
+    """build(lines) turns (raw line or Rejected, file, line number, position) into (Doc or Rejected, position),
+    in the order given; `builder.replaced_stamps` counts for every process."""
+
+    def __init__(self, builder: Builder, workers: int):
+        self.builder = builder
+        self.workers = workers
+        self._executor = None
+
+    def __enter__(self):
+        if self.workers > 1:
+            # spawn: a worker starts clean instead of forked from this process and its threads, and this
+            # process reaps it, so its CPU time counts in this process's children's.
+            context = multiprocessing.get_context("spawn")
+            self._executor = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_start_worker,
+                                                 initargs=(self.builder.settings,))
+        return self
+
+    def __exit__(self, *exc):
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+        return False
+
+    def build(self, lines):
+        if self._executor is None:
+            return self._build_here(lines)
+        return self._build_in_workers(lines)
+
+    def _build_here(self, lines):
+        build = self.builder.build
+        for raw, file, number, position in lines:
+            yield (raw if isinstance(raw, Rejected) else build(raw, file, number)), position
+
+    def _build_in_workers(self, lines):
+        """Keep up to AHEAD_PER_WORKER tasks per worker submitted; yield their results in submission order.
+
+        An error of the reader (a changed input) comes after every line read before it, as with one process.
+        """
+        pending, ahead = collections.deque(), self.workers * AHEAD_PER_WORKER
+        batches = _batches(lines)
+        failure = None
+        while True:
+            while failure is None and len(pending) < ahead:
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    break
+                except Exception as error:  # raised again once the lines before it are built
+                    failure = error
+                    break
+                pending.append((self._executor.submit(_build_batch, [line[:3] for line in batch]), batch))
+            if not pending:
+                break
+            future, batch = pending.popleft()
+            items, replaced = future.result()
+            for field, count in replaced.items():
+                self.builder.replaced_stamps[field] += count
+            yield from zip(items, (line[3] for line in batch))
+        if failure is not None:
+            raise failure
+
+
+def _batches(lines):
+    """Lists of BATCH_LINES lines; when reading fails, the lines read before go out first."""
+    batch = []
+    try:
+        for line in lines:
+            batch.append(line)
+            if len(batch) >= BATCH_LINES:
+                yield batch
+                batch = []
+    except Exception:
+        if batch:
+            yield batch
+        raise
+    if batch:
+        yield batch
+
+
+def _start_worker(settings) -> None:
+    global _worker_builder
+    # Stop signals are the main process's to handle: it finishes what is in flight, then ends the workers.
+    for name in ("SIGINT", "SIGTERM", "SIGUSR1"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+    _worker_builder = Builder(settings)
+
+
+def _build_batch(lines) -> tuple:
+    """In a worker: the built items of (raw or Rejected, file, number) lines, and the stamps they replaced."""
+    builder = _worker_builder
+    builder.replaced_stamps = dict.fromkeys(builder.replaced_stamps, 0)
+    items = [raw if isinstance(raw, Rejected) else builder.build(raw, file, number) for raw, file, number in lines]
+    return items, builder.replaced_stamps
