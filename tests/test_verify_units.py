@@ -133,11 +133,11 @@ def test_state_list_and_show(tmp_path):
 def test_doc_table_keeps_the_acknowledged_duplicate_and_counts_repeats(tmp_path):
     table = DocTable(tmp_path / "t.db", sample_size=2, seed="s")
     first, second = docs({"id": "a", "x": 1}, {"id": "a", "x": 2})
-    table.add([first], replace_equal=True)
-    table.add([second], replace_equal=False)     # 409: the cluster kept the first
-    table.add([first], replace_equal=True)       # re-sent after a crash: same line, no new duplicate
+    table.add([first])
+    table.add([], [second])     # 409: the cluster kept the first
+    table.add([first])       # re-sent after a crash: same line, no new duplicate
     newer = docs({"id": "a", "x": 3}, version=2000, line=9)
-    table.add(newer, replace_equal=False)        # a higher version always wins
+    table.add([], newer)        # a higher version always wins
     assert table.counts() == {"per_index": {"words": 1}, "distinct": 1, "deleted": 0, "duplicates": 2}
     assert table.sample() == [("words", "a", newer[0].checksum, 2000)] * 2
     assert table.checksum() == hashlib.sha256(newer[0].checksum.encode() + b"\n").hexdigest()
@@ -150,7 +150,7 @@ def test_reservoir_sample_is_uniform_and_reproducible(tmp_path):
     for run in range(2):
         table = DocTable(tmp_path / f"r{run}.db", sample_size=100, seed="batch-1")
         for start in range(0, 2_000, 500):
-            table.add(built[start:start + 500], replace_equal=True)
+            table.add(built[start:start + 500])
         picks.append([doc_id for _, doc_id, _, _ in table.sample()])
     assert picks[0] == picks[1] and len(set(picks[0])) == 100
     assert sum(int(doc_id) >= 1_000 for doc_id in picks[0]) in range(30, 71)  # both halves represented
@@ -161,7 +161,7 @@ def test_full_scan_speaks_the_elasticsearch_pit_api(tmp_path):
     url = "http://127.0.0.1:9201"
     table = DocTable(tmp_path / "s.db")
     built = docs({"id": "a"}, {"id": "b"}, {"id": "c"})
-    table.add(built, replace_equal=False)
+    table.add([], built)
     responses.post(f"{url}/words/_pit", json={"id": "PIT-1"},
                    match=[responses.matchers.query_param_matcher({"keep_alive": "5m"})])
     pages = [{"pit_id": "PIT-2", "hits": {"hits": [
@@ -212,7 +212,7 @@ def shard_tables(tmp_path, parts) -> list:
     paths = []
     for number, part in enumerate(parts):
         table = DocTable(tmp_path / f"shard{number}.db", sample_size=100, seed="b")
-        table.add(part, replace_equal=True)
+        table.add(part)
         table.close()
         paths.append(tmp_path / f"shard{number}.db")
     return paths
@@ -224,7 +224,7 @@ def test_merged_shard_tables_hold_the_batch_as_one_table_would(tmp_path):
     newer = docs({"id": "8", "x": "newer"}, version=2000, line=901)
     whole = DocTable(tmp_path / "whole.db", sample_size=100, seed="b")
     for part in (built, repeated, newer):
-        whole.add(part, replace_equal=False)
+        whole.add([], part)
     merged = DocTable(tmp_path / "merged.db", sample_size=100, seed="b")
     merged.merge(shard_tables(tmp_path, [built[:250], built[250:] + repeated, newer, []]), "b")
     assert merged.counts() == whole.counts() == {"per_index": {"words": 300}, "distinct": 300, "deleted": 0,

@@ -289,9 +289,9 @@ def load_sources(paths, settings, table: DocTable, s3_endpoint_url: str | None =
             if isinstance(item, Doc):
                 batch.append(item)
             if len(batch) >= LOAD_BATCH:
-                table.add(batch, replace_equal=True)
+                table.add(batch)
                 batch = []
-    table.add(batch, replace_equal=True)
+    table.add(batch)
 
 
 def temporary_table(sample_size: int, seed: str):

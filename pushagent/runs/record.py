@@ -61,8 +61,7 @@ class BatchRecorder:
     def resolved(self, outcome) -> None:
         """Documents the index should hold: acknowledged ones (2xx replaces an equal version, 409 does not),
         and queued ones, which `drain` delivers later; dead-lettered ones are not expected."""
-        self.table.add(outcome.indexed, replace_equal=True)
-        self.table.add(outcome.current + outcome.unchanged + [doc for doc, _ in outcome.retry], replace_equal=False)
+        self.table.add(outcome.indexed, outcome.current + outcome.unchanged + [doc for doc, _ in outcome.retry])
 
     def finished(self, state, result):
         """Write the final record; verify first when the batch was pushed completely and can be verified now."""

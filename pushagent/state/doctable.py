@@ -78,15 +78,21 @@ class DocTable:
                 self._db.execute(f"DELETE FROM {table}")
         self._files, self._seen = {}, 0
 
-    def add(self, docs, replace_equal: bool) -> None:
-        """Record documents; `replace_equal` when these won against an equal version (indexed, not 409)."""
-        if not docs:
+    def add(self, winners, others=()) -> None:
+        """Record documents in one transaction: `winners` won against an equal version (indexed), `others`
+        did not (a 409, unchanged, queued), so an equal version already recorded stays."""
+        rows = {">=": self._rows(winners), ">": self._rows(others)}
+        if not any(rows.values()):
             return
-        rows = [(d.index, d.doc_id, d.version, d.checksum, self._file_number(d.file), d.line, d.op) for d in docs]
         with self._transaction():
-            self._db.executemany(UPSERT.format(">=" if replace_equal else ">"), rows)
-            self._db.executemany("INSERT OR IGNORE INTO occurrences VALUES (?, ?)", [row[4:6] for row in rows])
-            self._sample([row for row in rows if row[6] == "index"])
+            for comparison, part in rows.items():
+                self._db.executemany(UPSERT.format(comparison), part)
+                self._db.executemany("INSERT OR IGNORE INTO occurrences VALUES (?, ?)", [row[4:6] for row in part])
+            self._sample([row for part in rows.values() for row in part if row[6] == "index"])
+
+    def _rows(self, docs) -> list:
+        numbers = {path: self._file_number(path) for path in {doc.file for doc in docs}}
+        return [(d.index, d.doc_id, d.version, d.checksum, numbers[d.file], d.line, d.op) for d in docs]
 
     def _file_number(self, path: str) -> int:
         if path not in self._files:
@@ -100,12 +106,15 @@ class DocTable:
         A push resumed after a crash sees the re-sent chunks twice; that
         skews the odds of at most `concurrency` chunks, not the uniformity overall.
         """
+        seen, size, draw, chosen = self._seen, self.sample_size, self._rng.randrange, {}
         for index, doc_id, *_ in rows:
-            slot = self._seen if self._seen < self.sample_size else self._rng.randrange(self._seen + 1)
-            self._seen += 1
-            if slot < self.sample_size:
-                self._db.execute("INSERT OR REPLACE INTO sample VALUES (?, ?, ?)", (slot, index, doc_id))
-        self._db.execute("INSERT OR REPLACE INTO meta VALUES ('seen', ?)", (self._seen,))
+            slot = seen if seen < size else draw(seen + 1)
+            seen += 1
+            if slot < size:
+                chosen[slot] = (slot, index, doc_id)     # a later draw of the same slot replaces an earlier one
+        self._seen = seen
+        self._db.executemany("INSERT OR REPLACE INTO sample VALUES (?, ?, ?)", chosen.values())
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES ('seen', ?)", (seen,))
 
     def _transaction(self):
         return _Transaction(self._db, self.path)
