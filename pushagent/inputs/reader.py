@@ -91,7 +91,7 @@ def read_lines(input_file: InputFile, offset: int = 0, line: int = 0, end: int |
                 line += 1
                 if line == 1 and data.startswith(BOM):
                     data = data[len(BOM):]
-                if data.strip():
+                if data and not data.isspace():     # what strip() would empty, without copying the line
                     yield Line(data, line, offset)
     except (EOFError, OSError, zlib.error) as error:
         raise InputReadError(f"cannot read past line {line}, the file is truncated or damaged: {error}",
