@@ -15,8 +15,9 @@ import multiprocessing
 import os
 import signal
 from concurrent.futures import ProcessPoolExecutor
+from typing import NamedTuple
 
-from pushagent.documents.builder import Builder, Rejected
+from pushagent.documents.builder import Builder, Doc, Rejected
 
 BATCH_LINES = 256               # lines a worker builds per task
 AHEAD_PER_WORKER = 2            # tasks a worker may be given before the chunker has taken the first
@@ -93,16 +94,39 @@ class BuildPool:
                 except Exception as error:  # raised again once the lines before it are built
                     failure = error
                     break
-                pending.append((self._executor.submit(_build_batch, [line[:3] for line in batch]), batch))
+                pending.append((self._executor.submit(_build_batch, *_packed(batch)), batch))
             if not pending:
                 break
             future, batch = pending.popleft()
-            items, replaced = future.result()
+            built, replaced = future.result()
             for field, count in replaced.items():
                 self.builder.replaced_stamps[field] += count
-            yield from zip(items, (line[3] for line in batch))
+            yield from zip(_unpacked(built, batch), (line[3] for line in batch))
         if failure is not None:
             raise failure
+
+
+def _packed(batch) -> tuple:
+    """What a worker needs of a batch, in few objects (one bytes for all lines): passing it costs little.
+    Rejected lines (a file that could not be read further) stay here: a worker gets no bytes for them."""
+    raws = [b"" if isinstance(raw, Rejected) else raw for raw, *_ in batch]
+    return b"".join(raws), [len(raw) for raw in raws], [(file, number) for _, file, number, _ in batch]
+
+
+def _unpacked(built, batch):
+    """The items of a batch from a worker's answer: documents point into its one bytes, no copy."""
+    view, start = memoryview(built.data), 0
+    for (raw, file, number, _), entry in zip(batch, built.entries):
+        if isinstance(raw, Rejected):
+            yield raw
+        elif len(entry) == 2:
+            yield Rejected(entry[0], entry[1], file, number)
+        else:
+            index, doc_id, version, op, checksum, action_end, source_end = entry
+            action, source = view[start:start + action_end], view[start + action_end:start + source_end]
+            yield Doc(index, doc_id, version, op, action, source if source_end > action_end else None, checksum,
+                      file, number)
+            start += source_end
 
 
 def _batches(lines):
@@ -130,9 +154,28 @@ def _start_worker(settings) -> None:
     _worker_builder = Builder(settings)
 
 
-def _build_batch(lines) -> tuple:
-    """In a worker: the built items of (raw or Rejected, file, number) lines, and the stamps they replaced."""
+class _Built(NamedTuple):
+    """A worker's answer for a batch: the action and source lines of its documents end to end in `data`;
+    per line (index, id, version, op, checksum, end of action, end of source) relative to the document's start,
+    or (reason, raw) for a line that cannot be sent."""
+
+    data: bytes
+    entries: list
+
+
+def _build_batch(data: bytes, lengths: list, lines: list) -> tuple:
+    """In a worker: build each (file, number) line of `data`; (_Built, the stamps they replaced)."""
     builder = _worker_builder
     builder.replaced_stamps = dict.fromkeys(builder.replaced_stamps, 0)
-    items = [raw if isinstance(raw, Rejected) else builder.build(raw, file, number) for raw, file, number in lines]
-    return items, builder.replaced_stamps
+    parts, entries, start = [], [], 0
+    for length, (file, number) in zip(lengths, lines):
+        raw, start = data[start:start + length], start + length
+        item = builder.build(raw, file, number) if raw else None
+        if isinstance(item, Doc):
+            source = item.source or b""
+            parts += (item.action, source)
+            entries.append((item.index, item.doc_id, item.version, item.op, item.checksum, len(item.action),
+                            len(item.action) + len(source)))
+        else:
+            entries.append((item.reason, item.raw) if item else ("", b""))
+    return _Built(b"".join(parts), entries), builder.replaced_stamps
