@@ -29,10 +29,13 @@ class Doc:
     file: str
     line: int
     version_type: str = "external"   # external_gte for a later line repeating an id of its batch
+    digest: bytes | None = None      # line_digest of its input line, recorded for the next incremental push
+    raw: bytes | None = None         # the input line of a document not built yet (Builder.known)
 
     @property
     def size(self) -> int:
-        return len(self.action) + (len(self.source) if self.source else 0)
+        """Its request bytes; for a document not built yet, its action and input line, near enough."""
+        return len(self.action) + (len(self.source) if self.source else 0) + (len(self.raw) if self.raw else 0)
 
     def win_equal_version(self) -> None:
         """Let this document replace one of the same version: a later line of its batch repeats its id."""
@@ -84,6 +87,12 @@ def canonical_checksum(record: dict, stamped_fields=()) -> str:
     if any(field in record for field in stamped_fields):
         record = {k: v for k, v in record.items() if k not in stamped_fields}
     return hashlib.sha256(canonical_json(record)).hexdigest()
+
+
+def line_digest(raw: bytes) -> bytes:
+    """Names an input line's bytes (128 bits of sha256): the same line builds the same document under the same
+    settings, so a line an earlier batch built needs no parsing to be known (push --incremental)."""
+    return hashlib.sha256(raw).digest()[:16]
 
 
 def action_line(op: str, index: str, doc_id: str, version: int | None, version_type: str = "external") -> bytes:
@@ -162,7 +171,22 @@ class Builder:
             joiner = b"," if len(canonical) > 2 else b""
             source = b"".join((memoryview(canonical)[:-1], joiner, self._stamp_prefix, b'"', checksum.encode(),
                                b'"}\n'))
-        return Doc(index, doc_id, version, op, action, source, checksum, file, line)
+        return Doc(index, doc_id, version, op, action, source, checksum, file, line, digest=line_digest(raw))
+
+    def known(self, raw: bytes, file: str, line: int, digest: bytes, index: str, doc_id: str, checksum: str) -> Doc:
+        """The document an earlier batch built from this very line (same settings), not built again: it has its
+        action line, and its source only once `complete` builds it, for it must be sent after all."""
+        version = self.settings.batch_version
+        before_id, after_id = self._action_around_id("index", index, version)
+        return Doc(index, doc_id, version, "index", b"".join((before_id, orjson.dumps(doc_id), after_id)), None,
+                   checksum, file, line, digest=digest, raw=raw)
+
+    def complete(self, doc: Doc) -> Doc:
+        """A `known` document built from its line, as `build` makes it; a later line of a repeated id stays one."""
+        built = self.build(doc.raw, doc.file, doc.line)
+        if doc.version_type != "external":
+            built.win_equal_version()
+        return built
 
     def _action_around_id(self, op: str, index: str, version: int) -> tuple:
         """The action line's bytes before and after the _id value, made once per (op, index, version)."""

@@ -45,8 +45,9 @@ def default_build_workers(environ=None) -> int:
 
 
 class BuildPool:
-    """build(lines) turns (raw line or Rejected, file, line number, position) into (Doc or Rejected, position),
-    in the order given; `builder.replaced_stamps` counts for every process."""
+    """build(lines) turns (raw line, file, line number, position) into (Doc or Rejected, position), in the order
+    given; an item given instead of a raw line (a Rejected, a known Doc) passes as it is.
+    `builder.replaced_stamps` counts for every process."""
 
     def __init__(self, builder: Builder, workers: int):
         self.builder = builder
@@ -75,7 +76,7 @@ class BuildPool:
     def _build_here(self, lines):
         build = self.builder.build
         for raw, file, number, position in lines:
-            yield (raw if isinstance(raw, Rejected) else build(raw, file, number)), position
+            yield (build(raw, file, number) if isinstance(raw, bytes) else raw), position
 
     def _build_in_workers(self, lines):
         """Keep up to AHEAD_PER_WORKER tasks per worker submitted; yield their results in submission order.
@@ -83,7 +84,7 @@ class BuildPool:
         An error of the reader (a changed input) comes after every line read before it, as with one process.
         """
         pending, ahead = collections.deque(), self.workers * AHEAD_PER_WORKER
-        batches = _batches(lines)
+        batches = batched(lines, BATCH_LINES)
         failure = None
         while True:
             while failure is None and len(pending) < ahead:
@@ -108,8 +109,8 @@ class BuildPool:
 
 def _packed(batch) -> tuple:
     """What a worker needs of a batch, in few objects (one bytes for all lines): passing it costs little.
-    Rejected lines (a file that could not be read further) stay here: a worker gets no bytes for them."""
-    raws = [b"" if isinstance(raw, Rejected) else raw for raw, *_ in batch]
+    Items already made (Rejected, known Docs) stay here: a worker gets no bytes for them."""
+    raws = [raw if isinstance(raw, bytes) else b"" for raw, *_ in batch]
     return b"".join(raws), [len(raw) for raw in raws], [(file, number) for _, file, number, _ in batch]
 
 
@@ -117,25 +118,25 @@ def _unpacked(built, batch):
     """The items of a batch from a worker's answer: documents point into its one bytes, no copy."""
     view, start = memoryview(built.data), 0
     for (raw, file, number, _), entry in zip(batch, built.entries):
-        if isinstance(raw, Rejected):
+        if not isinstance(raw, bytes):
             yield raw
         elif len(entry) == 2:
             yield Rejected(entry[0], entry[1], file, number)
         else:
-            index, doc_id, version, op, checksum, action_end, source_end = entry
+            index, doc_id, version, op, checksum, digest, action_end, source_end = entry
             action, source = view[start:start + action_end], view[start + action_end:start + source_end]
             yield Doc(index, doc_id, version, op, action, source if source_end > action_end else None, checksum,
-                      file, number)
+                      file, number, digest=digest)
             start += source_end
 
 
-def _batches(lines):
-    """Lists of BATCH_LINES lines; when reading fails, the lines read before go out first."""
+def batched(lines, size: int):
+    """Lists of `size` lines; when reading fails, the lines read before go out first."""
     batch = []
     try:
         for line in lines:
             batch.append(line)
-            if len(batch) >= BATCH_LINES:
+            if len(batch) >= size:
                 yield batch
                 batch = []
     except Exception:
@@ -156,7 +157,8 @@ def _start_worker(settings) -> None:
 
 class _Built(NamedTuple):
     """A worker's answer for a batch: the action and source lines of its documents end to end in `data`;
-    per line (index, id, version, op, checksum, end of action, end of source) relative to the document's start,
+    per line (index, id, version, op, checksum, digest, end of action, end of source), ends relative to the
+    document's start,
     or (reason, raw) for a line that cannot be sent."""
 
     data: bytes
@@ -174,8 +176,8 @@ def _build_batch(data: bytes, lengths: list, lines: list) -> tuple:
         if isinstance(item, Doc):
             source = item.source or b""
             parts += (item.action, source)
-            entries.append((item.index, item.doc_id, item.version, item.op, item.checksum, len(item.action),
-                            len(item.action) + len(source)))
+            entries.append((item.index, item.doc_id, item.version, item.op, item.checksum, item.digest,
+                            len(item.action), len(item.action) + len(source)))
         else:
             entries.append((item.reason, item.raw) if item else ("", b""))
     return _Built(b"".join(parts), entries), builder.replaced_stamps

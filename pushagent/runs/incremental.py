@@ -8,21 +8,36 @@ it: the batch time its `last_updated` names (or, with `version_field`, the
 record's own version). An edit made behind the agent's back moves the
 version on, so the document is sent again: the cluster is the truth; the
 tables of earlier batches on this side only say which version to expect.
+
+Those tables also name each document's input line (a digest of its bytes):
+a line an earlier batch built, byte for byte and under the same settings,
+makes the same document, so it is not parsed, checksummed or stamped again
+unless the cluster turns out not to hold it (`recognise`). In a regenerated
+snapshot that is most lines, and building them is most of the work.
 """
 
 import glob
 import logging
+import re
 import sqlite3
 import threading
 
+import orjson
+
 from pushagent.cluster.client import ClusterClient, ClusterRequestError
-from pushagent.documents.builder import ms_from_iso
+from pushagent.documents.builder import MAX_ID_BYTES, Builder, line_digest, ms_from_iso
+from pushagent.documents.buildpool import batched
 from pushagent.errors import ChunkAborted
 from pushagent.state.doctable import rows_with_ids, table_path
 from pushagent.state.records import SyncStateStore
 
 log = logging.getLogger(__name__)
 PRIOR_BATCHES = 3            # earlier batches whose tables give the versions to check against
+KNOWN_BATCH = 1000           # lines looked up together in the earlier tables
+# Build settings under which the same line makes the same document; with a version or an index from the
+# record, every line is built (its version, or index, is not in the tables' lookup).
+IDENTITY = ("id_field", "default_index", "index_field", "version_field", "op_field", "embedding_version_field",
+            "timestamp_field", "checksum_field", "batch_field")
 
 
 class PriorWrites:
@@ -35,8 +50,11 @@ class PriorWrites:
                    and record.get("embedding_version") == settings.embedding_version
                    and (record.get("batch_time") or "") <= settings.batch_time_iso]
         records.sort(key=lambda record: record.get("batch_time") or "", reverse=True)
-        paths = [path for record in records[:PRIOR_BATCHES] for path in _tables_of(state_dir, record["batch_id"])]
-        self._dbs = [sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False) for path in paths]
+        tables = [(path, _same_build(record, settings)) for record in records[:PRIOR_BATCHES]
+                  for path in _tables_of(state_dir, record["batch_id"])]
+        self._dbs = [sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False) for path, _ in tables]
+        self._same_build = [db for db, (_, same) in zip(self._dbs, tables) if same]
+        self._index = settings.default_index
         self._lock = threading.Lock()
 
     def lookup(self, index: str, doc_ids: list) -> dict:
@@ -52,9 +70,49 @@ class PriorWrites:
                 found.update((doc_id, (version, checksum)) for doc_id, version, checksum in rows)
         return found
 
+    def known_lines(self, lines: list) -> dict:
+        """{digest: (index, id, checksum)} of the (likely id, digest) lines that an earlier batch built under the
+        same settings: its row for that id names the same line digest (newest batch first)."""
+        found, ids = {}, [doc_id for doc_id, _ in lines]
+        with self._lock:
+            for db in self._same_build:
+                try:
+                    rows = rows_with_ids(db, "SELECT id, checksum, digest FROM docs WHERE op = 'index' AND idx = ?",
+                                         self._index, ids)
+                    recorded = {doc_id: (checksum, digest) for doc_id, checksum, digest in rows}
+                except sqlite3.Error:
+                    continue    # a table of an older shape: it knows no lines
+                for doc_id, digest in lines:
+                    checksum, line = recorded.get(doc_id, (None, None))
+                    if line == digest and digest not in found:
+                        found[digest] = (self._index, doc_id, checksum)
+        return found
+
     def close(self) -> None:
         for db in self._dbs:
             db.close()
+
+
+def _same_build(record: dict, settings) -> bool:
+    build = record.get("build") or {}
+    return (settings.index_field is None and settings.version_field is None
+            and all(build.get(key) == getattr(settings, key) for key in IDENTITY))
+
+
+def _likely_id(raw: bytes, key: bytes) -> str | None:
+    """The id a line likely holds, read without parsing it: the plain string or integer after the first
+    `"<id_field>":`. A wrong guess costs nothing but a lookup: a line is known only when its digest is the one
+    recorded for that id, that is when it is the very line that built that document."""
+    start = raw.find(key)
+    if start < 0:
+        return None
+    value = raw[start + len(key):start + len(key) + MAX_ID_BYTES + 2].lstrip()
+    if value[:1] == b'"':
+        end = value.find(b'"', 1)
+        text = value[1:end]
+        return text.decode(errors="replace") if end > 0 and b"\\" not in text else None
+    digits = re.match(rb"-?[0-9]+", value)
+    return digits and digits.group().decode()
 
 
 def _tables_of(state_dir, batch_id: str) -> list:
@@ -86,15 +144,33 @@ class ChangeProbe:
         self._lock = threading.Lock()
         self._warned = False
 
+    def recognise(self, lines, builder):
+        """(raw line, file, number, position) lines with those an earlier batch built, byte for byte, replaced by
+        their known documents (Builder.known); the others pass as they are."""
+        limit, key = self.settings.max_record_bytes, orjson.dumps(self.settings.id_field) + b":"
+        for batch in batched(lines, KNOWN_BATCH):
+            likely = [_likely_id(raw, key) if isinstance(raw, bytes) and len(raw) <= limit else None
+                      for raw, *_ in batch]
+            digests = [line_digest(raw) if doc_id else None for (raw, *_), doc_id in zip(batch, likely)]
+            known = self.prior.known_lines([pair for pair in zip(likely, digests) if pair[0]])
+            for (raw, file, number, position), digest in zip(batch, digests):
+                hit = known.get(digest)
+                yield (builder.known(raw, file, number, digest, *hit) if hit else raw), file, number, position
+
     def split(self, docs: list) -> tuple[list, list]:
+        """(to send, built; unchanged): a known document to send is built now."""
         # Later lines of a repeated id are always sent: they must land after the earlier line.
         candidates = [doc for doc in docs if doc.op == "index" and doc.version_type == "external"]
         try:
             held = self._held(candidates) if candidates else set()
         except ClusterRequestError as error:
             self._warn(error)
-            return docs, []
-        return [doc for doc in docs if id(doc) not in held], [doc for doc in docs if id(doc) in held]
+            held = set()
+        send = [doc for doc in docs if id(doc) not in held]
+        if any(doc.raw for doc in send):
+            builder = Builder(self.settings)    # one per call: the sending threads build side by side
+            send = [builder.complete(doc) if doc.raw else doc for doc in send]
+        return send, [doc for doc in docs if id(doc) in held]
 
     def _held(self, docs: list) -> set:
         """id() of the documents of `docs` the cluster holds unchanged; their version becomes the held one."""

@@ -297,8 +297,9 @@ class PushRun:
         if self.probe is None:
             return self._sender.resolve(chunk.docs, chunk.body)
         send, unchanged = self.probe.split(chunk.docs)
-        outcome = self._sender.resolve(send, chunk.body if len(send) == len(chunk.docs) else None) if send \
-            else Outcome()
+        # The chunk's body holds what was sent only when every document is, as it was fed (none built since).
+        whole = len(send) == len(chunk.docs) and all(sent is doc for sent, doc in zip(send, chunk.docs))
+        outcome = self._sender.resolve(send, chunk.body if whole else None) if send else Outcome()
         outcome.unchanged = unchanged
         return outcome
 
@@ -314,7 +315,9 @@ class PushRun:
         chunker = Chunker(self.config.chunk_docs, self.config.chunk_bytes, first_seq=committer.tracker.next_seq)
         with BuildPool(self.builder, self.config.build_workers or default_build_workers()) as pool:
             try:
-                for item, position in pool.build(self._lines(start)):
+                lines = self._lines(start)
+                lines = self.probe.recognise(lines, self.builder) if self.probe else lines
+                for item, position in pool.build(lines):
                     chunk = chunker.feed(item, position)
                     if chunk and not self._submit(chunk, pump, committer):
                         return

@@ -19,23 +19,27 @@ from pushagent.errors import PushAgentError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS docs (idx TEXT, id TEXT, version INTEGER, checksum TEXT, fno INTEGER, line INTEGER,
-                                 op TEXT NOT NULL DEFAULT 'index', PRIMARY KEY (idx, id)) WITHOUT ROWID;
+                                 op TEXT NOT NULL DEFAULT 'index', digest BLOB, PRIMARY KEY (idx, id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS occurrences (fno INTEGER, line INTEGER, PRIMARY KEY (fno, line)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS sample (slot INTEGER PRIMARY KEY, idx TEXT, id TEXT);
 CREATE TABLE IF NOT EXISTS files (fno INTEGER PRIMARY KEY, path TEXT UNIQUE);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER);
 """
+# Columns of `docs` added since its first shape; an older table gets them when opened.
+ADDED_COLUMNS = (("op", "TEXT NOT NULL DEFAULT 'index'"),   # before deletes: index operations only
+                 ("digest", "BLOB"))                        # the input line's (builder.line_digest); none before
 # A row is what the batch's last word on a document is: index it (op 'index') or delete it ('delete').
 # An acknowledged write replaces a row of the same version (a later line repeating the id won);
 # a 409 or a queued document does not; a higher version always replaces.
 ON_CONFLICT = ("ON CONFLICT (idx, id) DO UPDATE SET version = excluded.version, checksum = excluded.checksum, "
-               "fno = excluded.fno, line = excluded.line, op = excluded.op WHERE excluded.version {} docs.version")
-UPSERT = "INSERT INTO docs VALUES (?, ?, ?, ?, ?, ?, ?) " + ON_CONFLICT
+               "fno = excluded.fno, line = excluded.line, op = excluded.op, digest = excluded.digest "
+               "WHERE excluded.version {} docs.version")
+UPSERT = "INSERT INTO docs VALUES (?, ?, ?, ?, ?, ?, ?, ?) " + ON_CONFLICT
 # A shard's rows with its file numbers translated (`file_map`). Two shards hold one id only when the
 # input repeats it; with equal versions the earlier shard's row stays. "WHERE true" lets SQLite
 # parse the upsert clause after a SELECT.
-MERGE_DOCS = ("INSERT INTO docs SELECT d.idx, d.id, d.version, d.checksum, m.new, d.line, d.op FROM shard.docs d "
-              "JOIN file_map m ON m.old = d.fno WHERE true " + ON_CONFLICT.format(">"))
+MERGE_DOCS = ("INSERT INTO docs SELECT d.idx, d.id, d.version, d.checksum, m.new, d.line, d.op, d.digest "
+              "FROM shard.docs d JOIN file_map m ON m.old = d.fno WHERE true " + ON_CONFLICT.format(">"))
 MERGE_OCCURRENCES = ("INSERT OR IGNORE INTO occurrences SELECT m.new, o.line FROM shard.occurrences o "
                      "JOIN file_map m ON m.old = o.fno")
 
@@ -56,16 +60,11 @@ class DocTable:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
-        self._add_op_column()
+        add_missing_columns(self._db)
         self._files = dict(self._db.execute("SELECT path, fno FROM files"))
         self._seen = self._meta("seen")
         # Reseeded from the number seen so far, so a resumed push keeps sampling reproducibly.
         self._rng = random.Random(f"{seed}:{self._seen}")
-
-    def _add_op_column(self) -> None:
-        # Tables written before deletes were told apart hold index operations only.
-        if "op" not in {row[1] for row in self._db.execute("PRAGMA table_info(docs)")}:
-            self._db.execute("ALTER TABLE docs ADD COLUMN op TEXT NOT NULL DEFAULT 'index'")
 
     def _meta(self, key: str) -> int:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -92,7 +91,7 @@ class DocTable:
 
     def _rows(self, docs) -> list:
         numbers = {path: self._file_number(path) for path in {doc.file for doc in docs}}
-        return [(d.index, d.doc_id, d.version, d.checksum, numbers[d.file], d.line, d.op) for d in docs]
+        return [(d.index, d.doc_id, d.version, d.checksum, numbers[d.file], d.line, d.op, d.digest) for d in docs]
 
     def _file_number(self, path: str) -> int:
         if path not in self._files:
@@ -192,6 +191,7 @@ class DocTable:
             raise PushAgentError(f"cannot read this table of a shard's documents: {error}", file=str(path)) from None
         try:
             with self._transaction():
+                add_missing_columns(self._db, "shard")
                 self._map_files()
                 self._db.execute(MERGE_DOCS)
                 self._db.execute(MERGE_OCCURRENCES)
@@ -211,6 +211,14 @@ class DocTable:
 
     def close(self) -> None:
         self._db.close()
+
+
+def add_missing_columns(db, schema: str = "main") -> None:
+    """Give the `docs` table of `schema` (ours, or an attached shard's) the columns it lacks."""
+    have = {row[1] for row in db.execute(f"PRAGMA {schema}.table_info(docs)")}
+    for name, declaration in ADDED_COLUMNS:
+        if name not in have:
+            db.execute(f"ALTER TABLE {schema}.docs ADD COLUMN {name} {declaration}")
 
 
 def deletions_in(path: Path, index: str, doc_ids: list) -> dict:
