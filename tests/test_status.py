@@ -38,7 +38,7 @@ def write_run(state_dir, batch_id="words-1", status="pushed", age_s=60, position
     inputs = inputs or [{"path": "/data/words.jsonl", "size": 1000, "mtime_ns": 0, "head_sha256": ""}]
     state = RunState(batch_id, inputs, {}, position=position, status=status, started_at=iso(time.time() - age_s - 5),
                      updated_at=iso(time.time() - age_s))
-    state.counters.update(read=read, indexed=read)
+    state.counters = Ledger(read=read, indexed=read)
     CheckpointStore(state_dir).save(state)
 
 

@@ -222,7 +222,7 @@ class PushRun:
         log.info("batch %s was pushed and is not verified yet: verifying it (--restart pushes it again)",
                  self.batch_id)
         self.recorder.cluster = self.recorder.client.info()
-        batch = Ledger(**state.counters)
+        batch = dataclasses.replace(state.counters)
         return PushResult(self.batch_id, "pushed", EXIT_INCOMPLETE if batch.unfinished else EXIT_OK, batch,
                           Ledger(), self.stats, 0.0, state.position, shard=state.shard, slurm=state.slurm,
                           duplicates=self.recorder.table.counts()["duplicates"])
@@ -415,7 +415,7 @@ class PushRun:
             status, exit_code = "interrupted", EXIT_INTERRUPTED
             if self._stop_reason == "on_error":
                 status, exit_code = "stopped", EXIT_INCOMPLETE
-        batch = Ledger(**state.counters)
+        batch = dataclasses.replace(state.counters)
         if finished:
             this_run.check("this run's")
             batch.check("the batch's")
@@ -544,9 +544,7 @@ class _Committer:
 
     def _commit(self, position: Position, ledger: Ledger) -> None:
         self.this_run.add(ledger)
-        batch = Ledger(**self.state.counters)
-        batch.add(ledger)
-        self.state.counters = batch.as_dict()
+        self.state.counters.add(ledger)
         self.state.position = position
         self.state.updated_at = utc_iso()
         if not self.run.options.dry_run:

@@ -53,7 +53,7 @@ class BatchRecorder:
         self.cluster = {}
 
     def started(self, state) -> None:
-        if state.counters["read"] == 0:
+        if state.counters.read == 0:
             self.table.reset()
         self.cluster = self.client.info()
         self.write(state, "pushing")
@@ -66,7 +66,7 @@ class BatchRecorder:
 
     def finished(self, state, result):
         """Write the final record; verify first when the batch was pushed completely and can be verified now."""
-        if result.status == "pushed" and not state.counters["read"]:
+        if result.status == "pushed" and not state.counters.read:
             log.warning("the inputs hold no records: nothing was sent, there is nothing to verify")
         elif result.status == "pushed" and self.verify and self._ready_to_verify(state):
             self.write(state, "pushed")
@@ -92,8 +92,8 @@ class BatchRecorder:
     def _waiting_for(self, state) -> str:
         if self.shard:
             return f"its other shards have finished (this is shard {self.shard})"
-        if state.counters["queued"]:
-            return f"`pushagent drain` has sent the {state.counters['queued']} records waiting in the retry queue"
+        if state.counters.queued:
+            return f"`pushagent drain` has sent the {state.counters.queued} records waiting in the retry queue"
         return ""
 
     def indices(self) -> list:
@@ -133,6 +133,6 @@ def batch_record(recorder: BatchRecorder, state, status: str, verification) -> d
             "indices": recorder.indices(), "inputs": [f.path for f in recorder.files],
             "doc_count": counts["distinct"], "deleted": counts["deleted"], "duplicates": counts["duplicates"],
             "snapshot": recorder.config.snapshot,
-            "checksum": recorder.table.checksum(), "counters": dict(state.counters),
+            "checksum": recorder.table.checksum(), "counters": state.counters.as_dict(),
             "verification": verification, "cluster": recorder.cluster, "build": build, **shard, **runtime_fields()}
 

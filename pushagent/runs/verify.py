@@ -18,6 +18,7 @@ from pushagent.runs.fullscan import enqueue
 from pushagent.runs.record import save_record, settings_from_record, spec_for
 from pushagent.runs.sharded import batch_fields, check_finished, merged_table, shard_states
 from pushagent.state.doctable import DocTable, table_path
+from pushagent.state.ledger import Ledger
 from pushagent.state.mirror import mirror_state
 from pushagent.state.records import SyncStateStore, runtime_fields, utc_iso
 from pushagent.state.retry_queue import configured_queue
@@ -77,7 +78,7 @@ def _verify_recorded(config, client, options: VerifyOptions) -> dict:
     save_record(config.state_path, record)
     if REFUSED in added:
         raise added[REFUSED]
-    report = _report(record["batch_id"], result, added, record.get("counters", {}))
+    report = _report(record["batch_id"], result, added, Ledger.from_dict(record.get("counters", {})).as_dict())
     mirrored = mirror_state(config, record["batch_id"])  # a sharded batch's record is final only here
     if mirrored is not None:
         report["mirror"] = mirrored
