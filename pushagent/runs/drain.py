@@ -46,7 +46,15 @@ class DrainOptions:
 
 @dataclasses.dataclass
 class DrainResult:
-    """What the CLI reports; `exit_code` follows SPEC section 3."""
+    """What the CLI reports; `exit_code` follows SPEC section 3.
+
+    The ledger is the push's, over items instead of input lines: `read` is
+    the items this drain took from the queue, reported as `taken` too, and
+    each ends indexed or current (acknowledged), queued (back in the queue for
+    a later attempt, or released unsent) or dead. `acked` is how many the
+    queue removed: fewer than indexed + current when an item's lease ran out,
+    or a newer version replaced it, before the answer came.
+    """
 
     batch_id: str | None
     status: str
@@ -60,7 +68,8 @@ class DrainResult:
     next_due_at: str | None = None     # when the first item waiting for a later attempt falls due
 
     def report(self) -> dict:
-        report = {"batch_id": self.batch_id, "status": self.status, **self.ledger.as_dict(), "acked": self.acked,
+        report = {"batch_id": self.batch_id, "status": self.status, **self.ledger.as_dict(),
+                  "taken": self.ledger.read, "acked": self.acked,
                   "requests": self.stats.requests, "retries": self.stats.retries,
                   "bytes_sent": self.stats.bytes_sent, "duration_s": round(self.duration_s, 3),
                   "items_per_s": round(self.ledger.read / self.duration_s, 1) if self.duration_s else 0.0,
@@ -167,13 +176,18 @@ class DrainRun:
         return not self.stop_event.wait(min(WAIT_POLL, left))
 
     def _taken_enough(self) -> bool:
-        return self.options.max_items is not None and self.ledger.read >= self.options.max_items
+        return self.options.max_items is not None and self.taken >= self.options.max_items
+
+    @property
+    def taken(self) -> int:
+        """Items taken from the queue so far: what a drain's ledger calls `read`."""
+        return self.ledger.read
 
     def _take(self, queue) -> list:
         with self._lock:
             limit = self.config.chunk_docs
             if self.options.max_items is not None:
-                limit = min(limit, self.options.max_items - self.ledger.read)
+                limit = min(limit, self.options.max_items - self.taken)
             if limit <= 0:
                 return []
             items = queue.take(limit, self.config.lease_seconds, self.options.batch_id)
