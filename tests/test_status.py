@@ -22,6 +22,7 @@ from pushagent.ops.metrics import RunFacts, chunk_size_label, registry_for
 from pushagent.ops.progress import Snapshot, bytes_done, estimated_size
 from pushagent.state.checkpoint import CheckpointStore, RunState
 from pushagent.state.ledger import Ledger
+from pushagent.state.records import SyncStateStore
 from pushagent.state.retry_queue import QueueItem
 from pushagent.state.retry_queue.sqlite_backend import SqliteQueue
 
@@ -42,14 +43,10 @@ def write_run(state_dir, batch_id="words-1", status="pushed", age_s=60, position
     CheckpointStore(state_dir).save(state)
 
 
-def write_sync_state(state_dir, batch_id, status, age_s, shape="flat"):
-    """A sync-state record; issue 4 defines them, so status reads the plausible shapes."""
-    moment = iso(time.time() - age_s)
-    record = {"batch_id": batch_id, "status": status}
-    record.update({"verified_at": moment} if shape == "flat" else {"timestamps": {"verified": moment}})
-    directory = Path(state_dir) / "sync-state"
-    directory.mkdir(exist_ok=True)
-    (directory / f"{batch_id}.json").write_text(json.dumps(record))
+def write_sync_state(state_dir, batch_id, status, age_s):
+    """The time fields of a batch's sync-state record, pushed `age_s` ago and verified now."""
+    SyncStateStore(state_dir).save({"batch_id": batch_id, "status": status, "started_at": iso(time.time() - age_s - 5),
+                                    "finished_at": iso(time.time() - age_s), "updated_at": iso(time.time())})
 
 
 def dead_items(state_dir, count, pending=0, due=0):
@@ -103,7 +100,7 @@ def test_thresholds_come_from_the_configuration(state_dir):
 def test_status_reports_progress_resume_position_and_queue(state_dir):
     inputs = [{"path": "/data/a.jsonl", "size": 1000}, {"path": "/data/b.jsonl", "size": 3000}]
     write_run(state_dir, "words-2", status="interrupted", position=Position(1, 1000, 40), inputs=inputs)
-    write_sync_state(state_dir, "words-1", "verified", HOUR, shape="nested")
+    write_sync_state(state_dir, "words-1", "verified", HOUR)
     dead_items(state_dir, 0, pending=5, due=2)
     code, report = status(state_dir)
     run = report["last_run"]
@@ -121,8 +118,13 @@ def test_status_reads_damaged_or_missing_state_defensively(state_dir):
     (state_dir / "runs" / "half.json").write_text('{"batch_id": "x", "sta')
     (state_dir / "runs" / "list.json").write_text("[1, 2]")
     (state_dir / "runs" / "odd.json").write_text('{"batch_id": "odd", "status": "pushed", "counters": 7}')
+    (state_dir / "sync-state").mkdir()
+    (state_dir / "sync-state" / "half.json").write_text('{"batch_id": "x", "sta')
     code, report = status(state_dir)
-    assert report["last_run"]["batch_id"] == "odd" and report["last_run"]["processed"] == 0
+    assert code == 1 and report["last_run"] is None and report["last_synced"] is None
+    write_run(state_dir, "words-1", read=7)
+    code, report = status(state_dir)
+    assert report["last_run"]["batch_id"] == "words-1" and report["last_run"]["processed"] == 7
     assert not (state_dir / "queue.db").exists()  # status creates nothing
 
 

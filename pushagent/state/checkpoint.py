@@ -51,6 +51,9 @@ class RunState:
 
     @classmethod
     def from_json(cls, data: dict) -> "RunState":
+        """The run state of a checkpoint file's JSON; KeyError, TypeError or ValueError when it holds none."""
+        if not isinstance(data, dict):
+            raise TypeError(f"a run state is a JSON object, not {type(data).__name__}")
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in fields}
         values["position"] = Position(**data["position"])
