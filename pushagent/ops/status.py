@@ -214,7 +214,8 @@ def health_report(config, now: float | None = None) -> dict:
         verified, basis = last_success(state_dir, ("pushed",)), "pushed"
     report = {"checked_at": utc_iso(now), "state_dir": str(state_dir),
               "last_run": run_summary(run, state_dir, now) if run else None,
-              "last_synced": {"batch_id": verified[1], "at": utc_iso(verified[0]), "basis": basis} if verified else None,
+              "last_synced": ({"batch_id": verified[1], "at": utc_iso(verified[0]), "basis": basis}
+                              if verified else None),
               "sync_lag_s": round(now - verified[0]) if verified else None}
     try:
         report["queue"] = queue_depth(config)
@@ -224,7 +225,6 @@ def health_report(config, now: float | None = None) -> dict:
     report["thresholds"] = {"lag_warning_s": config.health_lag_warning, "lag_critical_s": config.health_lag_critical,
                             "dead_warning": config.health_dead_warning, "dead_critical": config.health_dead_critical}
     return report
-
 
 
 def _resume_text(resume: dict) -> str:
