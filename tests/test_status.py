@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+import requests
 from click.testing import CliRunner
 
 from pushagent.cli import cli
@@ -25,6 +26,7 @@ from pushagent.state.ledger import Ledger
 from pushagent.state.records import SyncStateStore
 from pushagent.state.retry_queue import QueueItem
 from pushagent.state.retry_queue.sqlite_backend import SqliteQueue
+from support import generate, run_cli, run_push
 
 HOUR = 3600
 DASHBOARD = Path(__file__).resolve().parent.parent / "config" / "grafana" / "pushagent.json"
@@ -147,6 +149,29 @@ def test_a_pushing_run_without_its_process_is_a_warning(state_dir):
     (state_dir / "runs" / "words-3.lock").write_text(str(os.getpid()))
     code, report = status(state_dir)
     assert report["last_run"]["running"] is True
+
+
+def test_status_reads_the_run_state_and_record_a_push_and_a_later_verify_wrote(cluster_url, index, state_dir,
+                                                                               tmp_path):
+    code, pushed, stderr = run_push(cluster_url, index, state_dir, generate(tmp_path / "words.jsonl", 300))
+    assert (code, pushed["status"]) == (0, "verified"), stderr
+    code, report = status(state_dir)
+    run = report["last_run"]
+    assert (code, report["health"], report["reasons"]) == (0, "healthy", []), report
+    assert (run["batch_id"], run["status"], run["processed"], run["running"]) == (pushed["batch_id"], "verified",
+                                                                                  300, False)
+    assert run["counters"] == {name: pushed[name] for name in Ledger().as_dict()}
+    assert (run["percent"], run["next_resume"], run["errors"]) == (100.0, None, {"queued": 0, "dead": 0,
+                                                                                 "quarantined": 0})
+    assert report["last_synced"]["batch_id"] == pushed["batch_id"] and report["sync_lag_s"] < 300
+    requests.delete(f"{cluster_url}/{index}/_doc/w00000000", params={"refresh": "true"}, timeout=30).raise_for_status()
+    time.sleep(1.1)     # time stamps are to the second: the record must be newer than the checkpoint
+    code, verified, stderr = run_cli("verify", "--batch-id", pushed["batch_id"], url=cluster_url, state_dir=state_dir)
+    assert (code, verified["status"]) == (3, "verification_failed"), stderr
+    code, report = status(state_dir)
+    run = report["last_run"]
+    assert (run["status"], run["checkpoint_status"]) == ("verification_failed", "verified"), run
+    assert code == 1 and report["reasons"][0]["message"].startswith(f"verification of {pushed['batch_id']} failed")
 
 
 def test_status_text_is_one_verdict_line_then_details(state_dir):
