@@ -17,6 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from support import ROOT, S3_TEST_ENV, free_port  # noqa: E402
 
+# The TLS fixtures (certs, nginx) live beside the nginx they start.
+pytest_plugins = ["tlsnginx"]
+
 
 @pytest.fixture(scope="session")
 def cluster_url():
