@@ -146,6 +146,12 @@ def test_a_refused_key_stops_the_run_with_exit_4(config, cluster, tmp_path):
     assert (result.status, result.exit_code) == ("failed", 4)
 
 
+def test_a_missing_index_the_cluster_will_not_create_stops_the_run(config, cluster, tmp_path):
+    cluster.auto_create = False
+    result = push(config, cluster, records(tmp_path / "a.jsonl", 5))
+    assert (result.status, result.exit_code) == ("failed", 2) and "does not exist" in str(result.error)
+
+
 def test_a_413_splits_the_request_down_to_the_oversized_document(config, cluster, tmp_path):
     cluster.max_request_bytes = 700
     huge = orjson.dumps({"ipa_id": "huge", "word": "x" * 2000})
@@ -290,6 +296,12 @@ def test_verify_finds_documents_left_behind_by_an_earlier_batch_time(config, clu
     cluster.write_by_hand("words", "w0001", stale)
     timestamp = verify(config, cluster, pushed.batch_id)[0]["verification"]["timestamp"]
     assert (timestamp["older"], timestamp["ids"]) == (1, ["w0001"])
+
+
+def test_verification_asks_for_a_mapped_keyword_field_itself(config, cluster, tmp_path):
+    cluster.mappings["words"] = {"sync_batch": "keyword", "embedding_version": "keyword"}
+    result = push(config, cluster, records(tmp_path / "a.jsonl", 5))
+    assert result.status == "verified" and result.verification["count"]["actual"] == 5
 
 
 @pytest.mark.parametrize("fake, snapshot_api", [
