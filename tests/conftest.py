@@ -21,6 +21,17 @@ from support import ROOT, S3_TEST_ENV, free_port  # noqa: E402
 pytest_plugins = ["tlsnginx"]
 
 
+SERVERS = {"cluster_url", "es_url", "moto_server", "redis_server"}
+
+
+def pytest_collection_modifyitems(items):
+    """A test on the SQLite queue that asks for no server (the queue contract's half) is in the fast suite."""
+    for item in items:
+        call = getattr(item, "callspec", None)
+        if call and call.params.get("queue_url") == "sqlite" and not SERVERS & set(item.fixturenames):
+            item.add_marker(pytest.mark.fast)
+
+
 @pytest.fixture(scope="session")
 def cluster_url():
     """URL of a real single-node OpenSearch: PUSHAGENT_TEST_URL, or one started for this session."""

@@ -19,11 +19,10 @@ import re
 import threading
 import time
 
-from pushagent.cluster.auth import authorization_header
 from pushagent.cluster.bulk import ChunkSender, Outcome
-from pushagent.cluster.client import ClusterClient
+from pushagent.cluster.connection import HttpCluster
 from pushagent.cluster.ratelimit import bucket_for
-from pushagent.cluster.transport import HttpTransport, TransferStats
+from pushagent.cluster.transport import TransferStats
 from pushagent.documents.builder import Doc, action_line
 from pushagent.errors import EXIT_FAILURE, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK, ChunkAborted
 from pushagent.ops.queue_view import EMPTY_STATS, counts_text
@@ -101,10 +100,11 @@ def queue_doc(item: QueueItem) -> Doc:
 
 
 class DrainRun:
-    """One `pushagent drain`: call run() once."""
+    """One `pushagent drain`: call run() once. `cluster` is where it sends (default: HTTP to config.url)."""
 
-    def __init__(self, config, options: DrainOptions, stop_event: threading.Event | None = None):
+    def __init__(self, config, options: DrainOptions, stop_event: threading.Event | None = None, cluster=None):
         self.config = config
+        self.cluster = cluster or HttpCluster(config)
         self.options = options
         self.stop_event = stop_event or threading.Event()
         self.stats = TransferStats()
@@ -136,9 +136,8 @@ class DrainRun:
         return dataclasses.replace(self._result(remaining, time.monotonic() - started), next_due_at=next_due)
 
     def _sender(self) -> ChunkSender:
-        transport = HttpTransport(self.config, authorization_header(self.config), self.stats)
         limiter = bucket_for(self.config)
-        return ChunkSender(transport, self.config, self.stats, limiter, self.stop_event)
+        return ChunkSender(self.cluster.transport(self.stats), self.config, self.stats, limiter, self.stop_event)
 
     def _run_workers(self, queue, sender) -> None:
         # Daemon threads, joined in short steps so signal handlers run and a hung request cannot block exit.
@@ -230,7 +229,7 @@ class DrainRun:
         """{(index, id): the version the cluster holds} of the docs written by hand since; absent when a later
         batch wrote or deleted them."""
         field, versions = self.config.batch_field, {}
-        with ClusterClient(self.config) as client:
+        with self.cluster.client() as client:
             for index in {doc.index for doc in docs}:
                 ids = [doc.doc_id for doc in docs if doc.index == index]
                 found = client.request("POST", f"/{index}/_mget", {"ids": ids},

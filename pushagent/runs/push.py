@@ -14,10 +14,10 @@ import threading
 import time
 from collections.abc import Callable
 
-from pushagent.cluster.auth import authorization_header
 from pushagent.cluster.bulk import ChunkSender, Outcome
+from pushagent.cluster.connection import HttpCluster
 from pushagent.cluster.ratelimit import bucket_for
-from pushagent.cluster.transport import DryRunTransport, HttpTransport, TransferStats
+from pushagent.cluster.transport import DryRunTransport, TransferStats
 from pushagent.documents.builder import Builder, Rejected, iso_utc_from_ms
 from pushagent.documents.chunker import Chunker, Position
 from pushagent.errors import (EXIT_FAILURE, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK, ChunkAborted,
@@ -97,10 +97,12 @@ class PushResult:
 
 
 class PushRun:
-    """One `pushagent push`: call run() once."""
+    """One `pushagent push`: call run() once. `cluster` is where it sends (default: HTTP to config.url)."""
 
-    def __init__(self, config, options: PushOptions, stop_event: threading.Event | None = None, observers=()):
+    def __init__(self, config, options: PushOptions, stop_event: threading.Event | None = None, observers=(),
+                 cluster=None):
         self.config = config
+        self.cluster = cluster or HttpCluster(config)
         self.observers = list(observers)
         self.options = options
         self.stop_event = stop_event or threading.Event()
@@ -178,8 +180,8 @@ class PushRun:
             verify_only = saved is not None and self._verification_pending(saved)
             state = saved if verify_only else self._initial_state(saved)
             retry_queue = open_configured_queue(self.config)
-            self.recorder = BatchRecorder(self.config, self.batch_id, self.build_settings, self.files, self.store,
-                                          self.options.verify, self.options.shard)
+            self.recorder = BatchRecorder(self.config, self.cluster, self.batch_id, self.build_settings, self.files,
+                                          self.store, self.options.verify, self.options.shard)
             try:
                 if verify_only:
                     result = self._verify(state, self._verification_only(state))
@@ -272,11 +274,12 @@ class PushRun:
         started = time.monotonic()
         this_run = Ledger()
         transport = (DryRunTransport(self.options.dry_run, self.stats) if self.options.dry_run
-                     else HttpTransport(self.config, authorization_header(self.config), self.stats))
+                     else self.cluster.transport(self.stats))
         limiter = bucket_for(self.config)
         sender = self._sender = ChunkSender(transport, self.config, self.stats, limiter, self.stop_event)
         if self.config.incremental and not self.options.dry_run:
-            self.probe = ChangeProbe(self.config, self.build_settings, limiter, self.stop_event, self.stats)
+            self.probe = ChangeProbe(self.config, self.cluster, self.build_settings, limiter, self.stop_event,
+                                     self.stats)
         pump = _ChunkPump(self._resolve_chunk, self.config.concurrency)
         self.repeats = RepeatedIds(self.recorder.table.earlier_lines if self.recorder else lambda index, ids: {})
         committer = self._committer(state, queue, this_run)

@@ -10,7 +10,6 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from pushagent.cluster.client import ClusterClient
 from pushagent.documents.builder import BuildSettings
 from pushagent.errors import EXIT_INCOMPLETE, EXIT_OK
 from pushagent.inputs.shard import Shard, run_key
@@ -41,15 +40,16 @@ def settings_from_record(record: dict) -> BuildSettings:
 
 
 class BatchRecorder:
-    """Sync-state and documents of one push run (of a whole batch, or of one `shard` of it)."""
+    """Sync-state and documents of one push run (of a whole batch, or of one `shard` of it); verification reads
+    `cluster`."""
 
-    def __init__(self, config, batch_id: str, settings: BuildSettings, files, checkpoints, verify: bool = True,
+    def __init__(self, config, cluster, batch_id: str, settings: BuildSettings, files, checkpoints, verify: bool = True,
                  shard: Shard | None = None):
         self.config, self.batch_id, self.settings, self.files = config, batch_id, settings, files
         self.checkpoints, self.verify, self.shard = checkpoints, verify, shard
         # A shard has a table of its own: each has one writer, on whatever node its task runs.
         self.table = DocTable(table_path(config.state_path, run_key(batch_id, shard)), config.sample_size, batch_id)
-        self.client = ClusterClient(config)
+        self.client = cluster.client()
         self.cluster = {}
 
     def started(self, state) -> None:
