@@ -27,6 +27,9 @@ OLD_CHECKPOINT = {
     "files": [{"path": "/data/words.jsonl", "offset": 500, "line": 50, "done": False}]}
 
 
+pytestmark = pytest.mark.fast
+
+
 def test_a_checkpoint_written_before_unchanged_existed_loads_and_saves_in_the_same_shape(tmp_path):
     store = CheckpointStore(tmp_path)
     store.directory.mkdir()
