@@ -24,7 +24,7 @@ import threading
 
 import orjson
 
-from pushagent.cluster.client import ClusterClient, ClusterRequestError
+from pushagent.cluster.client import ClusterRequestError, ReadClient
 from pushagent.documents.builder import MAX_ID_BYTES, Builder, line_digest, ms_from_iso
 from pushagent.documents.buildpool import batched
 from pushagent.errors import ChunkAborted
@@ -135,8 +135,8 @@ class ChangeProbe:
     any edit while an index's refresh is off, would look unchanged.
     """
 
-    def __init__(self, config, settings, rate_limiter, stop_event: threading.Event, stats):
-        self.config, self.settings, self.stats = config, settings, stats
+    def __init__(self, config, cluster, settings, rate_limiter, stop_event: threading.Event, stats):
+        self.cluster, self.settings, self.stats = cluster, settings, stats
         self.rate_limiter, self.stop_event = rate_limiter, stop_event
         self.prior = PriorWrites(config.state_path, settings)
         self._local = threading.local()
@@ -212,10 +212,10 @@ class ChangeProbe:
         written = doc.version if settings.version_field else _ms(source.get(settings.timestamp_field))
         return written is not None and answer.get("_version") == written
 
-    def _client(self) -> ClusterClient:
+    def _client(self) -> ReadClient:
         client = getattr(self._local, "client", None)
         if client is None:
-            client = self._local.client = ClusterClient(self.config)
+            client = self._local.client = self.cluster.client()
             with self._lock:
                 self._clients.append(client)
         return client
