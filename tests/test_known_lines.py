@@ -37,7 +37,7 @@ def earlier_batch(state_dir, lines, settings=OLD) -> None:
 
 def recognised(state_dir, lines, settings=NEW) -> list:
     config = types.SimpleNamespace(state_path=state_dir)
-    probe = ChangeProbe(config, settings, None, threading.Event(), None)
+    probe = ChangeProbe(config, None, settings, None, threading.Event(), None)
     try:
         given = [(raw, "new.jsonl", number, Position(0, 0, number)) for number, raw in enumerate(lines, 1)]
         return [item for item, *_ in probe.recognise(iter(given), Builder(settings))]
