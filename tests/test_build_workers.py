@@ -4,6 +4,8 @@ same checkpoints, ledger, table of documents, resume and incremental counts as w
 import json
 import signal
 import sqlite3
+import time
+from pathlib import Path
 
 import orjson
 import pytest
@@ -122,6 +124,28 @@ def test_a_push_with_workers_records_what_one_process_records(cluster_url, index
     assert results["several"] == results["one"]
 
 
+def stat_fields(pid) -> list:
+    """/proc/PID/stat after the command name: state, parent pid, ... ([] once the process is gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return []
+
+
+def children(pid: int) -> list:
+    return [int(path.name) for path in Path("/proc").glob("[0-9]*") if stat_fields(path.name)[1:2] == [str(pid)]]
+
+
+def gone(pids, seconds: float = 10) -> bool:
+    """Every one of `pids` has ended (a zombie waiting to be reaped counts as ended)."""
+    deadline = time.monotonic() + seconds
+    while any(stat_fields(pid)[:1] not in ([], ["Z"]) for pid in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def test_sigkill_mid_push_with_workers_then_rerun_is_exact(cluster_url, index, state_dir, tmp_path):
     data = generate(tmp_path / "words.jsonl", 20_000)
     config = tmp_path / "pushagent.yaml"
@@ -129,8 +153,10 @@ def test_sigkill_mid_push_with_workers_then_rerun_is_exact(cluster_url, index, s
     extra = ["--chunk-docs", "1000", "--config", str(config)]
     with FaultProxy(cluster_url) as proxy:
         process = start_slow_push(proxy, index, state_dir, data, extra, until_requests=6, delay=0.2)
+        workers = children(process.pid)
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
+        assert len(workers) >= 3 and gone(workers)          # none is left waiting for work forever
         code, report, stderr = run_push(proxy.url, index, state_dir, data, extra=extra)
         resent = proxy.resent()
     assert (code, report["read"], report["indexed"] + report["current"]) == (0, 20_000, 20_000), stderr

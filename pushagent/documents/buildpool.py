@@ -11,6 +11,7 @@ process.
 """
 
 import collections
+import ctypes
 import multiprocessing
 import os
 import signal
@@ -23,6 +24,7 @@ BATCH_LINES = 256               # lines a worker builds per task
 AHEAD_PER_WORKER = 2            # tasks a worker may be given before the chunker has taken the first
 MAX_DEFAULT_WORKERS = 8         # past this, reading and chunking in the main process are the bound
 
+PR_SET_PDEATHSIG = 1            # prctl(2): the signal a process gets when its parent dies
 _worker_builder = None          # in a worker process: its Builder
 
 
@@ -60,7 +62,7 @@ class BuildPool:
             # process reaps it, so its CPU time counts in this process's children's.
             context = multiprocessing.get_context("spawn")
             self._executor = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_start_worker,
-                                                 initargs=(self.builder.settings,))
+                                                 initargs=(self.builder.settings, os.getpid()))
         return self
 
     def __exit__(self, *exc):
@@ -147,12 +149,25 @@ def batched(lines, size: int):
         yield batch
 
 
-def _start_worker(settings) -> None:
+def _start_worker(settings, parent: int) -> None:
     global _worker_builder
     # Stop signals are the main process's to handle: it finishes what is in flight, then ends the workers.
     for name in ("SIGINT", "SIGTERM", "SIGUSR1"):
         signal.signal(getattr(signal, name), signal.SIG_IGN)
+    _die_with(parent)
     _worker_builder = Builder(settings)
+
+
+def _die_with(parent: int) -> None:
+    """A worker waits for work on a pipe it holds both ends of: when the main process is killed (SIGKILL, the
+    node's OOM killer), nothing would end it. Linux ends it then (PR_SET_PDEATHSIG); elsewhere it stays."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:      # it died before the call
+        os._exit(1)
 
 
 class _Built(NamedTuple):
