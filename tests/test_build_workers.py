@@ -57,6 +57,7 @@ def built(workers: int, lines, fail_after=None) -> tuple:
 @pytest.mark.fast
 def test_workers_build_the_same_items_in_input_order(tmp_path, monkeypatch):
     monkeypatch.setattr(buildpool, "BATCH_LINES", 64)      # many batches, answered out of order
+    monkeypatch.setattr(buildpool, "BATCH_BYTES", 40_000)   # some cut by their bytes
     lines = mixed_lines(tmp_path / "in.jsonl")
     alone, several = built(1, lines), built(3, lines)
     assert several == alone
@@ -75,6 +76,14 @@ def test_a_reader_error_comes_after_every_line_read_before_it(tmp_path, monkeypa
     assert error == "the input went away"
     assert [position.line for position in positions] == list(range(1, 200))
     assert items == built(1, lines, fail_after=200)[0]
+
+
+@pytest.mark.fast
+def test_a_batch_is_bounded_by_lines_and_by_bytes():
+    lines = [(b"x" * 100, "in.jsonl", number, None) for number in range(10)]
+    assert [len(batch) for batch in buildpool.batched(iter(lines), 4, 250)] == [3, 3, 3, 1]
+    assert [len(batch) for batch in buildpool.batched(iter(lines), 4, 10_000)] == [4, 4, 2]
+    assert [len(batch) for batch in buildpool.batched(iter([(b"y" * 1000, "in.jsonl", 1, None)]), 4, 250)] == [1]
 
 
 @pytest.mark.fast

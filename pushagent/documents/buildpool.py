@@ -20,7 +20,8 @@ from typing import NamedTuple
 
 from pushagent.documents.builder import Builder, Doc, Rejected
 
-BATCH_LINES = 256               # lines a worker builds per task
+BATCH_LINES = 256               # lines a worker builds per task,
+BATCH_BYTES = 4 * 1024**2       # and at most these bytes of them (but one line, whatever its size)
 AHEAD_PER_WORKER = 2            # tasks a worker may be given before the chunker has taken the first
 MAX_DEFAULT_WORKERS = 8         # past this, reading and chunking in the main process are the bound
 
@@ -86,7 +87,7 @@ class BuildPool:
         An error of the reader (a changed input) comes after every line read before it, as with one process.
         """
         pending, ahead = collections.deque(), self.workers * AHEAD_PER_WORKER
-        batches = batched(lines, BATCH_LINES)
+        batches = batched(lines, BATCH_LINES, BATCH_BYTES)
         failure = None
         while True:
             while failure is None and len(pending) < ahead:
@@ -132,15 +133,17 @@ def _unpacked(built, batch):
             start += source_end
 
 
-def batched(lines, size: int):
-    """Lists of `size` lines; when reading fails, the lines read before go out first."""
-    batch = []
+def batched(lines, size: int, max_bytes: int):
+    """Lists of at most `size` (raw line, ...) lines and `max_bytes` of raw lines (or one longer line); when
+    reading fails, the lines read before go out first."""
+    batch, nbytes = [], 0
     try:
         for line in lines:
             batch.append(line)
-            if len(batch) >= size:
+            nbytes += len(line[0]) if isinstance(line[0], bytes) else 0
+            if len(batch) >= size or nbytes >= max_bytes:
                 yield batch
-                batch = []
+                batch, nbytes = [], 0
     except Exception:
         if batch:
             yield batch

@@ -33,7 +33,7 @@ from pushagent.state.records import SyncStateStore
 
 log = logging.getLogger(__name__)
 PRIOR_BATCHES = 3            # earlier batches whose tables give the versions to check against
-KNOWN_BATCH = 1000           # lines looked up together in the earlier tables
+KNOWN_BATCH, KNOWN_BYTES = 1000, 8 * 1024**2    # lines looked up together in the earlier tables; their bytes
 # Build settings under which the same line makes the same document; with a version or an index from the
 # record, every line is built (its version, or index, is not in the tables' lookup).
 IDENTITY = ("id_field", "default_index", "index_field", "version_field", "op_field", "embedding_version_field",
@@ -148,7 +148,7 @@ class ChangeProbe:
         """(raw line, file, number, position) lines with those an earlier batch built, byte for byte, replaced by
         their known documents (Builder.known); the others pass as they are."""
         limit, key = self.settings.max_record_bytes, orjson.dumps(self.settings.id_field) + b":"
-        for batch in batched(lines, KNOWN_BATCH):
+        for batch in batched(lines, KNOWN_BATCH, KNOWN_BYTES):
             likely = [_likely_id(raw, key) if isinstance(raw, bytes) and len(raw) <= limit else None
                       for raw, *_ in batch]
             digests = [line_digest(raw) if doc_id else None for (raw, *_), doc_id in zip(batch, likely)]
