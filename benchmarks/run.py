@@ -194,7 +194,10 @@ def run_once(argv, env: dict, stdin_lines=None, capture_report: bool = False, ch
     if status != 0:
         measured["stderr"] = stderr.decode(errors="replace")[-400:]
     if capture_report:
-        measured["report"] = orjson.loads(stdout)
+        try:
+            measured["report"] = orjson.loads(stdout)
+        except orjson.JSONDecodeError:  # killed, or failed before its report: the exit status says it
+            measured["report"] = None
     return measured
 
 
