@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import orjson
-
 import run as bench
 from wanproxy import WanProxy
 

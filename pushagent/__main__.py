@@ -1,3 +1,3 @@
-from .cli import main
+from pushagent.cli import main
 
 main()

@@ -14,21 +14,22 @@ import threading
 
 import click
 
-from . import __version__
-from .config import load_config, parse_duration
-from .doctor import Doctor, healthy
-from .doctor import as_json as doctor_report
-from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PushAgentError, StopRequested
-from .logs import redact, setup_logging
-from .memory import return_large_buffers_to_os
-from .observe import observing
-from .push import PushOptions, PushRun
-from .recording import VerifyOptions, verify_batch
-from .security import insecure_warning
-from .shard import parse_shard
-from .state import AuditLog, SyncStateStore, audit_state
-from .status import EXIT_CODES, format_status, health_report
-from .summary import format_table, summary_lines
+from pushagent import __version__
+from pushagent.cluster.tls import insecure_warning
+from pushagent.config import load_config, parse_duration
+from pushagent.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PushAgentError, StopRequested
+from pushagent.inputs.shard import parse_shard
+from pushagent.ops.doctor import Doctor
+from pushagent.ops.doctor import as_json as doctor_report
+from pushagent.ops.doctor import healthy
+from pushagent.ops.logs import redact, setup_logging
+from pushagent.ops.memory import return_large_buffers_to_os
+from pushagent.ops.observe import observing
+from pushagent.ops.status import EXIT_CODES, format_status, health_report
+from pushagent.ops.summary import format_table, summary_lines
+from pushagent.runs.push import PushOptions, PushRun
+from pushagent.runs.verify import VerifyOptions, verify_batch
+from pushagent.state.records import AuditLog, SyncStateStore, audit_state
 
 log = logging.getLogger("pushagent")
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
@@ -231,7 +232,7 @@ def drain(config_file, as_json, state_dir, queue_url, url, insecure, all_items, 
 
         pushagent drain --all --wait 10m --batch-id words-2026-01 --json
     """
-    from .drain import DrainOptions, DrainRun
+    from pushagent.runs.drain import DrainOptions, DrainRun
     config = load_config(config_file, _flags(state_dir=state_dir, queue_url=queue_url, url=url, insecure=insecure,
                                              chunk_docs=chunk_docs, concurrency=concurrency))
     _warn_insecure(config)
@@ -246,7 +247,7 @@ def queue():
 
 
 def _with_queue(config_file, state_dir, queue_url, action):
-    from .retry_queue import configured_queue
+    from pushagent.state.retry_queue import configured_queue
     with configured_queue(load_config(config_file, _flags(state_dir=state_dir, queue_url=queue_url))) as retry_queue:
         return action(retry_queue)
 
@@ -261,7 +262,7 @@ def queue_stats(config_file, as_json, state_dir, queue_url):
 
         pushagent queue stats --json
     """
-    from .queue_view import EMPTY_STATS, format_stats, read_queue
+    from pushagent.ops.queue_view import EMPTY_STATS, format_stats, read_queue
     config = load_config(config_file, _flags(state_dir=state_dir, queue_url=queue_url))
     stats = read_queue(config, lambda q: q.stats(), EMPTY_STATS)
     click.echo(json.dumps(stats, sort_keys=True) if as_json else format_stats(stats))
@@ -280,7 +281,7 @@ def queue_list(config_file, as_json, state_dir, queue_url, status, batch_id, lim
 
         pushagent queue list --status dead --limit 20
     """
-    from .queue_view import format_items, item_summary, read_queue
+    from pushagent.ops.queue_view import format_items, item_summary, read_queue
     config = load_config(config_file, _flags(state_dir=state_dir, queue_url=queue_url))
     items = read_queue(config, lambda q: q.list(status, limit, batch_id), [])
     click.echo(json.dumps([item_summary(i) for i in items]) if as_json else format_items(items))
@@ -318,7 +319,7 @@ def queue_purge(config_file, as_json, state_dir, queue_url, batch_id, reason, ol
 
         pushagent queue purge --batch-id words-2026-01 --reason mapper_parsing_exception
     """
-    from .purge import purge_dead
+    from pushagent.state.purge import purge_dead
     config = load_config(config_file, _flags(state_dir=state_dir, queue_url=queue_url))
     entry = _with_queue(config_file, state_dir, queue_url,
                         lambda q: purge_dead(q, config.state_path, batch_id, reason, older_than))

@@ -9,11 +9,11 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from .errors import ConfigError
+from pushagent.errors import ConfigError
 
 DEFAULT_CONFIG_FILES = ("./pushagent.yaml", "~/.config/pushagent/config.yaml")
 ENV_PREFIX = "PUSHAGENT_"
-# Read from the environment by auth.py only: a secret is never a config value.
+# Read from the environment by cluster/auth.py only: a secret is never a config value.
 SECRET_ENV_KEYS = {"PUSHAGENT_API_KEY"}
 
 # Keys an older configuration may still carry, and what replaced them.

@@ -12,6 +12,10 @@ class StopRequested(Exception):
     """A stop signal interrupted work that only reads (verification): nothing is left half-done."""
 
 
+class ChunkAborted(Exception):
+    """The run is stopping (signal, or the outage budget ran out): the chunk stays unresolved."""
+
+
 class PushAgentError(Exception):
     """Root of every error pushagent raises on purpose.
 

@@ -25,10 +25,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts"), str(ROOT / "tests")]
 
 import generate_data  # noqa: E402
-from pushagent.builder import Builder, BuildSettings, iso_utc_from_ms  # noqa: E402
+
 from pushagent.config import load_config  # noqa: E402
-from pushagent.drain import DrainOptions, DrainRun  # noqa: E402
-from pushagent.retry_queue import QueueItem, open_queue  # noqa: E402
+from pushagent.documents.builder import Builder, BuildSettings, iso_utc_from_ms  # noqa: E402
+from pushagent.runs.drain import DrainOptions, DrainRun  # noqa: E402
+from pushagent.state.retry_queue import QueueItem, open_queue  # noqa: E402
 
 BATCH = 5000
 BATCH_MS = 1_700_000_000_000

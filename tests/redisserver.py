@@ -7,7 +7,6 @@ import subprocess
 import time
 
 import redis
-
 from support import free_port, run_cli
 
 

@@ -20,7 +20,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import generate_data  # noqa: E402
 from bench_queue import queue_items  # noqa: E402
-from pushagent.retry_queue import open_queue  # noqa: E402
+
+from pushagent.state.retry_queue import open_queue  # noqa: E402
 
 
 def generate(path: Path, count: int, dims: int = 8, seed: int = 42, start: int = 0) -> Path:

@@ -11,7 +11,6 @@ import threading
 import time
 
 import pytest
-
 from support import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))

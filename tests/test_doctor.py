@@ -11,14 +11,14 @@ import pytest
 import requests
 import responses
 from click.testing import CliRunner
-
 from faultproxy import FaultProxy
 from support import ROOT, agent_env
+from tlsnginx import KEY, certs, nginx, tls_env  # noqa: F401 (fixtures)
+
 from pushagent.cli import cli
 from pushagent.config import Config
-from pushagent.doctor import Doctor, auto_create_allows
-from pushagent.durability import mount_of, redis_durability, sqlite_durability
-from tlsnginx import KEY, certs, nginx, tls_env  # noqa: F401 (fixtures)
+from pushagent.ops.doctor import Doctor, auto_create_allows
+from pushagent.state.durability import mount_of, redis_durability, sqlite_durability
 
 BASE = "http://localhost:9201"
 ES_ROOT = {"cluster_name": "prod", "version": {"number": "8.13.0", "build_flavor": "default"}}
@@ -219,7 +219,7 @@ def test_doctor_checks_durability_of_a_real_redis_and_sqlite(stub, tmp_path, red
 
 
 def test_the_sqlite_queue_syncs_every_commit(tmp_path):
-    from pushagent.retry_queue import open_queue
+    from pushagent.state.retry_queue import open_queue
     queue = open_queue(f"sqlite://{tmp_path / 'queue.db'}")
     try:
         assert queue._db.execute("PRAGMA synchronous").fetchone()[0] == 2   # FULL

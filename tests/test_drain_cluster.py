@@ -8,7 +8,6 @@ import time
 import orjson
 import redis
 import requests
-
 from faultproxy import Fault, FaultProxy
 from redisserver import RedisServer, drain_killed_mid_way
 from support import (agent_env, cli_command, count, fill_queue, free_port, generate, queue_stats, queued_ids, run_cli,

@@ -3,7 +3,6 @@
 import json
 
 import requests
-
 from faultproxy import FaultProxy
 from support import generate, run_cli, run_push
 

@@ -6,7 +6,6 @@ import shutil
 
 import orjson
 import requests
-
 from support import generate, run_cli, run_push
 
 V1 = ["--embedding-version", "v1"]

@@ -13,7 +13,6 @@ import time
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
-
 from support import agent_env, free_port, generate, push_command, run_push
 
 SECRET = "c2VjcmV0LWlkOnNlY3JldC1hcGkta2V5"

@@ -11,14 +11,14 @@ import time
 import orjson
 import pytest
 import requests
+from support import ROOT, agent_env, count, generate, queue_items, run_cli, run_push
 
 from pushagent.config import Config
-from pushagent.doctor import Doctor
-from pushagent.progress import MAX_DEFLATE_RATIO, estimated_size
-from pushagent.retry_queue import open_queue
-from pushagent.status import format_status
-from pushagent.summary import summary_lines
-from support import ROOT, agent_env, count, generate, queue_items, run_cli, run_push
+from pushagent.ops.doctor import Doctor
+from pushagent.ops.progress import MAX_DEFLATE_RATIO, estimated_size
+from pushagent.ops.status import format_status
+from pushagent.ops.summary import summary_lines
+from pushagent.state.retry_queue import open_queue
 
 REPR = re.compile(r"\{'|\[\('|\['|\bNone\b")
 

@@ -12,10 +12,10 @@ import time
 import orjson
 import pytest
 import requests
-
-from support import count, generate, push_command, run_push, stored_checksums, agent_env
 from faultproxy import Fault, FaultProxy
-from pushagent.builder import canonical_checksum
+from support import agent_env, count, generate, push_command, run_push, stored_checksums
+
+from pushagent.documents.builder import canonical_checksum
 
 
 def queue_rows(state_dir, status=None):

@@ -6,8 +6,8 @@ import time
 import pytest
 
 from pushagent.errors import QueueError
-from pushagent.retry_queue import QueueItem, open_queue, retry_delay
-from pushagent.retry_queue.base import DEAD, PENDING, redact_url
+from pushagent.state.retry_queue import QueueItem, open_queue, retry_delay
+from pushagent.state.retry_queue.base import DEAD, PENDING, redact_url
 
 MAX_ATTEMPTS, MAX_DELAY = 3, 300.0
 

@@ -13,15 +13,16 @@ import time
 import orjson
 import pytest
 import requests
-
 from faultproxy import Fault, FaultProxy
-from pushagent.builder import canonical_checksum
-from pushagent.errors import ConfigError, InputChangedError
-from pushagent.config import load_config
-from pushagent.reader import InputFile, describe_file, expand_inputs, read_lines
-from pushagent.s3 import parse_url
 from support import (S3_TEST_ENV, agent_env, count, generate, interrupt_after, push_command, run_cli, run_push,
                      stored_checksums)
+
+from pushagent.config import load_config
+from pushagent.documents.builder import canonical_checksum
+from pushagent.errors import ConfigError, InputChangedError
+from pushagent.inputs.reader import describe_file, expand_inputs, read_lines
+from pushagent.inputs.s3 import parse_url
+from pushagent.inputs.source import InputFile
 
 
 @pytest.fixture

@@ -13,13 +13,14 @@ import orjson
 import pytest
 import requests
 import responses
-
 from faultproxy import Fault, FaultProxy
-from pushagent.cluster import ClusterClient, ClusterRequestError
-from pushagent.config import Config
-from pushagent.doctable import DocTable
-from pushagent.fullscan import IncompleteScan, full_scan, stamped_checksum
 from support import generate, run_cli, run_push
+
+from pushagent.cluster.client import ClusterClient, ClusterRequestError
+from pushagent.cluster.scan import IncompleteScan, stamped_checksum
+from pushagent.config import Config
+from pushagent.runs.fullscan import full_scan
+from pushagent.state.doctable import DocTable
 
 NO_HANDLER = b'{"error":"no handler found for uri [%s] and method [POST]"}'
 PIT_PATHS = ("/_search/point_in_time", "/_pit")

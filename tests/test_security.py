@@ -8,18 +8,16 @@ import subprocess
 import sys
 
 import pytest
-
-from support import ROOT, agent_env, count, generate, run_push
 from faultproxy import FaultProxy
-from pushagent.auth import authorization_header
+from support import ROOT, agent_env, count, generate, run_push
+from tlsnginx import KEY, KEY_ID, KEY_SECRET, READONLY_KEY, Nginx, certs, nginx, tls_env  # noqa: F401 (fixtures)
+
+from pushagent.cluster.auth import authorization_header
+from pushagent.cluster.tls import insecure_warning
 from pushagent.config import Config, load_config
 from pushagent.errors import ConfigError
-from pushagent.logs import TextFormatter
-from pushagent.security import insecure_warning, redact, register_secret
-from tlsnginx import Nginx
-
-from tlsnginx import KEY, KEY_ID, KEY_SECRET, READONLY_KEY, certs, nginx, tls_env  # noqa: F401 (fixtures)
-
+from pushagent.ops.logs import TextFormatter
+from pushagent.redact import redact, register_secret
 
 # -- key handling -----------------------------------------------------------------------------------------
 

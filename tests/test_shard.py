@@ -4,15 +4,15 @@ import random
 
 import orjson
 import pytest
-
-from pushagent.chunker import Position
-from pushagent.errors import ConfigError
-from pushagent.progress import bytes_done, bytes_total
-from pushagent.reader import describe_file, next_line_start, read_lines
-from pushagent.shard import FileRange, Shard, file_ranges, parse_shard, run_key
-from pushagent.slurm_env import slurm_facts
 from faultproxy import Fault, FaultProxy
 from support import generate, interrupt_after, push_command, run_push
+
+from pushagent.documents.chunker import Position
+from pushagent.errors import ConfigError
+from pushagent.inputs.reader import describe_file, next_line_start, read_lines
+from pushagent.inputs.shard import FileRange, Shard, file_ranges, parse_shard, run_key
+from pushagent.ops.progress import bytes_done, bytes_total
+from pushagent.state.slurm_env import slurm_facts
 
 
 def read_shard(files, shard):

@@ -18,7 +18,6 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-
 from faultproxy import Fault, FaultProxy
 from slurm_cluster import SlurmCluster, SlurmUnavailable
 from support import ROOT, agent_env, count, generate

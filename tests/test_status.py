@@ -13,17 +13,17 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pushagent.checkpoint import CheckpointStore, RunState
-from pushagent.chunker import Position
 from pushagent.cli import cli
 from pushagent.config import load_config
+from pushagent.documents.chunker import Position
 from pushagent.errors import ConfigError
-from pushagent.ledger import Ledger
-from pushagent.logs import JsonFormatter, redact
-from pushagent.metrics import RunFacts, chunk_size_label, registry_for
-from pushagent.progress import Snapshot, bytes_done, estimated_size
-from pushagent.retry_queue import QueueItem
-from pushagent.retry_queue.sqlite_backend import SqliteQueue
+from pushagent.ops.logs import JsonFormatter, redact
+from pushagent.ops.metrics import RunFacts, chunk_size_label, registry_for
+from pushagent.ops.progress import Snapshot, bytes_done, estimated_size
+from pushagent.state.checkpoint import CheckpointStore, RunState
+from pushagent.state.ledger import Ledger
+from pushagent.state.retry_queue import QueueItem
+from pushagent.state.retry_queue.sqlite_backend import SqliteQueue
 
 HOUR = 3600
 DASHBOARD = Path(__file__).resolve().parent.parent / "config" / "grafana" / "pushagent.json"

@@ -5,12 +5,12 @@ import time
 
 import orjson
 import requests
-
 from bench_queue import queue_items
 from faultproxy import Fault, FaultProxy
 from support import count, fill_queue, generate, queue_stats, run_cli, run_push
-from pushagent.retry_queue import open_queue
-from pushagent.state import AuditLog
+
+from pushagent.state.records import AuditLog
+from pushagent.state.retry_queue import open_queue
 
 
 def test_a_5_s_burst_of_item_429s_during_drain_all_dead_letters_nothing(cluster_url, index, tmp_path, queue_url):

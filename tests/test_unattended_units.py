@@ -9,11 +9,12 @@ import threading
 
 import pytest
 
-from pushagent.builder import Doc
+from pushagent.cluster.bulk import ChunkSender
+from pushagent.cluster.ratelimit import InFlightLimit, TokenBucket, bucket_for, task_rate
+from pushagent.cluster.transport import BulkResponse, TransferStats, TransportFailure
 from pushagent.config import Config, load_config
-from pushagent.errors import ConfigError
-from pushagent.ratelimit import InFlightLimit, TokenBucket, bucket_for, task_rate
-from pushagent.sender import BulkResponse, ChunkAborted, ChunkSender, TransferStats, TransportFailure
+from pushagent.documents.builder import Doc
+from pushagent.errors import ChunkAborted, ConfigError
 
 
 class FakeTime:

@@ -8,15 +8,15 @@ import threading
 import orjson
 import pytest
 
-from pushagent.builder import Builder, BuildSettings, Doc, Rejected, canonical_checksum
-from pushagent.checkpoint import BatchLock, CheckpointStore, CommitTracker, RunState
-from pushagent.chunker import Chunker, Position, bulk_body
-from pushagent.classifier import CURRENT, INDEXED, PERMANENT, RETRYABLE, classify_item, request_outcome
+from pushagent.cluster.classifier import CURRENT, INDEXED, PERMANENT, RETRYABLE, classify_item, request_outcome
+from pushagent.cluster.ratelimit import TokenBucket
+from pushagent.cluster.transport import parse_retry_after
 from pushagent.config import load_config, parse_duration, parse_size
+from pushagent.documents.builder import Builder, BuildSettings, Doc, Rejected, canonical_checksum
+from pushagent.documents.chunker import Chunker, Position, bulk_body
 from pushagent.errors import BatchLockedError, ConfigError
-from pushagent.ratelimit import TokenBucket
-from pushagent.reader import describe_file, expand_inputs, read_lines
-from pushagent.sender import parse_retry_after
+from pushagent.inputs.reader import describe_file, expand_inputs, read_lines
+from pushagent.state.checkpoint import BatchLock, CheckpointStore, CommitTracker, RunState
 
 
 def settings(**overrides):

@@ -10,11 +10,10 @@ import time
 import orjson
 import pytest
 import requests
-
 from faultproxy import Fault, FaultProxy
-from pushagent.builder import canonical_checksum
-from support import (agent_env, cli_command, generate, interrupt_after, push_command, run_cli, run_push,
-                     wait_for)
+from support import agent_env, cli_command, generate, interrupt_after, push_command, run_cli, run_push, wait_for
+
+from pushagent.documents.builder import canonical_checksum
 
 V1 = ["--embedding-version", "v1"]
 

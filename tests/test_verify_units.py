@@ -10,16 +10,17 @@ import pytest
 import responses
 from click.testing import CliRunner
 
-from pushagent.builder import Builder, BuildSettings
 from pushagent.cli import cli
-from pushagent.cluster import ClusterClient
+from pushagent.cluster.client import ClusterClient
+from pushagent.cluster.scan import stamped_checksum
 from pushagent.config import Config
-from pushagent.checkpoint import CheckpointStore, RunState
-from pushagent.doctable import DocTable, combined_sample
+from pushagent.documents.builder import Builder, BuildSettings
 from pushagent.errors import PushAgentError
-from pushagent.fullscan import full_scan, stamped_checksum
-from pushagent.sharded import check_finished, shard_states
-from pushagent.state import AuditLog, SyncStateStore
+from pushagent.runs.fullscan import full_scan
+from pushagent.runs.sharded import check_finished, shard_states
+from pushagent.state.checkpoint import CheckpointStore, RunState
+from pushagent.state.doctable import DocTable, combined_sample
+from pushagent.state.records import AuditLog, SyncStateStore
 
 SETTINGS = BuildSettings("id", "words", None, frozenset({"words"}), 1000, "2026-01-01T00:00:00.000Z",
                          embedding_version="v1")
@@ -98,7 +99,7 @@ def test_an_append_killed_mid_line_is_cut_off_by_the_next(audit, tmp_path):
 
 
 def test_a_sync_state_record_edited_to_say_verified_fails_the_audit(tmp_path):
-    from pushagent.recording import save_record
+    from pushagent.runs.record import save_record
     save_record(tmp_path, {"batch_id": "b1", "status": "pushing", "doc_count": 10})
     save_record(tmp_path, {"batch_id": "b1", "status": "verification_failed", "doc_count": 10})
     save_record(tmp_path, {"batch_id": "b2", "status": "verified", "doc_count": 5})
@@ -198,7 +199,7 @@ def test_verification_requests_ride_out_429_and_503():
 
 
 def test_records_carry_the_slurm_job_and_array_ids():
-    from pushagent.state import runtime_fields
+    from pushagent.state.records import runtime_fields
     fields = runtime_fields({"SLURM_JOB_ID": "4242", "SLURM_ARRAY_JOB_ID": "4200", "SLURM_ARRAY_TASK_ID": "7",
                              "SLURM_RESTART_COUNT": "2", "SLURMD_NODENAME": "cn7"})
     assert fields["slurm"] == {"job_id": 4242, "array_job_id": 4200, "array_task_id": 7, "restart_count": 2,

@@ -15,14 +15,13 @@ import time
 import orjson
 import pytest
 import requests
-
-from pushagent.reader import BOM
-
 from conftest import FULL, scale
 from faultproxy import Fault, FaultProxy
 from redisserver import RedisServer, drain_killed_mid_way
 from support import (agent_env, cli_command, count, fill_queue, generate, interrupt_after, push_command, queue_stats,
                      queued_ids, run_cli, run_push, stored_checksums)
+
+from pushagent.inputs.reader import BOM
 
 CHUNK_DOCS, CONCURRENCY = 1000, 2
 

@@ -1,0 +1,226 @@
+"""Resolve every document of a chunk through a transport: item retries, 413 splits, outages, backpressure.
+
+ChunkSender turns a list of documents into outcomes: it retries only the
+failed subset with exponential backoff and full jitter, honours Retry-After,
+splits a chunk answered with 413, rides out outages within `outage_seconds`
+(see outage.py) and stops the whole run past it, slows the token bucket down
+when the cluster pushes back, and warns once per kind of error (errorlog.py).
+"""
+
+import dataclasses
+import threading
+import time
+
+from pushagent.cluster.classifier import (CURRENT, INDEXED, MISSING_INDEX, REJECTED_EXECUTION, RETRYABLE, classify_item,
+                                          item_error, request_outcome)
+from pushagent.cluster.errorlog import ErrorDigest, error_of_body
+from pushagent.cluster.outage import OutageClock, backoff_delay
+from pushagent.cluster.ratelimit import InFlightLimit
+from pushagent.cluster.transport import BulkResponse, TransferStats, TransportFailure
+from pushagent.documents.chunker import bulk_body
+from pushagent.errors import AuthError, ChunkAborted, ConfigError, PushAgentError
+
+
+@dataclasses.dataclass
+class RequestFailed:
+    """A whole request that got no usable answer: connection error, timeout, 429/5xx, wrong item count."""
+
+    reason: str
+    retry_after: float | None = None
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What became of a list of documents."""
+
+    indexed: list = dataclasses.field(default_factory=list)
+    current: list = dataclasses.field(default_factory=list)
+    retry: list = dataclasses.field(default_factory=list)   # (doc, last error)
+    dead: list = dataclasses.field(default_factory=list)    # (doc, reason)
+    unchanged: list = dataclasses.field(default_factory=list)  # --incremental: held as written, not sent
+    conflicts: dict = dataclasses.field(default_factory=dict)  # (index, id) -> the 409 of a current doc
+
+    def merge(self, other: "Outcome") -> None:
+        for name in ("indexed", "current", "retry", "dead", "unchanged"):
+            getattr(self, name).extend(getattr(other, name))
+        self.conflicts.update(other.conflicts)
+
+
+def auth_refused(status: int) -> AuthError:
+    """The error that stops a push on a whole-request 401 or 403 (the checkpoint is kept)."""
+    if status == 401:
+        return AuthError("the cluster refused the credentials (HTTP 401): the API key is missing, wrong, "
+                         "expired or revoked",
+                         hint="run `pushagent doctor` (check: authentication); the checkpoint is kept, "
+                              "run the same command again once fixed")
+    return AuthError(f"the key may not write to the target index (HTTP {status})",
+                     hint="run `pushagent doctor` (check: privileges) and ask for read and write on the index; "
+                          "the checkpoint is kept, run the same command again once fixed")
+
+
+class ChunkSender:
+    """Resolves documents to an Outcome through a transport (HTTP or dry run)."""
+
+    def __init__(self, transport, config, stats: TransferStats, rate_limiter, stop_event: threading.Event,
+                 clock=time.monotonic):
+        self.transport = transport
+        self.config = config
+        self.stats = stats
+        self.rate_limiter = rate_limiter
+        self.stop_event = stop_event
+        self.outage = OutageClock(config.outage_seconds, clock)
+        self.errors = ErrorDigest()
+        self.in_flight = InFlightLimit(config.concurrency)
+        stats.rate_per_minute = rate_limiter.rate_per_minute
+
+    def resolve(self, docs: list, body=None) -> Outcome:
+        """Send `docs` until each is indexed, current, dead, or out of in-run retries.
+
+        `body`, when given, is the NDJSON of exactly `docs` (a chunk's body):
+        the first attempt sends it as it is instead of joining the documents.
+        Answers in which the cluster took nothing are retried within the
+        outage budget; items refused among accepted ones get `max_retries`.
+
+        Raises AuthError on 401/403 and ChunkAborted when the run is stopping
+        (a signal, or the outage budget ran out: `outage.tripped`).
+        """
+        outcome, pending = Outcome(), docs
+        streak, quiet, rounds = None, 0, 0   # start of this chunk's nothing-useful streak, its length; item rounds
+        while True:
+            answer = self._attempt(body if body is not None and pending is docs else bulk_body(pending), len(pending))
+            if isinstance(answer, RequestFailed):
+                last_error, took, retry_after = answer.reason, False, answer.retry_after
+            elif answer.status == 413:
+                return self._split(pending, outcome)
+            else:
+                pending, last_error, took = self._classify(pending, answer.items, outcome)
+                if not pending:
+                    return outcome
+                retry_after = answer.retry_after
+            if took:
+                streak, quiet, rounds = None, 0, rounds + 1
+                if rounds > self.config.max_retries:
+                    outcome.retry.extend((doc, last_error) for doc in pending)
+                    return outcome
+                delay = backoff_delay(rounds, self.config.retry_backoff_seconds, self.config.max_backoff_seconds,
+                                      retry_after, float("inf"))
+            else:
+                streak = self.outage.now() if streak is None else streak
+                quiet += 1
+                delay = self._outage_delay(streak, quiet, last_error, retry_after, isinstance(answer, RequestFailed))
+                if delay is None:   # the cluster takes others' documents but never these: queue them
+                    outcome.retry.extend((doc, last_error) for doc in pending)
+                    return outcome
+            self.stats.record_retry()
+            self._pause(delay)
+
+    def _attempt(self, body: bytes, docs: int):
+        """A BulkResponse with one item per document (or a 413), else a RequestFailed saying why."""
+        try:
+            response = self._post(body, docs)
+        except TransportFailure as error:
+            self.errors.seen("request", "-", str(error).split(":")[0], str(error))
+            return RequestFailed(str(error))
+        kind = request_outcome(response.status)
+        if kind == "fatal":
+            raise PushAgentError(f"the cluster answered _bulk with {self._describe(response, docs)}",
+                                 hint="check url: it must be the cluster's base URL")
+        if kind == "auth":
+            raise auth_refused(response.status)
+        if kind == "too_large" or (kind == "ok" and len(response.items) == docs):
+            return response
+        reason = self._describe(response, docs)
+        error_type, text = error_of_body(response.text) if kind != "ok" else ("item_count_mismatch", reason)
+        self.errors.seen("request", response.status, error_type, text if error_type != "error" else reason)
+        if response.status == 429:
+            self._pushed_back(True)
+        return RequestFailed(reason, response.retry_after)
+
+    def _outage_delay(self, streak: float, quiet: int, reason: str, retry_after, whole: bool) -> float | None:
+        """The wait before sending again while the cluster takes nothing; trips the run past the budget.
+
+        None: the budget ran out for this chunk alone while the run gets useful
+        answers, and its items were refused one by one: they go to the queue.
+        A whole request refused that long stops the run instead: parking the
+        chunk in the retry queue would only move the outage there.
+        """
+        left = self.outage.left(streak, reason)
+        if left <= 0:
+            if not whole and self.outage.run_left() > 0:
+                return None
+            self.outage.trip()
+            raise ChunkAborted()
+        return backoff_delay(quiet, self.config.retry_backoff_seconds, self.config.max_backoff_seconds,
+                             retry_after, left)
+
+    def _post(self, body: bytes, docs: int) -> BulkResponse:
+        if self.outage.tripped.is_set() or not self.in_flight.acquire(self.stop_event):
+            raise ChunkAborted()
+        try:
+            if not self.rate_limiter.acquire(self.stop_event):
+                raise ChunkAborted()
+            return self.transport.post(body, docs)
+        finally:
+            self.in_flight.release()
+
+    def _pushed_back(self, rejected: bool) -> None:
+        """Backpressure: rejections halve the sending rate and the requests in flight, clean answers raise them."""
+        limiter = self.rate_limiter
+        self.stats.rate_per_minute = limiter.slow_down() if rejected else limiter.speed_up()
+        (self.in_flight.slow_down if rejected else self.in_flight.speed_up)()
+
+    @staticmethod
+    def _describe(response: BulkResponse, expected: int) -> str:
+        if response.status != 200:
+            return f"HTTP {response.status} {response.text[:200]}".strip()
+        return f"answer has {len(response.items)} items for {expected} documents"
+
+    def _classify(self, pending, items, outcome: Outcome):
+        """(documents to retry, last retry reason, whether the cluster took or judged any document)."""
+        retry, last_error, refused = [], None, {}
+        for doc, item in zip(pending, items):
+            kind, reason = classify_item(item)
+            if kind == INDEXED:
+                outcome.indexed.append(doc)
+            elif kind == CURRENT:
+                outcome.current.append(doc)
+                outcome.conflicts[(doc.index, doc.doc_id)] = reason
+                continue    # a version conflict is the cluster holding ours or newer: no error to report
+            elif kind == RETRYABLE:
+                retry.append(doc)
+                last_error = reason
+            elif kind == MISSING_INDEX:
+                raise ConfigError(f"index {doc.index!r} does not exist and the cluster does not create indices on "
+                                  f"a write ({reason})", hint=f"ask the cluster's operator to create {doc.index!r} "
+                                  "(with its mapping), then run the same command again")
+            else:
+                outcome.dead.append((doc, reason))
+            if reason:
+                status, error_type, text = item_error(item)
+                refused.setdefault((status, error_type), [0, text])[0] += 1
+        for (status, error_type), (count, reason) in refused.items():
+            self.errors.seen("item", status, error_type, reason, count)
+        self._pushed_back(any(status == 429 or error_type in REJECTED_EXECUTION for status, error_type in refused))
+        if len(retry) < len(pending):
+            self.outage.useful()
+        return retry, last_error, len(retry) < len(pending)
+
+    def _split(self, docs, outcome: Outcome) -> Outcome:
+        if len(docs) == 1:
+            outcome.dead.append((docs[0], f"413 request too large: the document is {docs[0].size} bytes"))
+            return outcome
+        middle = len(docs) // 2
+        for half in (docs[:middle], docs[middle:]):
+            outcome.merge(self.resolve(half))
+        return outcome
+
+    def _pause(self, delay: float) -> None:
+        """Wait `delay` seconds unless the run stops or another worker tripped the outage budget."""
+        deadline = self.outage.now() + delay
+        while not self.outage.tripped.is_set():
+            left = deadline - self.outage.now()
+            if left <= 0:
+                return
+            if self.stop_event.wait(min(left, 1.0)):
+                break
+        raise ChunkAborted()

@@ -1,0 +1,165 @@
+"""`push --incremental`: send only the documents the cluster does not already hold as the agent wrote them.
+
+Before a chunk is sent, one `_mget` (counted against the rate limit) reads
+three stamps of each of its documents: `sync_checksum`, `embedding_version`
+and `last_updated`. A document is unchanged when the checksum and the
+embedding version are ours and its version is still the one the agent gave
+it: the batch time its `last_updated` names (or, with `version_field`, the
+record's own version). An edit made behind the agent's back moves the
+version on, so the document is sent again: the cluster is the truth; the
+tables of earlier batches on this side only say which version to expect.
+"""
+
+import glob
+import logging
+import sqlite3
+import threading
+
+from pushagent.cluster.client import ClusterClient, ClusterRequestError
+from pushagent.documents.builder import ms_from_iso
+from pushagent.errors import ChunkAborted
+from pushagent.state.doctable import rows_with_ids, table_path
+from pushagent.state.records import SyncStateStore
+
+log = logging.getLogger(__name__)
+PRIOR_BATCHES = 3            # earlier batches whose tables give the versions to check against
+
+
+class PriorWrites:
+    """What the latest earlier batches of this state directory, of the same embedding version, recorded
+    for each id: (version, checksum), from their tables of documents (read only, newest batch first)."""
+
+    def __init__(self, state_dir, settings):
+        records = [record for record in SyncStateStore(state_dir).list()
+                   if record["batch_id"] != settings.batch_id
+                   and record.get("embedding_version") == settings.embedding_version
+                   and (record.get("batch_time") or "") <= settings.batch_time_iso]
+        records.sort(key=lambda record: record.get("batch_time") or "", reverse=True)
+        paths = [path for record in records[:PRIOR_BATCHES] for path in _tables_of(state_dir, record["batch_id"])]
+        self._dbs = [sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False) for path in paths]
+        self._lock = threading.Lock()
+
+    def lookup(self, index: str, doc_ids: list) -> dict:
+        found = {}
+        with self._lock:
+            for db in self._dbs:
+                wanted = [doc_id for doc_id in doc_ids if doc_id not in found]
+                try:
+                    rows = list(rows_with_ids(db, "SELECT id, version, checksum FROM docs WHERE op = 'index' "
+                                                  "AND idx = ?", index, wanted)) if wanted else []
+                except sqlite3.Error:
+                    continue    # a table of an older shape or being rebuilt: no hints from it
+                found.update((doc_id, (version, checksum)) for doc_id, version, checksum in rows)
+        return found
+
+    def close(self) -> None:
+        for db in self._dbs:
+            db.close()
+
+
+def _tables_of(state_dir, batch_id: str) -> list:
+    """The batch's table of documents, or its shards' while they are not merged."""
+    whole = table_path(state_dir, batch_id)
+    if whole.exists():
+        return [whole]
+    return sorted(whole.parent.glob(f"{glob.escape(batch_id)}.shard-*.docs.db"))
+
+
+class ChangeProbe:
+    """Splits a chunk's documents into (to send, unchanged); thread-safe, one client per worker thread.
+
+    One realtime `_mget` a chunk. For a document an earlier batch recorded
+    with this very checksum, it asks only for the version (`_source: false`,
+    some 30x cheaper than reading stamps out of a stored source with its
+    embedding): the same version means nothing wrote it since. For the others
+    it reads the stamps. An `ids` search over doc values would be cheaper
+    still, but sees refreshed documents only: an edit made a second ago, or
+    any edit while an index's refresh is off, would look unchanged.
+    """
+
+    def __init__(self, config, settings, rate_limiter, stop_event: threading.Event, stats):
+        self.config, self.settings, self.stats = config, settings, stats
+        self.rate_limiter, self.stop_event = rate_limiter, stop_event
+        self.prior = PriorWrites(config.state_path, settings)
+        self._local = threading.local()
+        self._clients = []
+        self._lock = threading.Lock()
+        self._warned = False
+
+    def split(self, docs: list) -> tuple[list, list]:
+        # Later lines of a repeated id are always sent: they must land after the earlier line.
+        candidates = [doc for doc in docs if doc.op == "index" and doc.version_type == "external"]
+        try:
+            held = self._held(candidates) if candidates else set()
+        except ClusterRequestError as error:
+            self._warn(error)
+            return docs, []
+        return [doc for doc in docs if id(doc) not in held], [doc for doc in docs if id(doc) in held]
+
+    def _held(self, docs: list) -> set:
+        """id() of the documents of `docs` the cluster holds unchanged; their version becomes the held one."""
+        if not self.rate_limiter.acquire(self.stop_event):
+            raise ChunkAborted()
+        self.stats.record_probe()
+        settings, hints = self.settings, {}
+        for index in {doc.index for doc in docs}:
+            found = self.prior.lookup(index, [doc.doc_id for doc in docs if doc.index == index])
+            # A hint only where an earlier batch recorded this very content.
+            hints.update(((index, doc.doc_id), found[doc.doc_id][0]) for doc in docs
+                         if doc.index == index and found.get(doc.doc_id, (None, None))[1] == doc.checksum)
+        stamps = [settings.checksum_field, settings.embedding_version_field, settings.timestamp_field]
+        asked = [{"_index": doc.index, "_id": doc.doc_id,
+                  "_source": False if hints.get((doc.index, doc.doc_id)) else stamps} for doc in docs]
+        answers = self._client().request("POST", "/_mget", {"docs": asked})["docs"]
+        held = set()
+        for doc, answer in zip(docs, answers):
+            version = self._held_version(doc, answer, hints.get((doc.index, doc.doc_id)))
+            if version is not None:
+                doc.version = version       # what the cluster holds: the batch's table records that
+                held.add(id(doc))
+        return held
+
+    def _held_version(self, doc, answer: dict, hinted: int | None) -> int | None:
+        """The version the cluster holds `doc` at, as the agent wrote it, or None when it must be sent."""
+        if not answer.get("found"):
+            return None
+        if hinted is not None:
+            return hinted if answer.get("_version") == hinted else None
+        return answer["_version"] if self._unchanged(doc, answer) else None
+
+    def _unchanged(self, doc, answer: dict) -> bool:
+        """The stamps say the agent wrote this content (checksum, embedding version) at the version it has."""
+        source, settings = answer.get("_source") or {}, self.settings
+        if (source.get(settings.checksum_field) != doc.checksum
+                or source.get(settings.embedding_version_field) != settings.embedding_version):
+            return False
+        written = doc.version if settings.version_field else _ms(source.get(settings.timestamp_field))
+        return written is not None and answer.get("_version") == written
+
+    def _client(self) -> ClusterClient:
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = self._local.client = ClusterClient(self.config)
+            with self._lock:
+                self._clients.append(client)
+        return client
+
+    def _warn(self, error) -> None:
+        with self._lock:
+            if not self._warned:
+                log.warning("--incremental: could not ask the cluster what it holds (%s); sending whole chunks",
+                            error)
+            self._warned = True
+
+    def close(self) -> None:
+        self.prior.close()
+        for client in self._clients:
+            client.close()
+
+
+def _ms(stamp) -> int | None:
+    """Milliseconds of a time stamp (as the builder writes them), None if it is not one."""
+    try:
+        return ms_from_iso(stamp)
+    except ValueError:
+        return None
