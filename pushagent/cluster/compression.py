@@ -3,19 +3,24 @@
 gzip makes an embeddings body about 2.4x smaller and costs CPU on both
 sides: it pays when the link is what limits the push and loses when the
 cluster's CPU is. `auto` sends PROBES requests alternately gzip'd and plain,
-then keeps the setting whose requests took less time per document (the
-time counts the compression too). What limits a push can change (other
-traffic on the link, other load on the cluster), so every REPROBE requests
-it measures again the same way.
+side by side under the same load, then keeps gzip if the plain requests took
+more than GZIP_GAIN times as long per document (the time counts the
+compression too), else plain. The margin stands for what a request's own
+time does not show: the CPU that gzip takes on both sides from every other
+request, which on a CPU-bound cluster costs more than it saves. What limits
+a push can change (other traffic on the link, other load on the cluster), so
+every REPROBE requests it measures again the same way.
 """
 
 import statistics
 import threading
 import typing
 
+from pushagent.cluster.concurrency import REMNANT
+
 PROBES = 4          # requests of one measurement, alternately gzip'd and plain
 REPROBE = 50        # requests from one measurement to the next
-REMNANT = 4         # a request this many times smaller than the largest (a retried remnant) is no probe
+GZIP_GAIN = 1.25    # how much slower plain requests must be for gzip to be kept
 
 
 class Encoding(typing.NamedTuple):
@@ -54,5 +59,5 @@ class Compression:
             probes = self._probes
             probes[encoding.gzip].append(seconds / docs)
             if min(len(probes[True]), len(probes[False])) >= PROBES // 2:
-                self.gzip = statistics.median(probes[True]) < statistics.median(probes[False])
+                self.gzip = statistics.median(probes[False]) > GZIP_GAIN * statistics.median(probes[True])
                 probes[True], probes[False] = [], []

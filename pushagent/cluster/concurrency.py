@@ -4,9 +4,10 @@ The limit starts at `concurrency`. Every clean answer tells how long a
 request took per document; the lowest of the last BASELINE_SECONDS is what
 a request costs when nothing queues before it, on the link or in the
 cluster. As TCP Vegas does, the two give how many requests wait in a queue
-somewhere: `in flight x (1 - lowest / now)`. Fewer than QUEUE_LOW, and every
-slot was taken when the request left: one more slot, the bottleneck has
-room. More than QUEUE_HIGH: one fewer, more requests would only wait longer
+somewhere: `limit x (1 - lowest / now)`. Fewer than QUEUE_LOW, and every
+slot was taken at some moment while the request was out (the limit, not the
+pace of the chunks, held the sending back): one more slot, the bottleneck
+has room. More than QUEUE_HIGH: one fewer, more requests would only wait longer
 and hold memory. A 429 or a rejected execution halves the limit.
 
 As in TCP, the first raises come fast (one per answer: the limit doubles
@@ -31,11 +32,11 @@ REMNANT = 4             # a request this many times smaller than the largest (a 
 
 @dataclasses.dataclass(frozen=True)
 class Slot:
-    """A request's place in flight: when it left, how many were in flight with it, whether the limit held."""
+    """A request's place in flight: when it left, and how many times every slot had been taken before (a
+    later count tells that the limit held while it was out)."""
 
     sent_at: float
-    in_flight: int
-    full: bool
+    fills: int
 
 
 class LatencyTrack:
@@ -46,7 +47,7 @@ class LatencyTrack:
         self._now = None
         self._largest = 0
 
-    def queued(self, now: float, seconds: float, docs: int, in_flight: int) -> float | None:
+    def queued(self, now: float, seconds: float, docs: int, limit: int) -> float | None:
         """How many requests waited somewhere while this one was served; None when it cannot tell."""
         if docs <= 0 or docs * REMNANT < self._largest:
             return None
@@ -58,7 +59,7 @@ class LatencyTrack:
         self._now = per_doc if self._now is None else SMOOTHING * per_doc + (1 - SMOOTHING) * self._now
         if self._now <= 0:      # answered within the clock's resolution: nothing can have waited
             return 0.0
-        return in_flight * (1 - min(latency for _, latency in self._recent) / self._now)
+        return limit * (1 - min(latency for _, latency in self._recent) / self._now)
 
 
 class ConcurrencyLimit:
@@ -73,6 +74,7 @@ class ConcurrencyLimit:
         self.limit = min(max(1, start), self.ceiling)
         self._clock = clock
         self._in_flight = 0
+        self._fills = 0             # how many times a request took the last free slot
         self._cut_at = self._raised_at = float("-inf")
         self._starting = True       # no queue seen yet: one raise per answer
         self._tracks = collections.defaultdict(LatencyTrack)
@@ -85,8 +87,10 @@ class ConcurrencyLimit:
                 if stop_event is not None and stop_event.is_set():
                     return None
                 self._changed.wait(0.5)
+            slot = Slot(self._clock(), self._fills)
             self._in_flight += 1
-            return Slot(self._clock(), self._in_flight, self._in_flight >= self.limit)
+            self._fills += self._in_flight >= self.limit
+            return slot
 
     def release(self) -> None:
         with self._changed:
@@ -104,19 +108,22 @@ class ConcurrencyLimit:
         """A clean answer to `docs` documents after `seconds`; `kind` keeps apart requests whose cost per
         document differs by design (gzip'd or plain). Returns the limit."""
         with self._changed:
-            queued = self._tracks[kind].queued(self._clock(), seconds, docs, slot.in_flight)
+            queued = self._tracks[kind].queued(self._clock(), seconds, docs, self.limit)
             if queued is None or slot.sent_at < self._cut_at:
                 return self.limit
             self._starting = self._starting and queued < QUEUE_LOW
             if queued > QUEUE_HIGH:
                 self._cut(self.limit - 1)
-            elif queued < QUEUE_LOW and slot.full and self._may_raise(slot):
+            elif queued < QUEUE_LOW and self._may_raise(slot):
                 self.limit, self._raised_at = self.limit + 1, self._clock()
                 self._changed.notify_all()
             return self.limit
 
     def _may_raise(self, slot: Slot) -> bool:
-        return self.limit < self.ceiling and (self._starting or slot.sent_at >= self._raised_at)
+        """The limit held while `slot` was out, and it is the first answer since the last raise to a request
+        sent after it (any answer while starting)."""
+        held = self._fills > slot.fills
+        return held and self.limit < self.ceiling and (self._starting or slot.sent_at >= self._raised_at)
 
     def _cut(self, limit: int) -> None:
         self.limit, self._cut_at, self._starting = max(1, limit), self._clock(), False
