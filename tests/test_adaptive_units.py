@@ -126,6 +126,17 @@ def test_remnants_and_half_empty_rounds_do_not_raise():
     assert limit.answered(slot, 1.0, 1000) == 4
 
 
+def test_work_kept_back_by_the_limit_elsewhere_counts_as_a_held_limit():
+    clock = Clock()
+    limit = ConcurrencyLimit(4, 8, clock)
+    round_trip(limit, clock, lambda in_flight: 1.0, rejected=True)     # limit 2, no longer starting
+    slot = limit.acquire()               # one slot of two taken: a slow chunk holds the others uncommitted
+    limit.held()                         # the next chunk waits for room all the same
+    clock.now += 1
+    limit.release()
+    assert limit.answered(slot, 1.0, 1000) == 3
+
+
 def test_a_stopping_run_does_not_wait_for_a_slot():
     limit = ConcurrencyLimit(1, 1, Clock())
     assert limit.acquire() is not None

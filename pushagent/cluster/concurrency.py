@@ -4,11 +4,12 @@ The limit starts at `concurrency`. Every clean answer tells how long a
 request took per document; the lowest of the last BASELINE_SECONDS is what
 a request costs when nothing queues before it, on the link or in the
 cluster. As TCP Vegas does, the two give how many requests wait in a queue
-somewhere: `limit x (1 - lowest / now)`. Fewer than QUEUE_LOW, and every
-slot was taken at some moment while the request was out (the limit, not the
-pace of the chunks, held the sending back): one more slot, the bottleneck
-has room. More than QUEUE_HIGH: one fewer, more requests would only wait longer
-and hold memory. A 429 or a rejected execution halves the limit.
+somewhere: `limit x (1 - lowest / now)`. Fewer than QUEUE_LOW, and the
+limit held the sending back at some moment while the request was out (every
+slot taken, or a ready chunk kept waiting: `held`), not the pace at which
+chunks are built: one more slot, the bottleneck has room. More than
+QUEUE_HIGH: one fewer, more requests would only wait longer and hold
+memory. A 429 or a rejected execution halves the limit.
 
 As in TCP, the first raises come fast (one per answer: the limit doubles
 every round trip) until the first sign of a queue or the first cut; from
@@ -96,6 +97,12 @@ class ConcurrencyLimit:
         with self._changed:
             self._in_flight -= 1
             self._changed.notify_all()
+
+    def held(self) -> None:
+        """Work waited for room under the limit outside the slots (a push's chunks resolved behind a slow one
+        and not committed yet count against it too): the limit held, as if every slot had been taken."""
+        with self._changed:
+            self._fills += 1
 
     def rejected(self, slot: Slot) -> int:
         """The cluster pushed back (429, rejected execution): halve the limit. Returns the limit."""

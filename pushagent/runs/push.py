@@ -363,6 +363,8 @@ class PushRun:
         """
         wait_for = self.repeats.mark(chunk)
         tracker, in_flight = committer.tracker, self._sender.in_flight
+        if chunk.seq - tracker.next_seq >= in_flight.limit:
+            in_flight.held()   # ready, and the limit keeps it back: more slots would be used
         while not self._stopping() and (chunk.seq - tracker.next_seq >= in_flight.limit
                                         or tracker.next_seq <= wait_for):
             committer.handle(*pump.next_result(timeout=0.5))
