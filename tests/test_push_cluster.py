@@ -68,7 +68,8 @@ def test_requests_respect_chunk_docs_and_chunk_bytes(cluster_url, index, state_d
         assert code == 0, stderr
         sizes = [len(r.body) for r in proxy.bulk_requests()]
         assert max(sizes) <= limit and len(sizes) > 2
-        assert proxy.bulk_requests()[0].headers["Content-Encoding"] == "gzip"
+        encodings = [r.headers.get("Content-Encoding") for r in proxy.bulk_requests()]
+        assert encodings.count("gzip") >= 2 and encodings.count(None) >= 2   # compress: auto probed both
     assert count(cluster_url, index) == 14_000
 
 
