@@ -17,6 +17,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from support import ROOT, S3_TEST_ENV, free_port  # noqa: E402
 
+# The TLS fixtures (certs, nginx) live beside the nginx they start.
+pytest_plugins = ["tlsnginx"]
+
+
+SERVERS = {"cluster_url", "es_url", "moto_server", "redis_server"}
+
+
+def pytest_collection_modifyitems(items):
+    """A test on the SQLite queue that asks for no server (the queue contract's half) is in the fast suite."""
+    for item in items:
+        call = getattr(item, "callspec", None)
+        if call and call.params.get("queue_url") == "sqlite" and not SERVERS & set(item.fixturenames):
+            item.add_marker(pytest.mark.fast)
+
 
 @pytest.fixture(scope="session")
 def cluster_url():

@@ -13,7 +13,7 @@ import responses
 from click.testing import CliRunner
 from faultproxy import FaultProxy
 from support import ROOT, agent_env
-from tlsnginx import KEY, certs, nginx, tls_env  # noqa: F401 (fixtures)
+from tlsnginx import KEY, tls_env
 
 from pushagent.cli import cli
 from pushagent.config import Config

@@ -10,6 +10,8 @@ import redis
 import requests
 from faultproxy import Fault, FaultProxy
 from redisserver import RedisServer, drain_killed_mid_way
+
+from pushagent.state.ledger import Ledger
 from support import (agent_env, cli_command, count, fill_queue, free_port, generate, queue_stats, queued_ids, run_cli,
                      run_push, wait_for)
 
@@ -56,6 +58,7 @@ def test_drain_fails_retryable_items_and_dead_letters_permanent_ones(cluster_url
         code, first, stderr = run_cli("drain", "--max-items", "10", url=proxy.url, queue_url=queue_url,
                                       env={"PUSHAGENT_MAX_RETRIES": "0"})
     assert (code, first["read"], first["queued"], first["acked"]) == (3, 10, 5, 5 - first["dead"]), stderr
+    assert first["taken"] == first["read"] and Ledger.from_dict(first).accounted == 10
     stats = queue_stats(queue_url)
     assert (stats["due"], stats["later"]) == (10, 5)
     code, second, stderr = run_cli("drain", "--all", url=cluster_url, queue_url=queue_url)

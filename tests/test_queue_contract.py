@@ -115,6 +115,7 @@ def test_fail_counts_attempts_delays_and_dead_letters_at_max_attempts(queue):
     assert queue.take(1, due_only=False) == []
 
 
+@pytest.mark.fast
 def test_retry_delay_doubles_and_is_capped():
     assert [retry_delay(n, 6 * 3600) for n in range(4)] == [60, 120, 240, 480]
     assert retry_delay(30, 6 * 3600) == 6 * 3600
@@ -189,6 +190,7 @@ def test_items_survive_reopening(open_test_queue):
     assert open_test_queue().stats()["pending"] == 5
 
 
+@pytest.mark.fast
 def test_unreachable_redis_names_the_url_without_password():
     from support import free_port
     url = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
@@ -199,6 +201,7 @@ def test_unreachable_redis_names_the_url_without_password():
     assert redact_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
 
 
+@pytest.mark.fast
 def test_unknown_queue_url_is_a_configuration_error():
     from pushagent.errors import ConfigError
     with pytest.raises(ConfigError):

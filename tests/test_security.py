@@ -10,7 +10,7 @@ import sys
 import pytest
 from faultproxy import FaultProxy
 from support import ROOT, agent_env, count, generate, run_push
-from tlsnginx import KEY, KEY_ID, KEY_SECRET, READONLY_KEY, Nginx, certs, nginx, tls_env  # noqa: F401 (fixtures)
+from tlsnginx import KEY, KEY_ID, KEY_SECRET, READONLY_KEY, Nginx, tls_env
 
 from pushagent.cluster.auth import authorization_header
 from pushagent.cluster.tls import insecure_warning

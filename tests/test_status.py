@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+import requests
 from click.testing import CliRunner
 
 from pushagent.cli import cli
@@ -22,8 +23,10 @@ from pushagent.ops.metrics import RunFacts, chunk_size_label, registry_for
 from pushagent.ops.progress import Snapshot, bytes_done, estimated_size
 from pushagent.state.checkpoint import CheckpointStore, RunState
 from pushagent.state.ledger import Ledger
+from pushagent.state.records import SyncStateStore
 from pushagent.state.retry_queue import QueueItem
 from pushagent.state.retry_queue.sqlite_backend import SqliteQueue
+from support import generate, run_cli, run_push
 
 HOUR = 3600
 DASHBOARD = Path(__file__).resolve().parent.parent / "config" / "grafana" / "pushagent.json"
@@ -38,18 +41,14 @@ def write_run(state_dir, batch_id="words-1", status="pushed", age_s=60, position
     inputs = inputs or [{"path": "/data/words.jsonl", "size": 1000, "mtime_ns": 0, "head_sha256": ""}]
     state = RunState(batch_id, inputs, {}, position=position, status=status, started_at=iso(time.time() - age_s - 5),
                      updated_at=iso(time.time() - age_s))
-    state.counters.update(read=read, indexed=read)
+    state.counters = Ledger(read=read, indexed=read)
     CheckpointStore(state_dir).save(state)
 
 
-def write_sync_state(state_dir, batch_id, status, age_s, shape="flat"):
-    """A sync-state record; issue 4 defines them, so status reads the plausible shapes."""
-    moment = iso(time.time() - age_s)
-    record = {"batch_id": batch_id, "status": status}
-    record.update({"verified_at": moment} if shape == "flat" else {"timestamps": {"verified": moment}})
-    directory = Path(state_dir) / "sync-state"
-    directory.mkdir(exist_ok=True)
-    (directory / f"{batch_id}.json").write_text(json.dumps(record))
+def write_sync_state(state_dir, batch_id, status, age_s):
+    """The time fields of a batch's sync-state record, pushed `age_s` ago and verified now."""
+    SyncStateStore(state_dir).save({"batch_id": batch_id, "status": status, "started_at": iso(time.time() - age_s - 5),
+                                    "finished_at": iso(time.time() - age_s), "updated_at": iso(time.time())})
 
 
 def dead_items(state_dir, count, pending=0, due=0):
@@ -103,7 +102,7 @@ def test_thresholds_come_from_the_configuration(state_dir):
 def test_status_reports_progress_resume_position_and_queue(state_dir):
     inputs = [{"path": "/data/a.jsonl", "size": 1000}, {"path": "/data/b.jsonl", "size": 3000}]
     write_run(state_dir, "words-2", status="interrupted", position=Position(1, 1000, 40), inputs=inputs)
-    write_sync_state(state_dir, "words-1", "verified", HOUR, shape="nested")
+    write_sync_state(state_dir, "words-1", "verified", HOUR)
     dead_items(state_dir, 0, pending=5, due=2)
     code, report = status(state_dir)
     run = report["last_run"]
@@ -121,8 +120,13 @@ def test_status_reads_damaged_or_missing_state_defensively(state_dir):
     (state_dir / "runs" / "half.json").write_text('{"batch_id": "x", "sta')
     (state_dir / "runs" / "list.json").write_text("[1, 2]")
     (state_dir / "runs" / "odd.json").write_text('{"batch_id": "odd", "status": "pushed", "counters": 7}')
+    (state_dir / "sync-state").mkdir()
+    (state_dir / "sync-state" / "half.json").write_text('{"batch_id": "x", "sta')
     code, report = status(state_dir)
-    assert report["last_run"]["batch_id"] == "odd" and report["last_run"]["processed"] == 0
+    assert code == 1 and report["last_run"] is None and report["last_synced"] is None
+    write_run(state_dir, "words-1", read=7)
+    code, report = status(state_dir)
+    assert report["last_run"]["batch_id"] == "words-1" and report["last_run"]["processed"] == 7
     assert not (state_dir / "queue.db").exists()  # status creates nothing
 
 
@@ -145,6 +149,29 @@ def test_a_pushing_run_without_its_process_is_a_warning(state_dir):
     (state_dir / "runs" / "words-3.lock").write_text(str(os.getpid()))
     code, report = status(state_dir)
     assert report["last_run"]["running"] is True
+
+
+def test_status_reads_the_run_state_and_record_a_push_and_a_later_verify_wrote(cluster_url, index, state_dir,
+                                                                               tmp_path):
+    code, pushed, stderr = run_push(cluster_url, index, state_dir, generate(tmp_path / "words.jsonl", 300))
+    assert (code, pushed["status"]) == (0, "verified"), stderr
+    code, report = status(state_dir)
+    run = report["last_run"]
+    assert (code, report["health"], report["reasons"]) == (0, "healthy", []), report
+    assert (run["batch_id"], run["status"], run["processed"], run["running"]) == (pushed["batch_id"], "verified",
+                                                                                  300, False)
+    assert run["counters"] == {name: pushed[name] for name in Ledger().as_dict()}
+    assert (run["percent"], run["next_resume"], run["errors"]) == (100.0, None, {"queued": 0, "dead": 0,
+                                                                                 "quarantined": 0})
+    assert report["last_synced"]["batch_id"] == pushed["batch_id"] and report["sync_lag_s"] < 300
+    requests.delete(f"{cluster_url}/{index}/_doc/w00000000", params={"refresh": "true"}, timeout=30).raise_for_status()
+    time.sleep(1.1)     # time stamps are to the second: the record must be newer than the checkpoint
+    code, verified, stderr = run_cli("verify", "--batch-id", pushed["batch_id"], url=cluster_url, state_dir=state_dir)
+    assert (code, verified["status"]) == (3, "verification_failed"), stderr
+    code, report = status(state_dir)
+    run = report["last_run"]
+    assert (run["status"], run["checkpoint_status"]) == ("verification_failed", "verified"), run
+    assert code == 1 and report["reasons"][0]["message"].startswith(f"verification of {pushed['batch_id']} failed")
 
 
 def test_status_text_is_one_verdict_line_then_details(state_dir):

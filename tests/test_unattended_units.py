@@ -15,6 +15,8 @@ from pushagent.config import Config, load_config
 from pushagent.documents.builder import Doc
 from pushagent.errors import ChunkAborted, ConfigError
 
+pytestmark = pytest.mark.fast
+
 
 class FakeTime:
     """A monotonic clock and a stop event whose wait() moves the clock instead of sleeping."""

@@ -18,6 +18,8 @@ from pushagent.errors import BatchLockedError, ConfigError
 from pushagent.inputs.reader import describe_file, expand_inputs, read_lines
 from pushagent.state.checkpoint import BatchLock, CheckpointStore, CommitTracker, RunState
 
+pytestmark = pytest.mark.fast
+
 
 def settings(**overrides):
     values = dict(id_field="ipa_id", default_index="words", index_field=None, allowed_indices=frozenset({"words"}),

@@ -22,6 +22,8 @@ from pushagent.state.checkpoint import CheckpointStore, RunState
 from pushagent.state.doctable import DocTable, combined_sample
 from pushagent.state.records import AuditLog, SyncStateStore
 
+pytestmark = pytest.mark.fast
+
 SETTINGS = BuildSettings("id", "words", None, frozenset({"words"}), 1000, "2026-01-01T00:00:00.000Z",
                          embedding_version="v1")
 

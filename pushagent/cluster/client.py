@@ -34,7 +34,48 @@ class _Retryable(Exception):
         self.reason, self.status, self.retry_after = reason, status, retry_after
 
 
-class ClusterClient:
+class ReadClient:
+    """The read side's contract: `request`, and what verification builds on it.
+
+    ClusterClient speaks HTTP; the tests' in-memory cluster (tests/fakecluster.py) answers the same requests.
+    """
+
+    base = ""   # where the cluster is, for log lines
+
+    def request(self, method: str, path: str, body=None, params=None) -> dict:
+        """One JSON request, its answer as a dict; AuthError on 401/403, ClusterRequestError on other errors."""
+        raise NotImplementedError
+
+    def field_types(self, index: str, fields: list) -> dict:
+        """{field: set of its types} in `index` for `fields` and their `.keyword` sub-fields (_field_caps needs
+        only read privilege). A dynamically mapped string is text with a keyword sub-field."""
+        names = ",".join(f"{field},{field}.keyword" for field in fields)
+        caps = self.request("GET", f"/{index}/_field_caps", params={"fields": names})["fields"]
+        return {name: set(types) for name, types in caps.items()}
+
+    def info(self) -> dict:
+        """Cluster name, version and distribution; {} when GET / is not allowed to this key."""
+        try:
+            data = self.request("GET", "/")
+        except PushAgentError:
+            return {}
+        version = data.get("version", {})
+        return {"name": data.get("cluster_name"), "version": version.get("number"),
+                "distribution": version.get("distribution", "elasticsearch")}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        """Release what the client holds (nothing, unless a subclass says otherwise)."""
+
+
+class ClusterClient(ReadClient):
+    """The read client over HTTP, with the push's credentials and TLS settings."""
+
     def __init__(self, config):
         self.base = config.url.rstrip("/")
         self.timeout = (CONNECT_TIMEOUT, config.timeout_seconds)
@@ -83,29 +124,6 @@ class ClusterClient:
             raise ClusterRequestError(f"{method} {path}: HTTP {reply.status_code} {reply.text[:300]}",
                                       status=reply.status_code)
         return reply
-
-    def field_types(self, index: str, fields: list) -> dict:
-        """{field: set of its types} in `index` for `fields` and their `.keyword` sub-fields (_field_caps needs
-        only read privilege). A dynamically mapped string is text with a keyword sub-field."""
-        names = ",".join(f"{field},{field}.keyword" for field in fields)
-        caps = self.request("GET", f"/{index}/_field_caps", params={"fields": names})["fields"]
-        return {name: set(types) for name, types in caps.items()}
-
-    def info(self) -> dict:
-        """Cluster name, version and distribution; {} when GET / is not allowed to this key."""
-        try:
-            data = self.request("GET", "/")
-        except PushAgentError:
-            return {}
-        version = data.get("version", {})
-        return {"name": data.get("cluster_name"), "version": version.get("number"),
-                "distribution": version.get("distribution", "elasticsearch")}
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def close(self) -> None:
         self._session.close()

@@ -170,7 +170,7 @@ class _Tracker:
             self._sizes = input_sizes([f.fingerprint() for f in run.files])
             self._ranges = run.ranges
             self._first_bytes = bytes_done(self._sizes, state.position, self._ranges)
-            self._first_records = state.counters.get("read", 0)
+            self._first_records = state.counters.read
             self._started = time.monotonic()
 
     def read_everything(self) -> None:
@@ -185,9 +185,9 @@ class _Tracker:
             counters = self._state.counters
             done = bytes_done(self._sizes, self._state.position, self._ranges)
             total = done if self._complete else bytes_total(self._sizes, self._ranges)
-            return Snapshot(self._run.batch_id, counters.get("read", 0), counters.get("read", 0) - self._first_records,
+            return Snapshot(self._run.batch_id, counters.read, counters.read - self._first_records,
                             done, total, done - self._first_bytes, time.monotonic() - self._started,
-                            self._run.stats.retries, counters.get("queued", 0), counters.get("dead", 0),
+                            self._run.stats.retries, counters.queued, counters.dead,
                             self._run.stats.rate_per_minute, self._run.stats.concurrency)
 
 

@@ -6,18 +6,17 @@ skipped, never fatal, because a health check that crashes alerts nobody.
 Nothing is locked or created, so `status` cannot disturb a running push.
 """
 
-import json
 import os
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-from pushagent.documents.chunker import Position
+from pushagent.documents.builder import ms_from_iso
 from pushagent.errors import PushAgentError
 from pushagent.inputs.shard import file_ranges, parse_shard
 from pushagent.inputs.source import InputFile
 from pushagent.ops.progress import bytes_done, bytes_total, input_sizes
-from pushagent.state.records import utc_iso
+from pushagent.state.checkpoint import BatchLock, CheckpointStore, RunState
+from pushagent.state.records import SyncStateStore, synced_at, utc_iso
 from pushagent.state.retry_queue import open_queue
 from pushagent.state.retry_queue.base import DEAD, PENDING
 
@@ -26,77 +25,40 @@ EXIT_CODES = {HEALTHY: 0, WARNING: 1, CRITICAL: 2}
 SUCCESS_STATUSES = ("pushed", "verified")
 # Without a `due` count from the queue, pending items are read to count it; not past this many.
 QUEUE_SCAN_LIMIT = 10_000
-TIME_KEYS = ("verified_at", "finished_at", "completed_at", "updated_at", "ended_at")
 
 
-def read_records(directory: Path) -> list[dict]:
-    """Every readable JSON object in `directory/*.json`, with its path; others are skipped."""
-    records = []
-    for path in sorted(Path(directory).glob("*.json")):
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(data, dict):
-            data["_path"] = str(path)
-            data["_mtime"] = path.stat().st_mtime
-            records.append(data)
-    return records
-
-
-def parse_time(value) -> float | None:
-    """Epoch seconds from an ISO 8601 string or a number; None when neither."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, str) or not value:
-        return None
+def parse_time(text: str) -> float | None:
+    """Epoch seconds of a time stamp of a run state or record (ISO 8601); None when it holds none."""
     try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return ms_from_iso(text) / 1000
     except ValueError:
         return None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
 
 
-def record_time(record: dict, keys=TIME_KEYS) -> float | None:
-    """The first time found under `keys`, at the top level or in a `timestamps` mapping; else the file's mtime."""
-    nested = record.get("timestamps") if isinstance(record.get("timestamps"), dict) else {}
-    for key in keys:
-        for source in (record, nested):
-            found = parse_time(source.get(key)) or parse_time(source.get(key.removesuffix("_at")))
-            if found:
-                return found
-    return record.get("_mtime")
+def last_run(state_dir: Path) -> RunState | None:
+    """The run state updated last, or None when no batch was ever pushed."""
+    return max(CheckpointStore(state_dir).states(), key=lambda state: parse_time(state.updated_at) or 0,
+               default=None)
 
 
-def last_run(state_dir: Path) -> dict | None:
-    """The checkpoint updated last, or None when no batch was ever pushed."""
-    runs = read_records(state_dir / "runs")
-    run = max(runs, key=lambda r: record_time(r, ("updated_at",)) or 0, default=None)
-    return _with_later_verification(run, state_dir) if run else None
-
-
-def _with_later_verification(run: dict, state_dir: Path) -> dict:
+def latest_status(state: RunState, state_dir: Path) -> str:
     """A `verify` after the push writes only the batch's sync-state record, not the checkpoint: when the
     record is newer than a finished run, its status is the batch's latest word."""
-    if run.get("status") not in SUCCESS_STATUSES:
-        return run
-    record = next((r for r in read_records(state_dir / "sync-state") if r.get("batch_id") == run.get("batch_id")),
-                  None)
-    if record and (record_time(record, ("updated_at",)) or 0) > (record_time(run, ("updated_at",)) or 0):
-        return {**run, "status": record.get("status", run["status"]), "checkpoint_status": run["status"]}
-    return run
+    if state.status not in SUCCESS_STATUSES:
+        return state.status
+    record = next((r for r in SyncStateStore(state_dir).records() if r["batch_id"] == state.batch_id), None)
+    if record and (parse_time(record.get("updated_at")) or 0) > (parse_time(state.updated_at) or 0):
+        return record.get("status", state.status)
+    return state.status
 
 
 def last_success(state_dir: Path, statuses=SUCCESS_STATUSES) -> tuple[float, str] | None:
     """(time, batch_id) of the newest batch whose status is in `statuses`, from sync-state and checkpoints."""
-    candidates = [(record_time(r), r.get("batch_id", "")) for r in _all_records(state_dir)
-                  if r.get("status") in statuses]
-    candidates = [c for c in candidates if c[0]]
-    return max(candidates, default=None)
-
-
-def _all_records(state_dir: Path) -> list[dict]:
-    return read_records(state_dir / "sync-state") + read_records(state_dir / "runs")
+    records = [(parse_time(synced_at(r)), r["batch_id"]) for r in SyncStateStore(state_dir).records()
+               if r.get("status") in statuses]
+    runs = [(parse_time(state.updated_at), state.batch_id) for state in CheckpointStore(state_dir).states()
+            if state.status in statuses]
+    return max((found for found in records + runs if found[0]), default=None)
 
 
 def queue_depth(config) -> dict:
@@ -117,48 +79,49 @@ def queue_depth(config) -> dict:
             "pending": pending}
 
 
-def run_summary(run: dict, now: float) -> dict:
-    """What `status` says about one checkpoint."""
-    counters = run.get("counters") if isinstance(run.get("counters"), dict) else {}
-    summary = {"batch_id": run.get("batch_id"), "status": run.get("status"), "started_at": run.get("started_at"),
-               "updated_at": run.get("updated_at"), "running": _is_running(run),
-               "processed": counters.get("read", 0), "counters": counters,
-               "errors": {k: counters.get(k, 0) for k in ("queued", "dead", "quarantined")},
-               "error": run.get("error")}
-    summary.update(_input_progress(run))
-    updated = record_time(run, ("updated_at",))
+def run_summary(state: RunState, state_dir: Path, now: float) -> dict:
+    """What `status` says about one run state."""
+    counters = state.counters
+    summary = {"batch_id": state.batch_id, "status": latest_status(state, state_dir),
+               "started_at": state.started_at, "updated_at": state.updated_at,
+               "running": _is_running(state, state_dir), "processed": counters.read, "counters": counters.as_dict(),
+               "errors": {name: getattr(counters, name) for name in ("queued", "dead", "quarantined")}}
+    if summary["status"] != state.status:
+        summary["checkpoint_status"] = state.status
+    summary.update(_input_progress(state))
+    updated = parse_time(state.updated_at)
     summary["age_s"] = round(now - updated) if updated else None
     return summary
 
 
-def _input_progress(run: dict) -> dict:
-    """Bytes done and total, and where a resume starts; empty when the checkpoint lacks them."""
+def _input_progress(state: RunState) -> dict:
+    """Bytes done and total, and where a resume starts; empty when the inputs' sizes are unknown."""
     try:
-        inputs = run["inputs"]
-        position = Position(**run["position"])
-        sizes = input_sizes(inputs)
-        shard = parse_shard(run["shard"]) if run.get("shard") else None
-        ranges = file_ranges([InputFile(**fp) for fp in inputs], shard) if shard else None
+        sizes = input_sizes(state.inputs)
+        shard = parse_shard(state.shard) if state.shard else None
+        ranges = file_ranges([InputFile(**fp) for fp in state.inputs], shard) if shard else None
     except (KeyError, TypeError, PushAgentError):
         return {}
+    position = state.position
     done, total = bytes_done(sizes, position, ranges), bytes_total(sizes, ranges)
     resume = None
-    if position.file_index < len(inputs) and run.get("checkpoint_status", run.get("status")) not in SUCCESS_STATUSES:
-        resume = {"file": inputs[position.file_index].get("path"), "line": position.line, "offset": position.offset}
+    if position.file_index < len(state.inputs) and state.status not in SUCCESS_STATUSES:
+        resume = {"file": state.inputs[position.file_index].get("path"), "line": position.line,
+                  "offset": position.offset}
     return {"bytes_done": done, "bytes_total": total,
             "percent": round(100.0 * done / total, 1) if total else 100.0, "next_resume": resume}
 
 
-def _is_running(run: dict) -> bool:
-    """A `pushing` checkpoint whose lock file names a live process on this host.
+def _is_running(state: RunState, state_dir: Path) -> bool:
+    """A `pushing` run whose lock file names a live process on this host.
 
     The pid is read, not the lock taken: even a shared flock held for an
     instant could make a push starting then refuse to run.
     """
-    if run.get("status") != "pushing" or "_path" not in run:
+    if state.status != "pushing":
         return False
     try:
-        pid = int(Path(run["_path"]).with_suffix(".lock").read_text().strip())
+        pid = int(BatchLock(state_dir, state.key).path.read_text().strip())
         os.kill(pid, 0)
     except PermissionError:
         return True
@@ -201,7 +164,7 @@ def _run_reasons(report: dict) -> list:
     if run is None:
         return []
     if run["status"] == "failed":
-        return [(WARNING, f"last run of {run['batch_id']} failed: {run.get('error') or 'see its log'}")]
+        return [(WARNING, f"last run of {run['batch_id']} failed: see its log")]
     if run["status"] == "verification_failed":
         return [(WARNING, f"verification of {run['batch_id']} failed: see `pushagent state show {run['batch_id']}`")]
     if run["status"] == "pushing" and not run["running"]:
@@ -214,7 +177,7 @@ def extra_documents(state_dir: Path, fraction: float) -> list:
     in the index that the batch does not hold: what `--delete-extra` would delete. (In an index many batches
     feed, a batch that is not a snapshot always has other batches' documents beside it.)"""
     found = []
-    for record in read_records(state_dir / "sync-state"):
+    for record in SyncStateStore(state_dir).records():
         extra = ((record.get("verification") or {}).get("full") or {}).get("extra")
         if record.get("snapshot") and extra:
             found.append((record["batch_id"], extra, extra > fraction * max(record.get("doc_count") or 0, 1)))
@@ -232,7 +195,7 @@ def _incomplete_reasons(state_dir: Path) -> list:
     """Batches pushed in shards of which some have not finished: half a batch is not a synced one."""
     return [(WARNING, f"batch {record['batch_id']} is incomplete: shards {', '.join(record['waiting_for_shards'])} "
              "have not finished; push them (same inputs, --batch-id and --shard)")
-            for record in read_records(state_dir / "sync-state")
+            for record in SyncStateStore(state_dir).records()
             if record.get("status") == "incomplete" and record.get("waiting_for_shards")]
 
 
@@ -250,8 +213,9 @@ def health_report(config, now: float | None = None) -> dict:
     if verified is None:  # verification may be off (--no-verify): the last complete push is what we have
         verified, basis = last_success(state_dir, ("pushed",)), "pushed"
     report = {"checked_at": utc_iso(now), "state_dir": str(state_dir),
-              "last_run": run_summary(run, now) if run else None,
-              "last_synced": {"batch_id": verified[1], "at": utc_iso(verified[0]), "basis": basis} if verified else None,
+              "last_run": run_summary(run, state_dir, now) if run else None,
+              "last_synced": ({"batch_id": verified[1], "at": utc_iso(verified[0]), "basis": basis}
+                              if verified else None),
               "sync_lag_s": round(now - verified[0]) if verified else None}
     try:
         report["queue"] = queue_depth(config)
@@ -261,7 +225,6 @@ def health_report(config, now: float | None = None) -> dict:
     report["thresholds"] = {"lag_warning_s": config.health_lag_warning, "lag_critical_s": config.health_lag_critical,
                             "dead_warning": config.health_dead_warning, "dead_critical": config.health_dead_critical}
     return report
-
 
 
 def _resume_text(resume: dict) -> str:

@@ -47,6 +47,8 @@ def _counters_line(report: dict) -> str:
     names += [name for name in report.get("this_run", {}) if name not in names and name != "would_send"]
     if "would_send" in report:
         names = [("would_send" if name == "indexed" else name) for name in names]
+    if "taken" in report:       # a drain reads nothing: it takes items from the retry queue
+        names = [("taken" if name == "read" else name) for name in names]
     # `unchanged` only means something to --incremental: it is shown when there are any.
     parts = [f"{name.replace('_', ' ')} {report[name]:,}" for name in names
              if name in report and (name != "unchanged" or report[name])]

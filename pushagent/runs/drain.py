@@ -20,11 +20,10 @@ import re
 import threading
 import time
 
-from pushagent.cluster.auth import authorization_header
 from pushagent.cluster.bulk import ChunkSender, Outcome
-from pushagent.cluster.client import ClusterClient
+from pushagent.cluster.connection import HttpCluster
 from pushagent.cluster.ratelimit import bucket_for
-from pushagent.cluster.transport import HttpTransport, TransferStats
+from pushagent.cluster.transport import TransferStats
 from pushagent.documents.builder import Doc, action_line
 from pushagent.errors import EXIT_FAILURE, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK, ChunkAborted
 from pushagent.ops.queue_view import EMPTY_STATS, counts_text
@@ -47,7 +46,15 @@ class DrainOptions:
 
 @dataclasses.dataclass
 class DrainResult:
-    """What the CLI reports; `exit_code` follows SPEC section 3."""
+    """What the CLI reports; `exit_code` follows SPEC section 3.
+
+    The ledger is the push's, over items instead of input lines: `read` is
+    the items this drain took from the queue, reported as `taken` too, and
+    each ends indexed or current (acknowledged), queued (back in the queue for
+    a later attempt, or released unsent) or dead. `acked` is how many the
+    queue removed: fewer than indexed + current when an item's lease ran out,
+    or a newer version replaced it, before the answer came.
+    """
 
     batch_id: str | None
     status: str
@@ -61,7 +68,8 @@ class DrainResult:
     next_due_at: str | None = None     # when the first item waiting for a later attempt falls due
 
     def report(self) -> dict:
-        report = {"batch_id": self.batch_id, "status": self.status, **self.ledger.as_dict(), "acked": self.acked,
+        report = {"batch_id": self.batch_id, "status": self.status, **self.ledger.as_dict(),
+                  "taken": self.ledger.read, "acked": self.acked,
                   "requests": self.stats.requests, "retries": self.stats.retries,
                   "bytes_sent": self.stats.bytes_sent, "duration_s": round(self.duration_s, 3),
                   "items_per_s": round(self.ledger.read / self.duration_s, 1) if self.duration_s else 0.0,
@@ -93,10 +101,11 @@ def queue_doc(item: QueueItem) -> Doc:
 
 
 class DrainRun:
-    """One `pushagent drain`: call run() once."""
+    """One `pushagent drain`: call run() once. `cluster` is where it sends (default: HTTP to config.url)."""
 
-    def __init__(self, config, options: DrainOptions, stop_event: threading.Event | None = None):
+    def __init__(self, config, options: DrainOptions, stop_event: threading.Event | None = None, cluster=None):
         self.config = config
+        self.cluster = cluster or HttpCluster(config)
         self.options = options
         self.stop_event = stop_event or threading.Event()
         self.stats = TransferStats()
@@ -128,9 +137,8 @@ class DrainRun:
         return dataclasses.replace(self._result(remaining, time.monotonic() - started), next_due_at=next_due)
 
     def _sender(self) -> ChunkSender:
-        transport = HttpTransport(self.config, authorization_header(self.config), self.stats)
         limiter = bucket_for(self.config)
-        return ChunkSender(transport, self.config, self.stats, limiter, self.stop_event)
+        return ChunkSender(self.cluster.transport(self.stats), self.config, self.stats, limiter, self.stop_event)
 
     def _run_workers(self, queue, sender) -> None:
         # Daemon threads, joined in short steps so signal handlers run and a hung request cannot block exit.
@@ -168,13 +176,18 @@ class DrainRun:
         return not self.stop_event.wait(min(WAIT_POLL, left))
 
     def _taken_enough(self) -> bool:
-        return self.options.max_items is not None and self.ledger.read >= self.options.max_items
+        return self.options.max_items is not None and self.taken >= self.options.max_items
+
+    @property
+    def taken(self) -> int:
+        """Items taken from the queue so far: what a drain's ledger calls `read`."""
+        return self.ledger.read
 
     def _take(self, queue) -> list:
         with self._lock:
             limit = self.config.chunk_docs
             if self.options.max_items is not None:
-                limit = min(limit, self.options.max_items - self.ledger.read)
+                limit = min(limit, self.options.max_items - self.taken)
             if limit <= 0:
                 return []
             items = queue.take(limit, self.config.lease_seconds, self.options.batch_id)
@@ -217,7 +230,7 @@ class DrainRun:
         """{(index, id): the version the cluster holds} of the docs written by hand since; absent when a later
         batch wrote or deleted them."""
         field, versions = self.config.batch_field, {}
-        with ClusterClient(self.config) as client:
+        with self.cluster.client() as client:
             for index in {doc.index for doc in docs}:
                 ids = [doc.doc_id for doc in docs if doc.index == index]
                 found = client.request("POST", f"/{index}/_mget", {"ids": ids},

@@ -9,10 +9,9 @@ index. Every run that deletes is written to the audit log.
 
 import threading
 
-from pushagent.cluster.auth import authorization_header
 from pushagent.cluster.bulk import ChunkSender, Outcome
 from pushagent.cluster.ratelimit import bucket_for
-from pushagent.cluster.transport import HttpTransport, TransferStats
+from pushagent.cluster.transport import TransferStats
 from pushagent.documents.builder import Doc, action_line
 from pushagent.errors import ConfigError
 from pushagent.runs.fullscan import DIFF
@@ -31,15 +30,17 @@ def over_threshold(extra: int, batch_docs: int, fraction: float) -> bool:
     return extra > fraction * max(batch_docs, 1)
 
 
-def delete_extra(config, table, settings, batch_id: str, snapshot: bool, force: bool) -> dict:
-    """Delete the extra documents found by the full scan in `table`; returns what happened (also audited)."""
+def delete_extra(config, cluster, table, settings, batch_id: str, snapshot: bool, force: bool) -> dict:
+    """Delete, on `cluster`, the extra documents the full scan found in `table`; returns what happened (also
+    audited)."""
     if not snapshot:
         raise DeleteRefused("--delete-extra deletes every document of the index that the batch does not hold: only "
                           "for a batch that is the whole index; nothing was deleted",
                           hint="add --snapshot if this batch is a full snapshot of the index")
     extra = table.query(DIFF["extra"] + " ORDER BY 1, 2", {"batch": batch_id}).fetchall()
     _refuse_unless_allowed(config, len(extra), table.counts()["distinct"], force)
-    outcome = _send_deletes(config, [_delete(index, doc_id, settings.batch_version) for index, doc_id, _ in extra])
+    deletes = [_delete(index, doc_id, settings.batch_version) for index, doc_id, _ in extra]
+    outcome = _send_deletes(config, cluster, deletes)
     done = {"extra": len(extra), "deleted": len(outcome.indexed), "kept_newer": len(outcome.current),
             "failed": len(outcome.retry) + len(outcome.dead), "ids": [doc_id for _, doc_id, _ in extra[:LISTED]]}
     if extra:
@@ -63,10 +64,9 @@ def _delete(index: str, doc_id: str, version: int) -> Doc:
                "verify --delete-extra", 0)
 
 
-def _send_deletes(config, docs: list):
+def _send_deletes(config, cluster, docs: list):
     stats = TransferStats()
-    transport = HttpTransport(config, authorization_header(config), stats)
-    sender = ChunkSender(transport, config, stats, bucket_for(config), threading.Event())
+    sender = ChunkSender(cluster.transport(stats), config, stats, bucket_for(config), threading.Event())
     outcome = Outcome()
     for start in range(0, len(docs), config.chunk_docs):
         outcome.merge(sender.resolve(docs[start:start + config.chunk_docs]))

@@ -15,7 +15,7 @@ import logging
 import sqlite3
 import threading
 
-from pushagent.cluster.client import ClusterClient, ClusterRequestError
+from pushagent.cluster.client import ClusterRequestError, ReadClient
 from pushagent.documents.builder import ms_from_iso
 from pushagent.errors import ChunkAborted
 from pushagent.state.doctable import rows_with_ids, table_path
@@ -77,8 +77,8 @@ class ChangeProbe:
     any edit while an index's refresh is off, would look unchanged.
     """
 
-    def __init__(self, config, settings, rate_limiter, stop_event: threading.Event, stats):
-        self.config, self.settings, self.stats = config, settings, stats
+    def __init__(self, config, cluster, settings, rate_limiter, stop_event: threading.Event, stats):
+        self.cluster, self.settings, self.stats = cluster, settings, stats
         self.rate_limiter, self.stop_event = rate_limiter, stop_event
         self.prior = PriorWrites(config.state_path, settings)
         self._local = threading.local()
@@ -136,10 +136,10 @@ class ChangeProbe:
         written = doc.version if settings.version_field else _ms(source.get(settings.timestamp_field))
         return written is not None and answer.get("_version") == written
 
-    def _client(self) -> ClusterClient:
+    def _client(self) -> ReadClient:
         client = getattr(self._local, "client", None)
         if client is None:
-            client = self._local.client = ClusterClient(self.config)
+            client = self._local.client = self.cluster.client()
             with self._lock:
                 self._clients.append(client)
         return client

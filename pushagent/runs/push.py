@@ -13,11 +13,12 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 
-from pushagent.cluster.auth import authorization_header
 from pushagent.cluster.bulk import ChunkSender, Outcome
+from pushagent.cluster.connection import HttpCluster
 from pushagent.cluster.ratelimit import bucket_for
-from pushagent.cluster.transport import DryRunTransport, HttpTransport, TransferStats
+from pushagent.cluster.transport import DryRunTransport, TransferStats
 from pushagent.documents.builder import Builder, Rejected, iso_utc_from_ms
 from pushagent.documents.chunker import Chunker, Position
 from pushagent.errors import (EXIT_FAILURE, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK, ChunkAborted,
@@ -98,10 +99,12 @@ class PushResult:
 
 
 class PushRun:
-    """One `pushagent push`: call run() once."""
+    """One `pushagent push`: call run() once. `cluster` is where it sends (default: HTTP to config.url)."""
 
-    def __init__(self, config, options: PushOptions, stop_event: threading.Event | None = None, observers=()):
+    def __init__(self, config, options: PushOptions, stop_event: threading.Event | None = None, observers=(),
+                 cluster=None):
         self.config = config
+        self.cluster = cluster or HttpCluster(config)
         self.observers = list(observers)
         self.options = options
         self.stop_event = stop_event or threading.Event()
@@ -179,8 +182,8 @@ class PushRun:
             verify_only = saved is not None and self._verification_pending(saved)
             state = saved if verify_only else self._initial_state(saved)
             retry_queue = open_configured_queue(self.config)
-            self.recorder = BatchRecorder(self.config, self.batch_id, self.build_settings, self.files, self.store,
-                                          self.options.verify, self.options.shard)
+            self.recorder = BatchRecorder(self.config, self.cluster, self.batch_id, self.build_settings, self.files,
+                                          self.store, self.options.verify, self.options.shard)
             try:
                 if verify_only:
                     result = self._verify(state, self._verification_only(state))
@@ -224,7 +227,7 @@ class PushRun:
         log.info("batch %s was pushed and is not verified yet: verifying it (--restart pushes it again)",
                  self.batch_id)
         self.recorder.cluster = self.recorder.client.info()
-        batch = Ledger(**state.counters)
+        batch = dataclasses.replace(state.counters)
         return PushResult(self.batch_id, "pushed", EXIT_INCOMPLETE if batch.unfinished else EXIT_OK, batch,
                           Ledger(), self.stats, 0.0, state.position, shard=state.shard, slurm=state.slurm,
                           duplicates=self.recorder.table.counts()["duplicates"])
@@ -273,14 +276,15 @@ class PushRun:
         started = time.monotonic()
         this_run = Ledger()
         transport = (DryRunTransport(self.options.dry_run, self.stats) if self.options.dry_run
-                     else HttpTransport(self.config, authorization_header(self.config), self.stats))
+                     else self.cluster.transport(self.stats))
         limiter = bucket_for(self.config)
         sender = self._sender = ChunkSender(transport, self.config, self.stats, limiter, self.stop_event)
         if self.config.incremental and not self.options.dry_run:
-            self.probe = ChangeProbe(self.config, self.build_settings, limiter, self.stop_event, self.stats)
+            self.probe = ChangeProbe(self.config, self.cluster, self.build_settings, limiter, self.stop_event,
+                                     self.stats)
         pump = _ChunkPump(self._resolve_chunk, self.config.concurrency_ceiling)
-        committer = _Committer(self, state, queue, this_run)
         self.repeats = RepeatedIds(self.recorder.table.earlier_lines if self.recorder else lambda index, ids: {})
+        committer = self._committer(state, queue, this_run)
         start = state.position
         self.notify("started", state)
         try:
@@ -292,6 +296,13 @@ class PushRun:
                 self.probe.close()
         self._tell_replaced_stamps()
         return self._result(state, this_run, sender, time.monotonic() - started)
+
+    def _committer(self, state: RunState, queue, this_run: Ledger) -> "_Committer":
+        """The committer, given what it writes and whom it tells; a dry run (no queue) keeps nothing."""
+        stop = (lambda: self.request_stop("on_error")) if self.options.on_error == "stop" else None
+        hooks = _RunHooks(self.notify, self.fail, None if self.options.dry_run else self.store.save, stop)
+        filing = None if queue is None else _Filing(self.batch_id, queue, self.recorder.resolved)
+        return _Committer(state, this_run, hooks, filing, self.repeats)
 
     def _resolve_chunk(self, chunk) -> Outcome:
         """Send a chunk (in a worker thread); with --incremental only what the cluster does not hold yet."""
@@ -419,7 +430,7 @@ class PushRun:
             status, exit_code = "interrupted", EXIT_INTERRUPTED
             if self._stop_reason == "on_error":
                 status, exit_code = "stopped", EXIT_INCOMPLETE
-        batch = Ledger(**state.counters)
+        batch = dataclasses.replace(state.counters)
         if finished:
             this_run.check("this run's")
             batch.check("the batch's")
@@ -482,80 +493,114 @@ class _ChunkPump:
             self._work.put(None)
 
 
-class _Committer:
-    """Turns resolved chunks into queue entries, counters and checkpoint commits."""
+@dataclasses.dataclass
+class _RunHooks:
+    """What the committer hands back to its run; it reads nothing of the run itself."""
 
-    def __init__(self, run: PushRun, state: RunState, queue, this_run: Ledger):
-        self.run = run
+    notify: Callable                        # notify(event, *args): the run's observers
+    fail: Callable                          # fail(error): an error that stops the run
+    save: Callable | None                   # save(state): the checkpoint store's; None for a dry run
+    stop_on_refused: Callable | None        # --on-error stop: stop() once a record is dead or quarantined
+
+
+class _Committer:
+    """Resolved chunks, in completion order: their documents kept at once, their counters and checkpoint
+    committed over the contiguous prefix of resolved chunks (CommitTracker)."""
+
+    def __init__(self, state: RunState, this_run: Ledger, hooks: _RunHooks, filing: "_Filing | None", repeats):
         self.state = state
-        self.queue = queue
         self.this_run = this_run
+        self.hooks = hooks
+        self.filing = filing            # None for a dry run: nothing is kept
+        self.repeats = repeats
         self.tracker = CommitTracker(next_seq=0)
-        self.warnings = 0
+        self.warnings = _Warnings()
 
     def handle(self, chunk, outcome, error) -> None:
         if chunk is None:
             return
-        self.run.repeats.resolved(chunk)
+        self.repeats.resolved(chunk)
         if error is not None:
-            self.run.notify("chunk_resolved", chunk, None, error)
-            self._failed(error)
+            self.hooks.notify("chunk_resolved", chunk, None, error)
+            if not isinstance(error, ChunkAborted):
+                self.hooks.fail(error)
             return
-        ledger = self._record(chunk, outcome)
-        self.run.notify("chunk_resolved", chunk, ledger, None)
+        ledger = self._keep(chunk, outcome)
+        self.hooks.notify("chunk_resolved", chunk, ledger, None)
         for position, committed in self.tracker.resolved(chunk.seq, (chunk.end, ledger)):
             self._commit(position, committed)
-        if ledger.dead + ledger.quarantined and self.run.options.on_error == "stop":
-            self.run.request_stop("on_error")
+        if ledger.dead + ledger.quarantined and self.hooks.stop_on_refused is not None:
+            self.hooks.stop_on_refused()
 
-    def _failed(self, error) -> None:
-        if not isinstance(error, ChunkAborted):
-            self.run.fail(error)
-
-    def _record(self, chunk, outcome) -> Ledger:
-        ledger = Ledger(read=chunk.records, quarantined=len(chunk.rejected))
-        batch_id = self.run.batch_id
-        quarantined = [QueueItem(QueueItem.line_key(batch_id, r.file, r.line), batch_id, None, None, None, None,
-                                 r.raw, r.file, r.line, "quarantined", r.reason) for r in chunk.rejected]
-        if outcome is not None:
-            ledger.indexed, ledger.current = len(outcome.indexed), len(outcome.current)
-            ledger.unchanged = len(outcome.unchanged)
-            ledger.queued, ledger.dead = len(outcome.retry), len(outcome.dead)
-            retry = [_document_item(batch_id, doc, reason, "retryable") for doc, reason in outcome.retry]
-            dead = [_document_item(batch_id, doc, reason, "permanent") for doc, reason in outcome.dead]
-            if self.queue is not None:
-                self.queue.resolve(outcome.indexed)
-                self.queue.resolve(outcome.current, conflict=True)
-                self.queue.put(retry)
-                self.queue.dead_letter(dead)
-                self.run.recorder.resolved(outcome)
-        if self.queue is not None:
-            self.queue.dead_letter(quarantined)
-        self._tell_user(chunk, outcome)
+    def _keep(self, chunk, outcome) -> Ledger:
+        """The chunk's ledger; its documents filed (table, then retry queue) and its refused records told,
+        all before the checkpoint may move past it."""
+        ledger = _chunk_ledger(chunk, outcome)
+        if self.filing is not None:
+            self.filing.file(chunk, outcome)
+        self.warnings.tell(chunk, outcome)
         return ledger
 
-    def _tell_user(self, chunk, outcome) -> None:
-        """One warning per unsendable record, file:line first, up to MAX_WARNINGS a run."""
+    def _commit(self, position: Position, ledger: Ledger) -> None:
+        self.this_run.add(ledger)
+        self.state.counters.add(ledger)
+        self.state.position = position
+        self.state.updated_at = utc_iso()
+        if self.hooks.save is not None:
+            self.hooks.save(self.state)
+        self.hooks.notify("committed", self.state, self.this_run)
+
+
+def _chunk_ledger(chunk, outcome) -> Ledger:
+    """Where a chunk's records went; a chunk of quarantined lines only was not sent and has no outcome."""
+    ledger = Ledger(read=chunk.records, quarantined=len(chunk.rejected))
+    if outcome is not None:
+        ledger.indexed, ledger.current, ledger.unchanged = (len(outcome.indexed), len(outcome.current),
+                                                            len(outcome.unchanged))
+        ledger.queued, ledger.dead = len(outcome.retry), len(outcome.dead)
+    return ledger
+
+
+class _Filing:
+    """Where a resolved chunk's documents go: the batch's document table (what verification expects), then
+    the retry queue (retryable ones to retry, refused and quarantined ones dead-lettered)."""
+
+    def __init__(self, batch_id: str, queue, table_add):
+        self.batch_id = batch_id
+        self.queue = queue
+        self.table_add = table_add      # BatchRecorder.resolved
+
+    def file(self, chunk, outcome) -> None:
+        if outcome is not None:
+            self.table_add(outcome)
+            self._queue_documents(outcome)
+        self.queue.dead_letter([_line_item(self.batch_id, rejected) for rejected in chunk.rejected])
+
+    def _queue_documents(self, outcome) -> None:
+        batch_id = self.batch_id
+        # A write the cluster took resolves what earlier runs left queued or dead for the same id.
+        self.queue.resolve(outcome.indexed)
+        self.queue.resolve(outcome.current, conflict=True)
+        self.queue.put([_document_item(batch_id, doc, reason, "retryable") for doc, reason in outcome.retry])
+        self.queue.dead_letter([_document_item(batch_id, doc, reason, "permanent") for doc, reason in outcome.dead])
+
+
+class _Warnings:
+    """One warning per unsendable record, file:line first, up to MAX_WARNINGS a run."""
+
+    def __init__(self):
+        self.count = 0
+
+    def tell(self, chunk, outcome) -> None:
         problems = [(r.file, r.line, "quarantined", r.reason) for r in chunk.rejected]
         if outcome is not None:
             problems += [(doc.file, doc.line, "dead-lettered", reason) for doc, reason in outcome.dead]
         for file, line, what, reason in problems:
-            self.warnings += 1
-            if self.warnings <= MAX_WARNINGS:
+            self.count += 1
+            if self.count <= MAX_WARNINGS:
                 log.warning("%s:%s: %s: %s", file, line, what, reason)
-            elif self.warnings == MAX_WARNINGS + 1:
+            elif self.count == MAX_WARNINGS + 1:
                 log.warning("more records were quarantined or dead-lettered: see `pushagent queue list`")
-
-    def _commit(self, position: Position, ledger: Ledger) -> None:
-        self.this_run.add(ledger)
-        batch = Ledger(**self.state.counters)
-        batch.add(ledger)
-        self.state.counters = batch.as_dict()
-        self.state.position = position
-        self.state.updated_at = utc_iso()
-        if not self.run.options.dry_run:
-            self.run.store.save(self.state)
-        self.run.notify("committed", self.state, self.this_run)
 
 
 def _refuse_changed_objects(states, inputs: list) -> None:
@@ -577,6 +622,12 @@ def _refuse_changed_objects(states, inputs: list) -> None:
                 f"object changed since batch {state.batch_id} was checkpointed: ETag {etag} is now {etags[path]}; "
                 "refusing to mix the two versions", file=path,
                 hint="restore the object, or rerun with --restart to push the new version from the start")
+
+
+def _line_item(batch_id: str, rejected: Rejected) -> QueueItem:
+    """The dead-letter item of a quarantined line: no document could be built from it."""
+    return QueueItem(QueueItem.line_key(batch_id, rejected.file, rejected.line), batch_id, None, None, None, None,
+                     rejected.raw, rejected.file, rejected.line, "quarantined", rejected.reason)
 
 
 def _document_item(batch_id: str, doc, reason: str, kind: str) -> QueueItem:

@@ -10,7 +10,6 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from pushagent.cluster.client import ClusterClient
 from pushagent.documents.builder import BuildSettings
 from pushagent.errors import EXIT_INCOMPLETE, EXIT_OK
 from pushagent.inputs.shard import Shard, run_key
@@ -41,19 +40,20 @@ def settings_from_record(record: dict) -> BuildSettings:
 
 
 class BatchRecorder:
-    """Sync-state and documents of one push run (of a whole batch, or of one `shard` of it)."""
+    """Sync-state and documents of one push run (of a whole batch, or of one `shard` of it); verification reads
+    `cluster`."""
 
-    def __init__(self, config, batch_id: str, settings: BuildSettings, files, checkpoints, verify: bool = True,
+    def __init__(self, config, cluster, batch_id: str, settings: BuildSettings, files, checkpoints, verify: bool = True,
                  shard: Shard | None = None):
         self.config, self.batch_id, self.settings, self.files = config, batch_id, settings, files
         self.checkpoints, self.verify, self.shard = checkpoints, verify, shard
         # A shard has a table of its own: each has one writer, on whatever node its task runs.
         self.table = DocTable(table_path(config.state_path, run_key(batch_id, shard)), config.sample_size, batch_id)
-        self.client = ClusterClient(config)
+        self.client = cluster.client()
         self.cluster = {}
 
     def started(self, state) -> None:
-        if state.counters["read"] == 0:
+        if state.counters.read == 0:
             self.table.reset()
         self.cluster = self.client.info()
         self.write(state, "pushing")
@@ -66,7 +66,7 @@ class BatchRecorder:
 
     def finished(self, state, result):
         """Write the final record; verify first when the batch was pushed completely and can be verified now."""
-        if result.status == "pushed" and not state.counters["read"]:
+        if result.status == "pushed" and not state.counters.read:
             log.warning("the inputs hold no records: nothing was sent, there is nothing to verify")
         elif result.status == "pushed" and self.verify and self._ready_to_verify(state):
             self.write(state, "pushed")
@@ -92,8 +92,8 @@ class BatchRecorder:
     def _waiting_for(self, state) -> str:
         if self.shard:
             return f"its other shards have finished (this is shard {self.shard})"
-        if state.counters["queued"]:
-            return f"`pushagent drain` has sent the {state.counters['queued']} records waiting in the retry queue"
+        if state.counters.queued:
+            return f"`pushagent drain` has sent the {state.counters.queued} records waiting in the retry queue"
         return ""
 
     def indices(self) -> list:
@@ -133,6 +133,6 @@ def batch_record(recorder: BatchRecorder, state, status: str, verification) -> d
             "indices": recorder.indices(), "inputs": [f.path for f in recorder.files],
             "doc_count": counts["distinct"], "deleted": counts["deleted"], "duplicates": counts["duplicates"],
             "snapshot": recorder.config.snapshot,
-            "checksum": recorder.table.checksum(), "counters": dict(state.counters),
+            "checksum": recorder.table.checksum(), "counters": state.counters.as_dict(),
             "verification": verification, "cluster": recorder.cluster, "build": build, **shard, **runtime_fields()}
 

@@ -17,8 +17,9 @@ import re
 from pushagent.errors import ConfigError, PushAgentError
 from pushagent.inputs.reader import expand_inputs
 from pushagent.inputs.shard import Shard, run_key
-from pushagent.state.checkpoint import COUNTERS, DONE_STATUSES, CheckpointStore, write_atomically
+from pushagent.state.checkpoint import DONE_STATUSES, CheckpointStore, write_atomically
 from pushagent.state.doctable import DocTable, table_path
+from pushagent.state.ledger import Ledger
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def batch_progress(state_dir, batch_id: str, shard: Shard, state) -> dict:
     states[shard] = state
     everyone = [Shard(index, shard.count) for index in range(shard.count)]
     waiting = [str(s) for s in everyone if states.get(s) is None or states[s].status not in DONE_STATUSES]
-    return {"counters": {name: sum(s.counters.get(name, 0) for s in states.values()) for name in COUNTERS},
+    return {"counters": Ledger.total(s.counters for s in states.values()).as_dict(),
             "shards": [{"shard": str(s), "status": states[s].status if s in states else "not started"}
                        for s in everyone],
             "waiting_for_shards": waiting}
@@ -117,9 +118,9 @@ def batch_fields(table: DocTable, states: dict, indices: list) -> dict:
     counts = table.counts()
     return {"doc_count": counts["distinct"], "duplicates": counts["duplicates"], "checksum": table.checksum(),
             "indices": table.indices() or indices,
-            "counters": {name: sum(state.counters.get(name, 0) for state in states.values()) for name in COUNTERS},
+            "counters": Ledger.total(state.counters for state in states.values()).as_dict(),
             "started_at": min(state.started_at for state in states.values()),
             "finished_at": max(state.updated_at for state in states.values()),
-            "shards": [{"shard": str(shard), "status": state.status, "counters": state.counters,
+            "shards": [{"shard": str(shard), "status": state.status, "counters": state.counters.as_dict(),
                         "started_at": state.started_at, "updated_at": state.updated_at, "slurm": state.slurm}
                        for shard, state in states.items()]}

@@ -9,7 +9,7 @@ import dataclasses
 import logging
 import time
 
-from pushagent.cluster.client import ClusterClient
+from pushagent.cluster.connection import HttpCluster
 from pushagent.documents.builder import BuildSettings
 from pushagent.errors import EXIT_INCOMPLETE, EXIT_OK, ConfigError
 from pushagent.runs.checks import VerifySpec, add_full_scan, load_sources, run_checks, summarize, temporary_table
@@ -18,6 +18,7 @@ from pushagent.runs.fullscan import enqueue
 from pushagent.runs.record import save_record, settings_from_record, spec_for
 from pushagent.runs.sharded import batch_fields, check_finished, merged_table, shard_states
 from pushagent.state.doctable import DocTable, table_path
+from pushagent.state.ledger import Ledger
 from pushagent.state.mirror import mirror_state
 from pushagent.state.records import SyncStateStore, runtime_fields, utc_iso
 from pushagent.state.retry_queue import configured_queue
@@ -44,40 +45,38 @@ class VerifyOptions:
     force: bool = False
 
 
-def verify_batch(config, options: VerifyOptions) -> tuple:
-    """Run `pushagent verify`; returns (report, exit code)."""
+def verify_batch(config, options: VerifyOptions, cluster=None) -> tuple:
+    """Run `pushagent verify` against `cluster` (default: HTTP to config.url); returns (report, exit code)."""
     started = time.monotonic()
-    client = ClusterClient(config)
-    try:
-        if options.batch_id and not options.embedding_version:
-            report = _verify_recorded(config, client, options)
-        else:
-            report = _verify_unrecorded(config, client, options)
-    finally:
-        client.close()
+    cluster = cluster or HttpCluster(config)
+    if options.batch_id and not options.embedding_version:
+        report = _verify_recorded(config, cluster, options)
+    else:
+        report = _verify_unrecorded(config, cluster, options)
     report["duration_s"] = round(time.monotonic() - started, 3)
     return report, EXIT_OK if report["verification"]["ok"] else EXIT_INCOMPLETE
 
 
-def _verify_recorded(config, client, options: VerifyOptions) -> dict:
+def _verify_recorded(config, cluster, options: VerifyOptions) -> dict:
     record = SyncStateStore(config.state_path).load(options.batch_id)
     settings = settings_from_record(record)
     table = _batch_table(config, record)
     log.info("verifying batch %s: count, sample and timestamp checks", record["batch_id"])
     try:
         spec = spec_for(settings, config.state_path, options.expected_date, record.get("snapshot") or options.snapshot)
-        result = run_checks(client, table, spec, record["indices"], table.sample())
+        with cluster.client() as client:
+            result = run_checks(client, table, spec, record["indices"], table.sample())
         _note_queued(config, record["batch_id"], result)
     finally:
         table.close()
-    added = _full_from_inputs(config, client, options, result, settings, record) if options.full else {}
+    added = _full_from_inputs(config, cluster, options, result, settings, record) if options.full else {}
     record["snapshot"] = bool(record.get("snapshot") or options.snapshot)
     record.update(status="verified" if result["ok"] else "verification_failed", verification=result,
                   updated_at=utc_iso(), **runtime_fields())
     save_record(config.state_path, record)
     if REFUSED in added:
         raise added[REFUSED]
-    report = _report(record["batch_id"], result, added, record.get("counters", {}))
+    report = _report(record["batch_id"], result, added, Ledger.from_dict(record.get("counters", {})).as_dict())
     mirrored = mirror_state(config, record["batch_id"])  # a sharded batch's record is final only here
     if mirrored is not None:
         report["mirror"] = mirrored
@@ -120,7 +119,7 @@ def _batch_table(config, record: dict) -> DocTable:
     return table
 
 
-def _full_from_inputs(config, client, options: VerifyOptions, result: dict, settings, record: dict) -> dict:
+def _full_from_inputs(config, cluster, options: VerifyOptions, result: dict, settings, record: dict) -> dict:
     """--full for a recorded batch: the source is its inputs, read again."""
     directory, source = temporary_table(config.sample_size, "")
     try:
@@ -128,13 +127,13 @@ def _full_from_inputs(config, client, options: VerifyOptions, result: dict, sett
                  ", ".join(record["indices"]))
         load_sources(record["inputs"], settings, source, config.s3_endpoint_url)
         source.executemany("DELETE FROM docs WHERE idx = ? AND id = ?", _dead_documents(config, record["batch_id"]))
-        return _full(config, client, options, result, settings, source, record["indices"], record.get("snapshot"))
+        return _full(config, cluster, options, result, settings, source, record["indices"], record.get("snapshot"))
     finally:
         source.close()
         directory.cleanup()
 
 
-def _verify_unrecorded(config, client, options: VerifyOptions) -> dict:
+def _verify_unrecorded(config, cluster, options: VerifyOptions) -> dict:
     if not (options.embedding_version and options.index) or not (options.sources or options.expected_count is not None):
         raise ConfigError("verify needs --batch-id, or --embedding-version and --index with --source FILE... "
                           "or --expected-count N")
@@ -148,8 +147,9 @@ def _verify_unrecorded(config, client, options: VerifyOptions) -> dict:
         spec = VerifySpec(options.embedding_version, expected_date, settings.embedding_version_field,
                           settings.timestamp_field, settings.checksum_field,
                           None if options.sources else options.expected_count)
-        result = run_checks(client, table, spec, [options.index], table.sample())
-        added = _full(config, client, options, result, settings, table, [options.index])
+        with cluster.client() as client:
+            result = run_checks(client, table, spec, [options.index], table.sample())
+        added = _full(config, cluster, options, result, settings, table, [options.index])
     finally:
         table.close()
         directory.cleanup()
@@ -166,18 +166,19 @@ def _settings_for_sources(config, options: VerifyOptions) -> BuildSettings:
     return build_settings(config, batch_ms)
 
 
-def _full(config, client, options: VerifyOptions, result: dict, settings, table, indices, snapshot=False) -> dict:
+def _full(config, cluster, options: VerifyOptions, result: dict, settings, table, indices, snapshot=False) -> dict:
     """--full: diff the whole index against the sources loaded in `table`; then queue what is missing
     (--enqueue-missing, --repair) or delete what is extra (--delete-extra). Returns what the report adds."""
     if not options.full:
         return {}
     spec = spec_for(settings, config.state_path, snapshot=snapshot or options.snapshot)
-    add_full_scan(client, result, table, indices, spec, options.recompute)
+    with cluster.client() as client:
+        add_full_scan(client, result, table, indices, spec, options.recompute)
     batch_id = options.batch_id or f"verify-{settings.embedding_version}"
     added = {"enqueued": _enqueue(config, options, result, settings, table, batch_id)}
     if options.delete_extra and "error" not in result["full"]:
         try:
-            added["deleted_extra"] = delete_extra(config, table, settings, settings.batch_id or batch_id,
+            added["deleted_extra"] = delete_extra(config, cluster, table, settings, settings.batch_id or batch_id,
                                                   spec.snapshot, options.force)
         except DeleteRefused as refusal:
             added[REFUSED] = refusal    # raised once the scan's findings are recorded

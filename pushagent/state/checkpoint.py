@@ -13,8 +13,8 @@ from pathlib import Path
 
 from pushagent.documents.chunker import Position
 from pushagent.errors import BatchLockedError, PushAgentError
+from pushagent.state.ledger import Ledger
 
-COUNTERS = ("read", "indexed", "current", "unchanged", "queued", "dead", "quarantined")
 DONE_STATUSES = ("pushed", "verified", "verification_failed")   # every record read; a new push starts over
 
 
@@ -24,7 +24,7 @@ class RunState:
     inputs: list                 # InputFile fingerprints, in reading order
     settings: dict               # what must not change on resume (index, versions...)
     position: Position = Position(0, 0, 0)
-    counters: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
+    counters: Ledger = dataclasses.field(default_factory=Ledger)     # the whole batch's, over all its runs
     status: str = "pushing"
     started_at: str = ""
     updated_at: str = ""
@@ -36,7 +36,7 @@ class RunState:
         self.key = self.key or self.batch_id
 
     def to_json(self) -> dict:
-        data = dataclasses.asdict(self)
+        data = dataclasses.asdict(self)     # the ledger becomes its dict of counters
         data["position"] = self.position._asdict()
         data["files"] = [self._file_progress(i, fp) for i, fp in enumerate(self.inputs)]
         return data
@@ -51,9 +51,14 @@ class RunState:
 
     @classmethod
     def from_json(cls, data: dict) -> "RunState":
+        """The run state of a checkpoint file's JSON; KeyError, TypeError or ValueError when it holds none."""
+        if not isinstance(data, dict):
+            raise TypeError(f"a run state is a JSON object, not {type(data).__name__}")
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in fields}
         values["position"] = Position(**data["position"])
+        if "counters" in values:
+            values["counters"] = Ledger.from_dict(values["counters"])
         return cls(**values)
 
 

@@ -52,6 +52,12 @@ def audit_event(state_dir, event: str, **facts) -> dict:
     return entry
 
 
+def synced_at(record: dict) -> str:
+    """When the batch of `record` was last pushed: `finished_at` (a later `verify` leaves it as it was), or
+    `updated_at` while it pushes."""
+    return record.get("finished_at") or record.get("updated_at") or ""
+
+
 class SyncStateStore:
     """`<state_dir>/sync-state/<batch_id>.json`: the latest record of each batch."""
 
@@ -74,6 +80,17 @@ class SyncStateStore:
                                  hint="`pushagent state list` shows the known batches") from None
         except ValueError as error:
             raise PushAgentError(f"sync-state record is unreadable: {error}", file=str(path)) from None
+
+    def records(self):
+        """Every readable record, in file name order; unreadable ones are skipped (for `status`, which must
+        not fail on a half-written or foreign file)."""
+        for path in sorted(self.directory.glob("*.json")):
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(record, dict) and "batch_id" in record:
+                yield record
 
     def list(self) -> list:
         """Every record, oldest first."""
