@@ -137,9 +137,9 @@ def compare(args, work: Path) -> dict:
     path = bench.generate(Path(args.data), f"words-{records}.jsonl", records)
     gobulk, go_missing = build_gobulk(work)
     binaries = {"gobulk": gobulk, "esbulk": args.esbulk}
-    clients = [c for c in peer_table(gobulk, args.esbulk) if not args.only or args.only in c[0]]
+    clients = [c for c in peer_table(gobulk, args.esbulk) if bench.chosen(c[0], args.only)]
     results = {"records": records, "runs": args.runs, "quick": bool(args.quick),
-               "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": [],
+               "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": [], "only": args.only,
                "wan": {"delay_ms": DELAY_MS, "mbit": MBIT} if args.wan else None,
                "left_out": {"opensearch-go BulkIndexer": go_missing} if go_missing else {}}
     if not args.esbulk:

@@ -190,8 +190,10 @@ def peer_targets(results: dict) -> list:
 def write_peers_report(results: dict, path: Path) -> None:
     machine, wan = results.get("machine", {}), results.get("wan")
     quick = " --quick" if results.get("quick") else ""
+    only = f" --only '{results['only']}'" if results.get("only") else ""
     lines = ["# pushagent and its peers on a real cluster" + (" (quick run)" if quick else ""), "",
-             f"Produced by `python benchmarks/run.py --peers{' --wan' if wan else ''}{quick}` on {results['started']}: "
+             f"Produced by `python benchmarks/run.py --peers{' --wan' if wan else ''}{quick}{only}` on "
+             f"{results['started']}: "
              f"{results['records']:,} records of 384-float embeddings into the harness's own OpenSearch node, "
              f"median of {results['runs']} runs per row; every round runs every client in every profile, "
              "so load changes hit all rows alike.", "",

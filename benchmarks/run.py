@@ -99,6 +99,11 @@ def prebuilt_chunks(path: Path, index: str, directory: Path, compress: bool) -> 
     return files
 
 
+def chosen(name: str, only: str | None) -> bool:
+    """--only: every client, or those whose name contains one of the comma-separated parts."""
+    return not only or any(part in name for part in only.split(","))
+
+
 # ---------------------------------------------------------------- targets
 
 class NullSink:
@@ -330,7 +335,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default=os.path.join(tempfile.gettempdir(), "pushagent-bench-data"),
                         help="where generated workloads are kept between runs")
     parser.add_argument("--no-cluster", action="store_true", help="null sink only")
-    parser.add_argument("--only", help="run only clients whose name contains this")
+    parser.add_argument("--only", help="run only clients whose name contains this (or, comma-separated, one of these)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the rows of results.json from the same mode and run only the missing ones")
     parser.add_argument("--peers", action="store_true",
@@ -370,7 +375,7 @@ def main(argv=None) -> int:
         path = workloads["embedding"][0]
         results["sink_capacity"] = {"plain": sink_capacity(sink, path, False), "gzip": sink_capacity(sink, path, True)}
         print(f"null sink capacity: {results['sink_capacity']}", file=sys.stderr)
-        clients = [c for c in client_table(args.quick) if not args.only or args.only in c[0]]
+        clients = [c for c in client_table(args.quick) if chosen(c[0], args.only)]
         for workload, (path, docs) in workloads.items():
             chunks = {(path, gz): prebuilt_chunks(path, "bench-curl", work / f"chunks-{workload}-{gz}", gz)
                       for gz in (False, True)}
