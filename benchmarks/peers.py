@@ -30,8 +30,11 @@ DELAY_MS, MBIT = 25, 100
 def peer_table(gobulk, esbulk) -> list:
     """(name, kind, gzip, env, extra argv): the clients of the comparison; Go rows only when built."""
     table = [("pushagent defaults", "pushagent", True, {}, []),
-             ("pushagent concurrency 4", "pushagent", True, {"PUSHAGENT_CONCURRENCY": "4"}, []),
-             ("pushagent concurrency 8", "pushagent", True, {"PUSHAGENT_CONCURRENCY": "8"}, []),
+             ("pushagent max_concurrency 16", "pushagent", True, {"PUSHAGENT_MAX_CONCURRENCY": "16"}, []),
+             ("pushagent starting at 16", "pushagent", True,
+              {"PUSHAGENT_CONCURRENCY": "16", "PUSHAGENT_MAX_CONCURRENCY": "16"}, []),
+             ("pushagent before issue 19 (2 fixed, gzip)", "pushagent", True,
+              {"PUSHAGENT_MAX_CONCURRENCY": "2", "PUSHAGENT_COMPRESS": "true"}, []),
              ("opensearch-py streaming_bulk", "os-streaming", False, {}, []),
              ("opensearch-py parallel_bulk", "os-parallel", False, {}, [])]
     if gobulk:
@@ -90,16 +93,27 @@ def sample(client, profile: str, url: str, cluster, proxy, path: Path, docs: int
     cluster.fresh_index(index)
     argv = command(client, url, index, path, binaries, Path(tempfile.mkdtemp(dir=work, prefix="state-")))
     cpu_before, wire_before, busy_before = cluster_cpu_s(cluster), proxy.up.bytes if proxy else 0, machine_busy_s()
-    measured = bench.run_once(argv, env, check=False, timeout=max(120, docs / 100))
+    harness_before = time.process_time()  # the WAN proxy's threads: the harness only waits for the client
+    measured = bench.run_once(argv, env, check=False, timeout=max(120, docs / 100), capture_report=kind == "pushagent")
+    measured["harness_cpu_s"] = time.process_time() - harness_before
     measured["machine_busy_s"] = machine_busy_s() - busy_before
     measured["cluster_cpu_s"] = cluster_cpu_s(cluster) - cpu_before
     measured["wire_bytes"] = (proxy.up.bytes - wire_before) if proxy else None
     measured["stored"] = cluster.count(index)
     bench.requests.delete(f"{cluster.url}/{index}")
+    measured["setting"] = setting_reached(measured.pop("report", None))
     print(f"  {profile:8} {name:48} run {number + 1}: {docs / measured['wall_s']:7.0f} docs/s "
           f"{measured['cpu_s']:6.2f} s CPU {measured['rss_mib']:5.0f} MiB exit {measured['exit']} "
-          f"stored {measured['stored']}", file=sys.stderr, flush=True)
+          f"stored {measured['stored']} {measured['setting'] or ''}", file=sys.stderr, flush=True)
     return measured
+
+
+def setting_reached(report: dict | None) -> str | None:
+    """What pushagent's adaptive sender settled on: its peak and final concurrency, and its encoding."""
+    if not report or "concurrency" not in report:
+        return None
+    return (f"{report['concurrency_peak']} peak / {report['concurrency']} end in flight, "
+            f"{'gzip' if report['compress'] else 'plain'}")
 
 
 def summarize(client, profile: str, docs: int, samples: list) -> dict:
@@ -110,6 +124,7 @@ def summarize(client, profile: str, docs: int, samples: list) -> dict:
     return {"client": client[0], "profile": profile, "gzip": client[2], "docs": docs, "runs": len(samples),
             "docs_per_s": docs / wall, "wall_s": wall, "cpu_s": median("cpu_s"), "rss_mib": median("rss_mib"),
             "cluster_cpu_s": median("cluster_cpu_s"), "machine_busy_s": median("machine_busy_s"),
+            "harness_cpu_s": median("harness_cpu_s"), "settings": [s["setting"] for s in samples],
             "wire_bytes": median("wire_bytes"),
             "exits": [s["exit"] for s in samples], "exact": all(s["stored"] == docs for s in samples),
             "stored": [s["stored"] for s in samples], "samples": samples}
@@ -122,9 +137,9 @@ def compare(args, work: Path) -> dict:
     path = bench.generate(Path(args.data), f"words-{records}.jsonl", records)
     gobulk, go_missing = build_gobulk(work)
     binaries = {"gobulk": gobulk, "esbulk": args.esbulk}
-    clients = [c for c in peer_table(gobulk, args.esbulk) if not args.only or args.only in c[0]]
+    clients = [c for c in peer_table(gobulk, args.esbulk) if bench.chosen(c[0], args.only)]
     results = {"records": records, "runs": args.runs, "quick": bool(args.quick),
-               "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": [],
+               "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": [], "only": args.only,
                "wan": {"delay_ms": DELAY_MS, "mbit": MBIT} if args.wan else None,
                "left_out": {"opensearch-go BulkIndexer": go_missing} if go_missing else {}}
     if not args.esbulk:
@@ -139,6 +154,7 @@ def compare(args, work: Path) -> dict:
             profiles["wan"] = proxy.url
         pairs = [(profile, client) for profile in profiles for client in clients]
         samples = {(p, c[0]): [] for p, c in pairs}
+        warm_up(cluster, path, work)
         for number in range(args.runs):
             shift = number * len(pairs) // max(args.runs, 1)  # each round starts elsewhere in the order
             for profile, client in pairs[shift:] + pairs[:shift]:
@@ -151,6 +167,14 @@ def compare(args, work: Path) -> dict:
             proxy.stop()
         cluster.stop()
     return results
+
+
+def warm_up(cluster, path: Path, work: Path) -> None:
+    """One unmeasured push of the minimal client: a fresh node compiles its indexing path during its first
+    requests, which would slow whichever row the first round starts with."""
+    cluster.fresh_index("peers-warm-up")
+    bench.run_once(bench.command("minimal", cluster.url, "peers-warm-up", path, False, work, {}), {}, check=False)
+    bench.requests.delete(f"{cluster.url}/peers-warm-up")
 
 
 def _go_version() -> str:

@@ -133,7 +133,9 @@ def bound(row: dict, cores: int, link_bytes_per_s: float | None) -> str:
     if client >= 0.9:
         return "client CPU (a core)"
     if max(busy, client + cluster) >= 0.85 * cores:
-        users = {"client": client, "cluster": cluster, "other processes": max(busy - client - cluster, 0)}
+        harness = (row.get("harness_cpu_s") or 0) / row["wall_s"]
+        users = {"client": client, "cluster": cluster, "harness and WAN proxy": harness,
+                 "other processes": max(busy - client - cluster - harness, 0)}
         return f"the {cores} shared cores (" + ", ".join(f"{k} {v:.1f}" for k, v in users.items()) + ")"
     return "waiting on round trips (requests in flight)"
 
@@ -150,8 +152,10 @@ def peers_table(results: dict, profile: str) -> list:
     link = wan.get("mbit", 0) * 1e6 / 8 if profile == "wan" else None
     cores = results.get("machine", {}).get("cores", 2)
     lines = [f"| client | docs/s | vs best peer | client CPU s | client CPU / wall | cluster CPU / wall | "
-             f"machine busy / wall | {'link use | ' if link else ''}peak RSS MiB | exit | exact | bound |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | " + ("---: | " if link else "") + "---: | --- | --- | --- |"]
+             f"harness CPU / wall | machine busy / wall | {'link use | ' if link else ''}peak RSS MiB | exit | exact | "
+             "bound | pushagent settled on |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | " + ("---: | " if link else "")
+             + "---: | --- | --- | --- | --- |"]
     for r in rows:
         ratio = f"{r['docs_per_s'] / best['docs_per_s']:.2f}x" if best else "-"
         use = f"{r['wire_bytes'] / r['wall_s'] / link:.0%} | " if link and r["wire_bytes"] is not None else ""
@@ -159,18 +163,48 @@ def peers_table(results: dict, profile: str) -> list:
         exits = ", ".join(str(e) for e in r["exits"])
         lines.append(f"| {r['client']} | {r['docs_per_s']:,.0f} | {ratio} | {r['cpu_s']:.1f} | "
                      f"{r['cpu_s'] / r['wall_s']:.2f} | {r['cluster_cpu_s'] / r['wall_s']:.2f} | "
+                     f"{(r.get('harness_cpu_s') or 0) / r['wall_s']:.2f} | "
                      f"{r.get('machine_busy_s', 0) / r['wall_s']:.2f} | {use}"
-                     f"{r['rss_mib']:.0f} | {exits} | {exact} | {bound(r, cores, link)} |")
+                     f"{r['rss_mib']:.0f} | {exits} | {exact} | {bound(r, cores, link)} | "
+                     f"{'; '.join(s for s in r.get('settings') or () if s) or '-'} |")
     if best:
         lines += ["", f"Best peer: {best['client']} ({best['docs_per_s']:,.0f} docs/s)."]
     return lines
 
 
+def peer_targets(results: dict) -> list:
+    """(target, measured, met) for issue 19's targets that a peers run covers."""
+    rows, out = results["rows"], []
+
+    def find(client, profile):
+        return next((r for r in rows if r["client"] == client and r["profile"] == profile), None)
+
+    def best_peer(profile, prefix):
+        peers = [r for r in rows if r["profile"] == profile and r["client"].startswith(prefix)
+                 and not r["client"].startswith("pushagent") and _ok(r)]
+        return max(peers, key=lambda r: r["docs_per_s"]) if peers else None
+
+    for profile, prefix, factor in (("wan", "", 1.5), ("loopback", "opensearch-go BulkIndexer", 1.0)):
+        mine, theirs = find("pushagent defaults", profile), best_peer(profile, prefix)
+        if mine and theirs:
+            ratio = mine["docs_per_s"] / theirs["docs_per_s"]
+            out.append((f"{profile} at default settings >= {factor}x {theirs['client']}, exact, exit 0",
+                        f"{ratio:.2f}x", ratio >= factor and _ok(mine)))
+    ours = [r for r in rows if r["client"].startswith("pushagent")]
+    if ours:
+        failed = [f"{r['client']} ({r['profile']})" for r in ours if not _ok(r)]
+        out.append(("no pushagent run stops or loses a record, up to max_concurrency 16",
+                    f"{len(ours) - len(failed)} of {len(ours)} rows exact with exit 0", not failed))
+    return out
+
+
 def write_peers_report(results: dict, path: Path) -> None:
     machine, wan = results.get("machine", {}), results.get("wan")
     quick = " --quick" if results.get("quick") else ""
+    only = f" --only '{results['only']}'" if results.get("only") else ""
     lines = ["# pushagent and its peers on a real cluster" + (" (quick run)" if quick else ""), "",
-             f"Produced by `python benchmarks/run.py --peers{' --wan' if wan else ''}{quick}` on {results['started']}: "
+             f"Produced by `python benchmarks/run.py --peers{' --wan' if wan else ''}{quick}{only}` on "
+             f"{results['started']}: "
              f"{results['records']:,} records of 384-float embeddings into the harness's own OpenSearch node, "
              f"median of {results['runs']} runs per row; every round runs every client in every profile, "
              "so load changes hit all rows alike.", "",
@@ -179,12 +213,19 @@ def write_peers_report(results: dict, path: Path) -> None:
         lines += [f"WAN profile: `benchmarks/wanproxy.py`, {wan['delay_ms']} ms added each way and ONE "
                   f"{wan['mbit']} Mbit/s link per direction shared by all connections.", ""]
     lines += ["Columns: client CPU s is the client's user+sys time (GNU time); CPU / wall is in cores; "
-              "cluster CPU is the node's own process over the same run; machine busy is all cores' busy time "
+              "cluster CPU is the node's own process over the same run; harness CPU is the harness's own process, "
+              "where the WAN proxy's threads run (it shows whether the proxy, not the client, is the bound); "
+              "machine busy is all cores' busy time "
               "(the client, the node, the proxy and everything else on the machine); link use is the request bytes the "
               "WAN link carried over its capacity; exact means the index then held exactly the records, in "
               "every run. Bound is read from those figures: the link when it is 75% full, the client when it "
               "uses a whole core, the shared cores when 85% of them are busy, "
-              "otherwise waiting on round trips.", ""]
+              "otherwise waiting on round trips. pushagent settled on: the peak and final requests in flight "
+              "its adaptive sender reached in each run, and the encoding `compress: auto` kept.", ""]
+    goals = peer_targets(results)
+    if goals:
+        lines += ["## Targets (issue 19)", "", "| target | measured | met |", "| --- | --- | --- |"]
+        lines += [f"| {target} | {measured} | {'yes' if met else '**no**'} |" for target, measured, met in goals] + [""]
     for profile in dict.fromkeys(r["profile"] for r in results["rows"]):
         lines += [f"## {profile}", ""] + peers_table(results, profile) + [""]
     left_out = results.get("left_out", {})

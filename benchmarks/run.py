@@ -99,6 +99,11 @@ def prebuilt_chunks(path: Path, index: str, directory: Path, compress: bool) -> 
     return files
 
 
+def chosen(name: str, only: str | None) -> bool:
+    """--only: every client, or those whose name contains one of the comma-separated parts."""
+    return not only or any(part in name for part in only.split(","))
+
+
 # ---------------------------------------------------------------- targets
 
 class NullSink:
@@ -194,7 +199,10 @@ def run_once(argv, env: dict, stdin_lines=None, capture_report: bool = False, ch
     if status != 0:
         measured["stderr"] = stderr.decode(errors="replace")[-400:]
     if capture_report:
-        measured["report"] = orjson.loads(stdout)
+        try:
+            measured["report"] = orjson.loads(stdout)
+        except orjson.JSONDecodeError:  # killed, or failed before its report: the exit status says it
+            measured["report"] = None
     return measured
 
 
@@ -368,8 +376,7 @@ def main(argv=None) -> int:
         path = workloads["embedding"][0]
         results["sink_capacity"] = {"plain": sink_capacity(sink, path, False), "gzip": sink_capacity(sink, path, True)}
         print(f"null sink capacity: {results['sink_capacity']}", file=sys.stderr)
-        clients = [c for c in client_table(args.quick)
-                   if not args.only or any(part in c[0] for part in args.only.split(","))]
+        clients = [c for c in client_table(args.quick) if chosen(c[0], args.only)]
         for workload, (path, docs) in workloads.items():
             chunks = {(path, gz): prebuilt_chunks(path, "bench-curl", work / f"chunks-{workload}-{gz}", gz)
                       for gz in (False, True)}

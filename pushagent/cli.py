@@ -70,6 +70,18 @@ def connection_options(command):
     return command
 
 
+def sending_options(command):
+    """How requests are cut and how many fly at once: push and drain."""
+    options = [
+        click.option("--chunk-docs", type=int, help="Documents per bulk request [5000]."),
+        click.option("--concurrency", type=int, help="Bulk requests in flight at the start; the sender adapts [2]."),
+        click.option("--max-concurrency", type=int, help="The most bulk requests in flight it goes to [8]."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 def _fail(message: str, exit_code: int, debug: bool) -> None:
     if debug:
         log.exception("failed")
@@ -111,8 +123,7 @@ def cli():
 @click.option("--batch-id", help="Name of the batch (resume a named batch) [derived from the inputs].")
 @click.option("--batch-time", help="Generation time of the batch, ISO 8601 [newest input mtime].")
 @click.option("--id-field", help="Record field holding the document id [id].")
-@click.option("--chunk-docs", type=int, help="Documents per bulk request [5000].")
-@click.option("--concurrency", type=int, help="Bulk requests in flight [2].")
+@sending_options
 @click.option("--restart", is_flag=True, help="Ignore saved progress and push the batch from the start.")
 @click.option("--from-line", type=click.IntRange(min=1), help="Start at this line of the first input.")
 @click.option("--on-error", type=click.Choice(["continue", "stop"]), default="continue", show_default=True,
@@ -131,8 +142,8 @@ def cli():
               help="Send only documents the cluster does not hold with the same content and stamps "
                    "(one _mget per chunk, counted against the rate limit); the others count as unchanged.")
 def push(inputs, config_file, as_json, url, index, state_dir, insecure, embedding_version, batch_id,
-         batch_time, id_field, chunk_docs, concurrency, restart, from_line, on_error, dry_run, no_verify, shard,
-         snapshot, incremental):
+         batch_time, id_field, chunk_docs, concurrency, max_concurrency, restart, from_line, on_error, dry_run,
+         no_verify, shard, snapshot, incremental):
     """Push INPUT files (JSONL, .jsonl.gz, globs, s3://bucket/key, s3://bucket/prefix/) into the cluster.
 
     Resumes by itself when a checkpoint for the same inputs exists.
@@ -147,7 +158,8 @@ def push(inputs, config_file, as_json, url, index, state_dir, insecure, embeddin
     config = load_config(config_file, _flags(url=url, index=index, state_dir=state_dir, insecure=insecure,
                                              embedding_version=embedding_version, batch_time=batch_time,
                                              id_field=id_field, chunk_docs=chunk_docs, concurrency=concurrency,
-                                             snapshot=snapshot, incremental=incremental))
+                                             max_concurrency=max_concurrency, snapshot=snapshot,
+                                             incremental=incremental))
     _warn_insecure(config)
     options = PushOptions(list(inputs), batch_id=batch_id, restart=restart, from_line=from_line,
                           on_error=on_error, dry_run=dry_run, verify=not no_verify, shard=shard)
@@ -216,12 +228,11 @@ def queue_options(command):
 @click.option("--all", "all_items", is_flag=True, help="Send pending items now, ignoring their next-attempt time.")
 @click.option("--batch-id", help="Only items of this batch.")
 @click.option("--max-items", type=click.IntRange(min=1), help="Take at most this many items.")
-@click.option("--chunk-docs", type=int, help="Documents per bulk request [5000].")
-@click.option("--concurrency", type=int, help="Bulk requests in flight [2].")
+@sending_options
 @click.option("--wait", "wait", callback=_parse_duration, default="0",
               help="Keep waiting this long (e.g. 10m) for items of the scope to fall due [0: do not wait].")
 def drain(config_file, as_json, state_dir, queue_url, url, insecure, all_items, batch_id, max_items, chunk_docs,
-          concurrency, wait):
+          concurrency, max_concurrency, wait):
     """Push the due items of the retry queue; exit 0 when none remain, 3 when items stay pending or dead.
 
     Several drainers may share one queue (e.g. Slurm array tasks on one Redis).
@@ -234,7 +245,8 @@ def drain(config_file, as_json, state_dir, queue_url, url, insecure, all_items, 
     """
     from pushagent.runs.drain import DrainOptions, DrainRun
     config = load_config(config_file, _flags(state_dir=state_dir, queue_url=queue_url, url=url, insecure=insecure,
-                                             chunk_docs=chunk_docs, concurrency=concurrency))
+                                             chunk_docs=chunk_docs, concurrency=concurrency,
+                                             max_concurrency=max_concurrency))
     _warn_insecure(config)
     options = DrainOptions(all=all_items, batch_id=batch_id, max_items=max_items, wait=wait)
     result = _run_until_signal(DrainRun(config, options))

@@ -50,10 +50,11 @@ class Config:
     max_delete_fraction: float = 0.05        # verify --delete-extra refuses above this share of the batch
     chunk_docs: int = 5000
     chunk_bytes: int = 50 * 1024**2
-    compress: bool = True
+    compress: bool | str = "auto"           # true, false, or auto: measured (cluster/compression.py)
     compress_level: int = 1
-    concurrency: int = 2
-    build_workers: int = 0                   # processes building documents; 0: by the job's cores
+    concurrency: int = 2                    # requests in flight at the start; the sender adapts from there
+    max_concurrency: int = 8                # the most it goes to (cluster/concurrency.py)
+    build_workers: int = 0                  # processes building documents; 0: by the job's cores
     requests_per_minute: float = 100
     timeout_seconds: float = 60
     max_retries: int = 3
@@ -89,6 +90,12 @@ class Config:
         if self.allowed_indices:
             return set(self.allowed_indices)
         return {self.index} if self.index else set()
+
+    @property
+    def concurrency_ceiling(self) -> int:
+        """The most requests in flight: max_concurrency, or `concurrency` where a configuration sets it higher
+        (one written before max_concurrency existed asked for that many)."""
+        return max(self.max_concurrency, self.concurrency)
 
     @property
     def resolved_queue_url(self) -> str:
@@ -168,6 +175,8 @@ def _coerce(key, value):
         if key in ("max_retry_delay", "lease_seconds", "outage_seconds", "grace_seconds", "progress_seconds",
                    "push_interval", "health_lag_warning", "health_lag_critical"):
             return parse_duration(value)
+        if key == "compress":
+            return _parse_compress(value)
         if kind in (bool, "bool"):
             return _parse_bool(value)
         if kind in (int, "int"):
@@ -190,6 +199,15 @@ def _parse_bool(value) -> bool:
     if text in ("0", "false", "no", "off"):
         return False
     raise ValueError("expected true or false")
+
+
+def _parse_compress(value):
+    if str(value).strip().lower() == "auto":
+        return "auto"
+    try:
+        return _parse_bool(value)
+    except ValueError:
+        raise ValueError("expected true, false or auto") from None
 
 
 def parse_size(value) -> int:
@@ -220,8 +238,8 @@ def validate(config: Config) -> None:
     if config.build_workers < 0:
         raise ConfigError(f"build_workers must be 0 (one per core the job may use, less one) or more, got "
                           f"{config.build_workers}")
-    if config.concurrency < 1 or config.requests_per_minute <= 0:
-        raise ConfigError("concurrency and requests_per_minute must be positive")
+    if min(config.concurrency, config.max_concurrency) < 1 or config.requests_per_minute <= 0:
+        raise ConfigError("concurrency, max_concurrency and requests_per_minute must be positive")
     if config.max_retries < 0 or config.outage_seconds < 0:
         raise ConfigError("max_retries and outage_seconds must not be negative")
     if config.progress_seconds <= 0 or config.push_interval <= 0:

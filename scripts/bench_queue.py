@@ -105,7 +105,8 @@ def main() -> None:
     parser.add_argument("--url", default="http://127.0.0.1:9200", help="the cluster drained into")
     parser.add_argument("--count", type=int, default=20_000, help="items per measurement")
     parser.add_argument("--dims", type=int, default=8, help="embedding dimensions of the records")
-    parser.add_argument("--concurrency", type=int, default=2, help="drain workers")
+    parser.add_argument("--concurrency", type=int, default=2,
+                        help="drain requests in flight at the start (it adapts up to max_concurrency)")
     parser.add_argument("--redis-url", help="an empty Redis database to use instead of starting redis-server")
     args = parser.parse_args()
     directory = Path(tempfile.mkdtemp(prefix="pushagent-bench-"))

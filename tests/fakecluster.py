@@ -47,9 +47,8 @@ class ItemFault:
 class FakeCluster:
     """Indices of versioned documents behind a bulk transport and read clients; thread-safe."""
 
-    def __init__(self, distribution: str = "opensearch", version: str = "2.19.1", shards: int = 1,
-                 compress: bool = True):
-        self.distribution, self.version, self.shards, self.compress = distribution, version, shards, compress
+    def __init__(self, distribution: str = "opensearch", version: str = "2.19.1", shards: int = 1):
+        self.distribution, self.version, self.shards = distribution, version, shards
         self.indices = {}                 # index -> {id: Stored}
         self.mappings = {}                # index -> {field: "keyword"}; other strings are text + .keyword
         self.auto_create = True
@@ -321,13 +320,13 @@ ROUTES = {("GET", ""): "_root", ("POST", "_mget"): "_mget", ("POST", "{index}/_m
 
 
 class FakeTransport:
-    """The bulk transport of one run: gzips like HttpTransport when the fake's `compress` is on."""
+    """The bulk transport of one run: gzips like HttpTransport when the sender asks (`compress`)."""
 
     def __init__(self, cluster: FakeCluster, stats):
         self.cluster, self.stats = cluster, stats
 
-    def post(self, body, docs: int = 0) -> BulkResponse:
-        payload = gzip_body(body, 1) if self.cluster.compress else bytes(body)
+    def post(self, body, docs: int = 0, gzip: bool = False) -> BulkResponse:
+        payload = gzip_body(body, 1) if gzip else bytes(body)
         started = time.monotonic()
         response = self.cluster.bulk(payload)
         self.stats.record_request(response.status, len(body), len(payload), time.monotonic() - started, docs)

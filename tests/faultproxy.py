@@ -30,6 +30,7 @@ class ProxyRequest:
     headers: dict
     body: bytes             # decoded (gunzipped)
     ids: list               # _bulk document ids, in order
+    in_flight: int = 0      # _bulk requests the proxy was handling when this one arrived, itself included
 
 
 @dataclasses.dataclass
@@ -81,6 +82,7 @@ class FaultProxy:
         self.upstream_host, self.upstream_port = parts.hostname, parts.port
         self.plan = plan or (lambda request: None)
         self.requests = []
+        self._bulk_in_flight = 0
         self._connections = set()
         self._lock = threading.Lock()
         self._serve(0)
@@ -127,11 +129,17 @@ class FaultProxy:
 
     def _record(self, method, path, headers, raw) -> ProxyRequest:
         body = gzip.decompress(raw) if headers.get("Content-Encoding") == "gzip" and raw else raw
-        ids = bulk_ids(body) if path.split("?")[0].endswith("/_bulk") else []
+        bulk = path.split("?")[0].endswith("/_bulk")
         with self._lock:
-            request = ProxyRequest(len(self.requests), method, path, headers, body, ids)
+            self._bulk_in_flight += bulk
+            request = ProxyRequest(len(self.requests), method, path, headers, body, bulk_ids(body) if bulk else [],
+                                   self._bulk_in_flight)
             self.requests.append(request)
         return request
+
+    def _done(self, request: ProxyRequest) -> None:
+        with self._lock:
+            self._bulk_in_flight -= request.path.split("?")[0].endswith("/_bulk")
 
     def _handler_class(self):
         proxy = self
@@ -151,6 +159,12 @@ class FaultProxy:
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length) if length else b""
                 request = proxy._record(self.command, self.path, dict(self.headers), raw)
+                try:
+                    self._serve(request, raw)
+                finally:
+                    proxy._done(request)
+
+            def _serve(self, request, raw):
                 fault = proxy.plan(request)
                 if fault and fault.kind == "delay":
                     time.sleep(fault.seconds)

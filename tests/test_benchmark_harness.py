@@ -141,23 +141,28 @@ def test_the_opensearch_go_peer_builds_and_delivers_every_document(sink, tmp_pat
 def test_the_peers_report_gives_ratios_to_the_best_exact_peer_and_what_bounds_each_row(tmp_path):
     from report import write_peers_report  # benchmarks/report.py
 
-    def row(client, docs_per_s, cpu_s, cluster_cpu_s, wire_bytes=None, stored=1000, exits=(0,), busy=1.0):
+    def row(client, docs_per_s, cpu_s, cluster_cpu_s, wire_bytes=None, stored=1000, exits=(0,), busy=1.0,
+            harness=0.0, settings=(None,)):
         wall = 1000 / docs_per_s  # the figures are given per second of wall time
         return {"client": client, "profile": "wan", "docs_per_s": docs_per_s, "wall_s": wall, "cpu_s": cpu_s * wall,
                 "cluster_cpu_s": cluster_cpu_s * wall, "wire_bytes": wire_bytes and wire_bytes * wall,
-                "machine_busy_s": busy * wall,
+                "machine_busy_s": busy * wall, "harness_cpu_s": harness * wall, "settings": list(settings),
                 "rss_mib": 50, "exits": list(exits), "exact": stored == 1000, "stored": [stored]}
 
     results = {"records": 1000, "runs": 1, "started": "now", "machine": {"cores": 2}, "quick": True,
                "wan": {"delay_ms": 25, "mbit": 100},
-               "rows": [row("pushagent defaults", 3000, 0.5, 0.5, wire_bytes=12e6),
+               "rows": [row("pushagent defaults", 3000, 0.5, 0.5, wire_bytes=12e6, settings=["6 peak / 4 end, gzip"]),
                         row("peer that lost documents", 9000, 0.1, 0.1, stored=900, exits=(1,)),
                         row("peer on a core", 2000, 1.0, 0.3), row("peer waiting", 1000, 0.1, 0.2),
-                        row("peer on a busy machine", 1500, 0.3, 0.6, busy=1.9)]}
+                        row("peer on a busy machine", 1500, 0.3, 0.6, busy=1.9, harness=0.2)]}
     write_peers_report(results, tmp_path / "peers.md")
     lines = {line.split(" | ")[0].strip("| "): line for line in (tmp_path / "peers.md").read_text().splitlines()}
     assert "| 1.50x |" in lines["pushagent defaults"] and "| link |" in lines["pushagent defaults"]
     assert "**no** (900)" in lines["peer that lost documents"]
     assert "| 1.00x |" in lines["peer on a core"] and "client CPU (a core)" in lines["peer on a core"]
     assert "waiting on round trips" in lines["peer waiting"]
-    assert "2 shared cores (client 0.3, cluster 0.6, other processes 1.0)" in lines["peer on a busy machine"]
+    assert "2 shared cores (client 0.3, cluster 0.6, harness and WAN proxy 0.2, other processes 0.8)" in \
+        lines["peer on a busy machine"]
+    assert lines["pushagent defaults"].endswith("| 6 peak / 4 end, gzip |")
+    target = next(line for name, line in lines.items() if name.startswith("wan at default settings"))
+    assert "1.5x peer on a core" in target and "| 1.50x | yes |" in target

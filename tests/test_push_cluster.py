@@ -68,7 +68,8 @@ def test_requests_respect_chunk_docs_and_chunk_bytes(cluster_url, index, state_d
         assert code == 0, stderr
         sizes = [len(r.body) for r in proxy.bulk_requests()]
         assert max(sizes) <= limit and len(sizes) > 2
-        assert proxy.bulk_requests()[0].headers["Content-Encoding"] == "gzip"
+        encodings = [r.headers.get("Content-Encoding") for r in proxy.bulk_requests()]
+        assert encodings.count("gzip") >= 2 and encodings.count(None) >= 2   # compress: auto probed both
     assert count(cluster_url, index) == 14_000
 
 
@@ -96,7 +97,8 @@ def test_sigkill_then_rerun_is_exact_and_resends_at_most_the_chunks_in_flight(cl
                                                                              tmp_path):
     data = generate(tmp_path / "words.jsonl", 30_000)
     chunk_docs, concurrency = 1000, 2
-    extra = ["--chunk-docs", str(chunk_docs), "--concurrency", str(concurrency)]
+    # Pinned: the chunks a crash re-sends are bounded by the limit in use, at most max_concurrency.
+    extra = ["--chunk-docs", str(chunk_docs), "--concurrency", str(concurrency), "--max-concurrency", str(concurrency)]
     with FaultProxy(cluster_url) as proxy:
         # Every third answer is slow, so later chunks resolve before earlier ones and wait uncommitted.
         slow_every_third = lambda request: 0.3 if request.number % 3 == 0 else 0.02  # noqa: E731

@@ -96,7 +96,7 @@ def words(cluster, index="words"):
 
 @pytest.mark.parametrize("compress", [True, False])
 def test_a_clean_batch_lands_whole_with_its_checksums_and_verifies(config, tmp_path, compress):
-    cluster = FakeCluster(compress=compress)
+    cluster, config.compress = FakeCluster(), compress
     result = push(config, cluster, records(tmp_path / "a.jsonl", 25))
     assert (result.status, result.exit_code) == ("verified", 0), result.report()
     assert result.batch.read == result.batch.indexed == 25 and cluster.bulk_sizes == [10, 10, 5]
@@ -172,7 +172,7 @@ def test_unreadable_lines_are_quarantined_with_their_line_numbers(config, cluste
 
 def test_an_interrupted_push_resumes_from_its_checkpoint(config, cluster, tmp_path):
     data = records(tmp_path / "a.jsonl", 30)
-    config.chunk_docs, config.concurrency = 5, 1
+    config.chunk_docs, config.concurrency, config.max_concurrency = 5, 1, 1
     stop = threading.Event()
     cluster.after_bulk = lambda number: number == 2 and stop.set()
     first = PushRun(config, PushOptions([str(data)]), stop_event=stop, cluster=cluster).run()

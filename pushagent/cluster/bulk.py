@@ -4,7 +4,9 @@ ChunkSender turns a list of documents into outcomes: it retries only the
 failed subset with exponential backoff and full jitter, honours Retry-After,
 splits a chunk answered with 413, rides out outages within `outage_seconds`
 (see outage.py) and stops the whole run past it, slows the token bucket down
-when the cluster pushes back, and warns once per kind of error (errorlog.py).
+when the cluster pushes back, tells the concurrency limit (concurrency.py)
+and the choice of encoding (compression.py) how each answer went, and warns
+once per kind of error (errorlog.py).
 """
 
 import dataclasses
@@ -13,9 +15,10 @@ import time
 
 from pushagent.cluster.classifier import (CURRENT, INDEXED, MISSING_INDEX, REJECTED_EXECUTION, RETRYABLE, classify_item,
                                           item_error, request_outcome)
+from pushagent.cluster.compression import Compression, Encoding
+from pushagent.cluster.concurrency import ConcurrencyLimit, Slot
 from pushagent.cluster.errorlog import ErrorDigest, error_of_body
 from pushagent.cluster.outage import OutageClock, backoff_delay
-from pushagent.cluster.ratelimit import InFlightLimit
 from pushagent.cluster.transport import BulkResponse, TransferStats, TransportFailure
 from pushagent.documents.chunker import bulk_body
 from pushagent.errors import AuthError, ChunkAborted, ConfigError, PushAgentError
@@ -27,6 +30,16 @@ class RequestFailed:
 
     reason: str
     retry_after: float | None = None
+
+
+@dataclasses.dataclass
+class Sent:
+    """What an answer measures: the request's slot in flight, its time (compression included), its size."""
+
+    slot: Slot
+    seconds: float
+    docs: int
+    encoding: Encoding
 
 
 @dataclasses.dataclass
@@ -70,8 +83,10 @@ class ChunkSender:
         self.stop_event = stop_event
         self.outage = OutageClock(config.outage_seconds, clock)
         self.errors = ErrorDigest()
-        self.in_flight = InFlightLimit(config.concurrency)
+        self.in_flight = ConcurrencyLimit(config.concurrency, config.concurrency_ceiling, clock)
+        self.compression = Compression(config.compress)
         stats.rate_per_minute = rate_limiter.rate_per_minute
+        stats.record_sending(self.in_flight.limit, self.compression.gzip)
 
     def resolve(self, docs: list, body=None) -> Outcome:
         """Send `docs` until each is indexed, current, dead, or out of in-run retries.
@@ -87,13 +102,14 @@ class ChunkSender:
         outcome, pending = Outcome(), docs
         streak, quiet, rounds = None, 0, 0   # start of this chunk's nothing-useful streak, its length; item rounds
         while True:
-            answer = self._attempt(body if body is not None and pending is docs else bulk_body(pending), len(pending))
+            answer, sent = self._attempt(body if body is not None and pending is docs else bulk_body(pending),
+                                         len(pending))
             if isinstance(answer, RequestFailed):
                 last_error, took, retry_after = answer.reason, False, answer.retry_after
             elif answer.status == 413:
                 return self._split(pending, outcome)
             else:
-                pending, last_error, took = self._classify(pending, answer.items, outcome)
+                pending, last_error, took = self._classify(pending, answer.items, outcome, sent)
                 if not pending:
                     return outcome
                 retry_after = answer.retry_after
@@ -114,13 +130,14 @@ class ChunkSender:
             self.stats.record_retry()
             self._pause(delay)
 
-    def _attempt(self, body: bytes, docs: int):
-        """A BulkResponse with one item per document (or a 413), else a RequestFailed saying why."""
+    def _attempt(self, body: bytes, docs: int) -> tuple:
+        """(a BulkResponse with one item per document (or a 413), else a RequestFailed saying why; what the
+        answer measures, None without an answer)."""
         try:
-            response = self._post(body, docs)
+            response, sent = self._post(body, docs)
         except TransportFailure as error:
             self.errors.seen("request", "-", str(error).split(":")[0], str(error))
-            return RequestFailed(str(error))
+            return RequestFailed(str(error)), None
         kind = request_outcome(response.status)
         if kind == "fatal":
             raise PushAgentError(f"the cluster answered _bulk with {self._describe(response, docs)}",
@@ -128,13 +145,13 @@ class ChunkSender:
         if kind == "auth":
             raise auth_refused(response.status)
         if kind == "too_large" or (kind == "ok" and len(response.items) == docs):
-            return response
+            return response, sent
         reason = self._describe(response, docs)
         error_type, text = error_of_body(response.text) if kind != "ok" else ("item_count_mismatch", reason)
         self.errors.seen("request", response.status, error_type, text if error_type != "error" else reason)
         if response.status == 429:
-            self._pushed_back(True)
-        return RequestFailed(reason, response.retry_after)
+            self._pushed_back(sent, True)
+        return RequestFailed(reason, response.retry_after), sent
 
     def _outage_delay(self, streak: float, quiet: int, reason: str, retry_after, whole: bool) -> float | None:
         """The wait before sending again while the cluster takes nothing; trips the run past the budget.
@@ -153,21 +170,32 @@ class ChunkSender:
         return backoff_delay(quiet, self.config.retry_backoff_seconds, self.config.max_backoff_seconds,
                              retry_after, left)
 
-    def _post(self, body: bytes, docs: int) -> BulkResponse:
-        if self.outage.tripped.is_set() or not self.in_flight.acquire(self.stop_event):
+    def _post(self, body: bytes, docs: int) -> tuple:
+        """(the answer, what it measures). A token of the rate limit first, then a slot in flight: a request
+        held back by the rate takes no slot, so a full set of slots means the concurrency limit holds."""
+        if self.outage.tripped.is_set() or not self.rate_limiter.acquire(self.stop_event):
             raise ChunkAborted()
+        slot = self.in_flight.acquire(self.stop_event)
+        if slot is None:
+            raise ChunkAborted()
+        encoding = self.compression.pick()
         try:
-            if not self.rate_limiter.acquire(self.stop_event):
-                raise ChunkAborted()
-            return self.transport.post(body, docs)
+            response = self.transport.post(body, docs, encoding.gzip)
         finally:
             self.in_flight.release()
+        return response, Sent(slot, self.outage.now() - slot.sent_at, docs, encoding)
 
-    def _pushed_back(self, rejected: bool) -> None:
-        """Backpressure: rejections halve the sending rate and the requests in flight, clean answers raise them."""
+    def _pushed_back(self, sent: Sent, rejected: bool) -> None:
+        """Backpressure: rejections halve the sending rate and the requests in flight; a clean answer raises
+        the rate and tells the concurrency limit and the choice of encoding how long it took."""
         limiter = self.rate_limiter
         self.stats.rate_per_minute = limiter.slow_down() if rejected else limiter.speed_up()
-        (self.in_flight.slow_down if rejected else self.in_flight.speed_up)()
+        if rejected:
+            limit = self.in_flight.rejected(sent.slot)
+        else:
+            limit = self.in_flight.answered(sent.slot, sent.seconds, sent.docs, sent.encoding.gzip)
+            self.compression.answered(sent.encoding, sent.seconds, sent.docs)
+        self.stats.record_sending(limit, self.compression.gzip)
 
     @staticmethod
     def _describe(response: BulkResponse, expected: int) -> str:
@@ -175,7 +203,7 @@ class ChunkSender:
             return f"HTTP {response.status} {response.text[:200]}".strip()
         return f"answer has {len(response.items)} items for {expected} documents"
 
-    def _classify(self, pending, items, outcome: Outcome):
+    def _classify(self, pending, items, outcome: Outcome, sent: Sent):
         """(documents to retry, last retry reason, whether the cluster took or judged any document)."""
         retry, last_error, refused = [], None, {}
         for doc, item in zip(pending, items):
@@ -200,7 +228,8 @@ class ChunkSender:
                 refused.setdefault((status, error_type), [0, text])[0] += 1
         for (status, error_type), (count, reason) in refused.items():
             self.errors.seen("item", status, error_type, reason, count)
-        self._pushed_back(any(status == 429 or error_type in REJECTED_EXECUTION for status, error_type in refused))
+        self._pushed_back(sent, any(status == 429 or error_type in REJECTED_EXECUTION
+                                    for status, error_type in refused))
         if len(retry) < len(pending):
             self.outage.useful()
         return retry, last_error, len(retry) < len(pending)

@@ -17,7 +17,7 @@ class HttpCluster:
         self.config = config
 
     def transport(self, stats: TransferStats) -> HttpTransport:
-        """A run's bulk transport, `post(body, docs) -> BulkResponse`, counting what it sends into `stats`."""
+        """A run's bulk transport, `post(body, docs, gzip) -> BulkResponse`, counting what it sends into `stats`."""
         return HttpTransport(self.config, authorization_header(self.config), stats)
 
     def client(self) -> ClusterClient:

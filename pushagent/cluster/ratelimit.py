@@ -1,6 +1,6 @@
 """A token bucket shared by all workers: stay under the key's quota instead of learning it from 429s.
 
-InFlightLimit does the same for parallel requests.
+The number of parallel requests has its own limit (concurrency.py).
 
 When the cluster pushes back anyway (429, rejected executions), the bucket
 halves its rate (at most once per `DECREASE_EVERY` seconds, so that the
@@ -72,44 +72,6 @@ class TokenBucket:
                 self._refill()
                 self.rate_per_minute = min(self.ceiling, self.rate_per_minute + self.ceiling / STEP_DIVISOR)
             return self.rate_per_minute
-
-
-class InFlightLimit:
-    """How many requests may be in flight at once: halved on push-back (down to 1), +1 per clean answer.
-
-    The workers stay `concurrency` threads; a worker over the limit waits for
-    a slot before sending, so a struggling cluster sees fewer parallel bulks.
-    """
-
-    def __init__(self, ceiling: int):
-        self.ceiling = max(1, ceiling)
-        self.limit = self.ceiling
-        self._in_flight = 0
-        self._changed = threading.Condition()
-
-    def acquire(self, stop_event: threading.Event | None = None) -> bool:
-        """Wait for a slot; False if `stop_event` was set while waiting."""
-        with self._changed:
-            while self._in_flight >= self.limit:
-                if stop_event is not None and stop_event.is_set():
-                    return False
-                self._changed.wait(0.5)
-            self._in_flight += 1
-            return True
-
-    def release(self) -> None:
-        with self._changed:
-            self._in_flight -= 1
-            self._changed.notify_all()
-
-    def slow_down(self) -> None:
-        with self._changed:
-            self.limit = max(1, self.limit // 2)
-
-    def speed_up(self) -> None:
-        with self._changed:
-            self.limit = min(self.ceiling, self.limit + 1)
-            self._changed.notify_all()
 
 
 def task_rate(requests_per_minute: float, environ=None) -> float:

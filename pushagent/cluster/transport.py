@@ -1,4 +1,4 @@
-"""The transport of bulk requests: one `post(body, docs) -> BulkResponse` for every way a body can travel.
+"""The transport of bulk requests: one `post(body, docs, gzip) -> BulkResponse` for every way a body can travel.
 
 HttpTransport speaks HTTP (gzip, auth header, TLS, timeouts, one session per
 worker); DryRunTransport writes the bodies to files. ChunkSender (bulk.py)
@@ -55,6 +55,9 @@ class TransferStats:
         self.latencies = []
         self.request_docs = []   # documents in each request, in the order of latencies
         self.rate_per_minute = None   # the rate the token bucket sends at now (backpressure lowers it)
+        self.concurrency = None       # requests the sender allows in flight now (it finds the level itself)
+        self.concurrency_peak = 0
+        self.compress = None          # whether the requests go gzip'd now (compress: auto measures it)
 
     def record_request(self, status, raw, sent, seconds, docs=0):
         with self._lock:
@@ -64,6 +67,11 @@ class TransferStats:
             self.statuses[str(status)] = self.statuses.get(str(status), 0) + 1
             self.latencies.append(seconds)
             self.request_docs.append(docs)
+
+    def record_sending(self, concurrency: int, compress: bool):
+        with self._lock:
+            self.concurrency, self.compress = concurrency, compress
+            self.concurrency_peak = max(self.concurrency_peak, concurrency)
 
     def record_retry(self):
         with self._lock:
@@ -84,18 +92,17 @@ class HttpTransport:
         self.stats = stats
         self._headers = {"Content-Type": "application/x-ndjson", "User-Agent": f"pushagent/{__version__}",
                          **auth_header}
-        if config.compress:
-            self._headers["Content-Encoding"] = "gzip"
+        self._gzip_headers = {**self._headers, "Content-Encoding": "gzip"}
         self._sessions = queue.LifoQueue()
 
-    def post(self, body, docs: int = 0) -> BulkResponse:
-        """POST an NDJSON body (bytes-like), gzip'd when `compress` is on."""
-        payload = gzip_body(body, self.config.compress_level) if self.config.compress else body
+    def post(self, body, docs: int = 0, gzip: bool = False) -> BulkResponse:
+        """POST an NDJSON body (bytes-like), gzip'd when asked (the sender decides: compression.py)."""
+        payload = gzip_body(body, self.config.compress_level) if gzip else body
         session = self._session()
         started = time.monotonic()
         try:
             reply = session.post(self.url, params={"filter_path": BULK_FILTER}, data=payload,
-                                 headers=self._headers,
+                                 headers=self._gzip_headers if gzip else self._headers,
                                  timeout=(CONNECT_TIMEOUT, self.config.timeout_seconds))
             self.stats.record_request(reply.status_code, len(body), len(payload), time.monotonic() - started, docs)
             return _parse_reply(reply)
@@ -135,7 +142,8 @@ class DryRunTransport:
         self._numbers = itertools.count(1)
         self._lock = threading.Lock()
 
-    def post(self, body: bytes, docs: int = 0) -> BulkResponse:
+    def post(self, body: bytes, docs: int = 0, gzip: bool = False) -> BulkResponse:
+        """Write the plain body, whatever the encoding: the files are there to be read."""
         with self._lock:
             number = next(self._numbers)
         (self.directory / f"request-{number:06d}.ndjson").write_bytes(body)

@@ -46,6 +46,8 @@ class RunFacts:
     duration_s: float
     last_success: float | None    # epoch seconds
     rate_per_minute: float | None = None   # the sender's rate now, lowered by backpressure
+    concurrency: int | None = None         # requests the sender allows in flight now
+    compress: bool | None = None           # whether its requests go gzip'd now
     extra: list = dataclasses.field(default_factory=list)  # (batch_id, extra documents, over max_delete_fraction)
 
 
@@ -85,6 +87,12 @@ class RunCollector:
             yield GaugeMetricFamily("pushagent_request_rate_per_minute",
                                     "Bulk requests a minute the sender allows itself now (429s lower it).",
                                     facts.rate_per_minute)
+        if facts.concurrency is not None:
+            yield GaugeMetricFamily("pushagent_concurrency", "Bulk requests the sender allows in flight now "
+                                    "(it raises them while answers keep their pace, cuts them on 429s or delay).",
+                                    facts.concurrency)
+            yield GaugeMetricFamily("pushagent_compress", "1 when the requests go gzip'd now (compress: auto "
+                                    "measures which is faster), else 0.", int(bool(facts.compress)))
         if facts.extra:
             yield _labelled(GaugeMetricFamily, "pushagent_extra_documents", "Documents in the index that a "
                             "snapshot batch does not hold, at its last verify --full.", "batch_id",
@@ -172,7 +180,7 @@ class MetricsExporter:
         return RunFacts(self._run.batch_id, self._status, self._this_run, dict(stats.statuses), stats.retries,
                         stats.bytes_raw, stats.bytes_sent, list(zip(stats.latencies, stats.request_docs)),
                         self._queue(), time.monotonic() - self._started if duration_s is None else duration_s,
-                        self._last_success(), stats.rate_per_minute,
+                        self._last_success(), stats.rate_per_minute, stats.concurrency, stats.compress,
                         extra_documents(self.config.state_path, self.config.max_delete_fraction))
 
     def _queue(self) -> dict:

@@ -88,6 +88,7 @@ class Snapshot:
     queued: int = 0
     dead: int = 0
     rate_per_minute: float | None = None   # requests a minute the sender allows itself now (backpressure)
+    concurrency: int | None = None         # requests the sender allows in flight now (it adapts)
 
     @property
     def percent(self) -> float:
@@ -118,7 +119,8 @@ class Snapshot:
         return (f"{self.batch_id}: {self.records:,}{total} records | {human_bytes(self.bytes_done)}/"
                 f"{human_bytes(self.bytes_total)} {self.percent:.1f}% | {self.docs_per_s:,.0f} docs/s | "
                 f"ETA {human_duration(self.eta_s)} | retries {self.retries} queued {self.queued} dead {self.dead}"
-                + (f" | rate {self.rate_per_minute:,.0f} req/min" if self.rate_per_minute is not None else ""))
+                + (f" | rate {self.rate_per_minute:,.0f} req/min" if self.rate_per_minute is not None else "")
+                + (f" | {self.concurrency} in flight" if self.concurrency is not None else ""))
 
     def fields(self) -> dict:
         """The same facts for a JSON log line."""
@@ -127,7 +129,8 @@ class Snapshot:
                 "bytes_total": self.bytes_total, "percent": round(self.percent, 1),
                 "docs_per_s": round(self.docs_per_s, 1),
                 "eta_s": None if self.eta_s is None else round(self.eta_s), "retries": self.retries,
-                "queued": self.queued, "dead": self.dead, "rate_per_minute": self.rate_per_minute}
+                "queued": self.queued, "dead": self.dead, "rate_per_minute": self.rate_per_minute,
+                "concurrency": self.concurrency}
 
 
 def human_bytes(count: int) -> str:
@@ -185,7 +188,7 @@ class _Tracker:
             return Snapshot(self._run.batch_id, counters.read, counters.read - self._first_records,
                             done, total, done - self._first_bytes, time.monotonic() - self._started,
                             self._run.stats.retries, counters.queued, counters.dead,
-                            self._run.stats.rate_per_minute)
+                            self._run.stats.rate_per_minute, self._run.stats.concurrency)
 
 
 class LogProgress:

@@ -1,6 +1,7 @@
 """`pushagent drain`: send due retry-queue items through the same sender and classifier as push.
 
-`concurrency` workers each loop: take (lease) up to chunk_docs items, rebuild
+`max_concurrency` workers (as many sending at once as the sender's
+concurrency limit allows) each loop: take (lease) up to chunk_docs items, rebuild
 their bulk actions, resolve them with ChunkSender, then settle every item:
 indexed or current -> ack; retryable -> fail (later attempt, dead after
 max_attempts); permanent -> dead. An item the run could not resolve (signal,
@@ -142,7 +143,7 @@ class DrainRun:
     def _run_workers(self, queue, sender) -> None:
         # Daemon threads, joined in short steps so signal handlers run and a hung request cannot block exit.
         threads = [threading.Thread(target=self._work, args=(queue, sender), daemon=True,
-                                    name=f"pushagent-drain-{n}") for n in range(self.config.concurrency)]
+                                    name=f"pushagent-drain-{n}") for n in range(self.config.concurrency_ceiling)]
         for thread in threads:
             thread.start()
         deadline = None

@@ -1,9 +1,10 @@
 """The push run: read -> build -> chunk -> send -> classify -> queue -> checkpoint.
 
-The main thread reads, builds and chunks; `concurrency` worker threads each
-resolve one chunk at a time. Results come back to the main thread, which
-writes the retry queue and commits the checkpoint for the contiguous prefix
-of resolved chunks. Memory holds at most `concurrency` chunks in flight plus
+The main thread reads, builds and chunks; `max_concurrency` worker threads
+each resolve one chunk at a time. Results come back to the main thread,
+which writes the retry queue and commits the checkpoint for the contiguous
+prefix of resolved chunks. Memory holds at most as many uncommitted chunks
+as the sender's concurrency limit allows now (cluster/concurrency.py), plus
 the one being filled.
 """
 
@@ -83,7 +84,8 @@ class PushResult:
                   "bytes_sent": self.stats.bytes_sent, "duration_s": round(self.duration_s, 3),
                   "docs_per_s": round(self.this_run.read / self.duration_s, 1) if self.duration_s else 0.0,
                   "position": self.position._asdict(), "statuses": self.stats.statuses,
-                  "rate_per_minute": self.stats.rate_per_minute}
+                  "rate_per_minute": self.stats.rate_per_minute, "concurrency": self.stats.concurrency,
+                  "concurrency_peak": self.stats.concurrency_peak, "compress": self.stats.compress}
         report.update({key: value for key, value in (("shard", self.shard), ("slurm", self.slurm)) if value})
         if self.error:
             report["error"] = str(self.error)
@@ -281,7 +283,7 @@ class PushRun:
         if self.config.incremental and not self.options.dry_run:
             self.probe = ChangeProbe(self.config, self.cluster, self.build_settings, limiter, self.stop_event,
                                      self.stats)
-        pump = _ChunkPump(self._resolve_chunk, self.config.concurrency)
+        pump = _ChunkPump(self._resolve_chunk, self.config.concurrency_ceiling)
         self.repeats = RepeatedIds(self.recorder.table.earlier_lines if self.recorder else lambda index, ids: {})
         committer = self._committer(state, queue, this_run)
         start = state.position
@@ -370,16 +372,18 @@ class PushRun:
             self._submit(chunk, pump, committer)
 
     def _submit(self, chunk, pump, committer) -> bool:
-        """Hand a chunk to a worker once fewer than `concurrency` chunks are uncommitted, and after the
-        chunks holding earlier lines of the ids it repeats.
+        """Hand a chunk to a worker once fewer chunks are uncommitted than the sender's concurrency limit
+        allows now, and after the chunks holding earlier lines of the ids it repeats.
 
-        Counting uncommitted chunks, not just requests in flight, bounds what a
-        crash re-sends: a chunk resolved behind a slow one is not committed yet.
-        Returns False when the run is stopping.
+        Counting uncommitted chunks, not just requests in flight, bounds memory
+        and what a crash re-sends: a chunk resolved behind a slow one is not
+        committed yet. Returns False when the run is stopping.
         """
         wait_for = self.repeats.mark(chunk)
-        tracker = committer.tracker
-        while not self._stopping() and (chunk.seq - tracker.next_seq >= self.config.concurrency
+        tracker, in_flight = committer.tracker, self._sender.in_flight
+        if chunk.seq - tracker.next_seq >= in_flight.limit:
+            in_flight.held()   # ready, and the limit keeps it back: more slots would be used
+        while not self._stopping() and (chunk.seq - tracker.next_seq >= in_flight.limit
                                         or tracker.next_seq <= wait_for):
             committer.handle(*pump.next_result(timeout=0.5))
         if self._stopping():
@@ -452,7 +456,7 @@ class PushRun:
 
 
 class _ChunkPump:
-    """`concurrency` daemon workers resolving chunks; results come back in completion order.
+    """`max_concurrency` daemon workers resolving chunks; results come back in completion order.
 
     Daemon threads, so that a request still hanging when the grace period
     ends cannot keep the process from exiting with its checkpoint saved.

@@ -1,0 +1,63 @@
+"""Whether a request body goes gzip'd: `compress: true` or `false`, or `auto`, which measures.
+
+gzip makes an embeddings body about 2.4x smaller and costs CPU on both
+sides: it pays when the link is what limits the push and loses when the
+cluster's CPU is. `auto` sends PROBES requests alternately gzip'd and plain,
+side by side under the same load, then keeps gzip if the plain requests took
+more than GZIP_GAIN times as long per document (the time counts the
+compression too), else plain. The margin stands for what a request's own
+time does not show: the CPU that gzip takes on both sides from every other
+request, which on a CPU-bound cluster costs more than it saves. What limits
+a push can change (other traffic on the link, other load on the cluster), so
+every REPROBE requests it measures again the same way.
+"""
+
+import statistics
+import threading
+import typing
+
+from pushagent.cluster.concurrency import REMNANT
+
+PROBES = 4          # requests of one measurement, alternately gzip'd and plain
+REPROBE = 50        # requests from one measurement to the next
+GZIP_GAIN = 1.25    # how much slower plain requests must be for gzip to be kept
+
+
+class Encoding(typing.NamedTuple):
+    gzip: bool
+    probe: bool     # sent to measure, not because it is the setting in use
+
+
+class Compression:
+    """Picks the encoding of each request; with `auto`, from the answers to the probes."""
+
+    def __init__(self, setting):
+        self.auto = setting == "auto"
+        self.gzip = setting is not False   # auto starts gzip'd: most pushes cross a network
+        self._sent = 0
+        self._largest = 0
+        self._probes = {True: [], False: []}
+        self._lock = threading.Lock()
+
+    def pick(self) -> Encoding:
+        """The encoding of the next request."""
+        if not self.auto:
+            return Encoding(self.gzip, False)
+        with self._lock:
+            turn = self._sent % REPROBE
+            self._sent += 1
+        return Encoding(turn % 2 == 0, True) if turn < PROBES else Encoding(self.gzip, False)
+
+    def answered(self, encoding: Encoding, seconds: float, docs: int) -> None:
+        """A clean answer to a request of `docs` documents after `seconds` (compression included)."""
+        if not encoding.probe:
+            return
+        with self._lock:
+            self._largest = max(self._largest, docs)
+            if docs * REMNANT < self._largest:
+                return
+            probes = self._probes
+            probes[encoding.gzip].append(seconds / docs)
+            if min(len(probes[True]), len(probes[False])) >= PROBES // 2:
+                self.gzip = statistics.median(probes[False]) > GZIP_GAIN * statistics.median(probes[True])
+                probes[True], probes[False] = [], []

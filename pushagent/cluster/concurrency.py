@@ -1,0 +1,136 @@
+"""How many bulk requests are in flight: the agent finds it by itself, between 1 and `max_concurrency`.
+
+The limit starts at `concurrency`. Every clean answer tells how long a
+request took per document; the lowest of the last BASELINE_SECONDS is what
+a request costs when nothing queues before it, on the link or in the
+cluster. As TCP Vegas does, the two give how many requests wait in a queue
+somewhere: `limit x (1 - lowest / now)`. Fewer than QUEUE_LOW, and the
+limit held the sending back at some moment while the request was out (every
+slot taken, or a ready chunk kept waiting: `held`), not the pace at which
+chunks are built: one more slot, the bottleneck has room. More than
+QUEUE_HIGH: one fewer, more requests would only wait longer and hold
+memory. A 429 or a rejected execution halves the limit.
+
+As in TCP, the first raises come fast (one per answer: the limit doubles
+every round trip) until the first sign of a queue or the first cut; from
+then on a raise waits for the answer to a request sent after the raise
+before it, one per round trip. A cut waits for the answer to a request sent
+after the cut before it, so that a burst of answers to the same load counts
+once.
+"""
+
+import collections
+import dataclasses
+import threading
+import time
+
+QUEUE_LOW = 1.0         # requests waiting below which one more slot pays
+QUEUE_HIGH = 2.0        # requests waiting above which a slot is taken back
+BASELINE_SECONDS = 300  # the lowest latency is taken over this long: it follows a link or cluster that changes
+SMOOTHING = 0.5         # weight of the newest answer in the latency now: one slow answer alone moves little
+REMNANT = 4             # a request this many times smaller than the largest (a retried remnant) says nothing
+
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """A request's place in flight: when it left, and how many times every slot had been taken before (a
+    later count tells that the limit held while it was out)."""
+
+    sent_at: float
+    fills: int
+
+
+class LatencyTrack:
+    """Seconds per document of the recent answers to one kind of request (gzip'd or plain)."""
+
+    def __init__(self):
+        self._recent = collections.deque()      # (answered at, seconds per document)
+        self._now = None
+        self._largest = 0
+
+    def queued(self, now: float, seconds: float, docs: int, limit: int) -> float | None:
+        """How many requests waited somewhere while this one was served; None when it cannot tell."""
+        if docs <= 0 or docs * REMNANT < self._largest:
+            return None
+        self._largest = max(self._largest, docs)
+        per_doc = seconds / docs
+        self._recent.append((now, per_doc))
+        while self._recent[0][0] < now - BASELINE_SECONDS:
+            self._recent.popleft()
+        self._now = per_doc if self._now is None else SMOOTHING * per_doc + (1 - SMOOTHING) * self._now
+        if self._now <= 0:      # answered within the clock's resolution: nothing can have waited
+            return 0.0
+        return limit * (1 - min(latency for _, latency in self._recent) / self._now)
+
+
+class ConcurrencyLimit:
+    """Slots for requests in flight; the limit moves with the answers (see the module's docstring).
+
+    The workers are `ceiling` threads; one over the limit waits for a slot
+    before sending, so a struggling cluster sees fewer parallel bulks.
+    """
+
+    def __init__(self, start: int, ceiling: int, clock=time.monotonic):
+        self.ceiling = max(1, ceiling)
+        self.limit = min(max(1, start), self.ceiling)
+        self._clock = clock
+        self._in_flight = 0
+        self._fills = 0             # how many times a request took the last free slot
+        self._cut_at = self._raised_at = float("-inf")
+        self._starting = True       # no queue seen yet: one raise per answer
+        self._tracks = collections.defaultdict(LatencyTrack)
+        self._changed = threading.Condition()
+
+    def acquire(self, stop_event: threading.Event | None = None) -> Slot | None:
+        """Wait for a slot; None if `stop_event` was set while waiting."""
+        with self._changed:
+            while self._in_flight >= self.limit:
+                if stop_event is not None and stop_event.is_set():
+                    return None
+                self._changed.wait(0.5)
+            slot = Slot(self._clock(), self._fills)
+            self._in_flight += 1
+            self._fills += self._in_flight >= self.limit
+            return slot
+
+    def release(self) -> None:
+        with self._changed:
+            self._in_flight -= 1
+            self._changed.notify_all()
+
+    def held(self) -> None:
+        """Work waited for room under the limit outside the slots (a push's chunks resolved behind a slow one
+        and not committed yet count against it too): the limit held, as if every slot had been taken."""
+        with self._changed:
+            self._fills += 1
+
+    def rejected(self, slot: Slot) -> int:
+        """The cluster pushed back (429, rejected execution): halve the limit. Returns the limit."""
+        with self._changed:
+            if slot.sent_at >= self._cut_at:
+                self._cut(self.limit // 2)
+            return self.limit
+
+    def answered(self, slot: Slot, seconds: float, docs: int, kind=None) -> int:
+        """A clean answer to `docs` documents after `seconds`; `kind` keeps apart requests whose cost per
+        document differs by design (gzip'd or plain). Returns the limit."""
+        with self._changed:
+            queued = self._tracks[kind].queued(self._clock(), seconds, docs, self.limit)
+            if queued is None or slot.sent_at < self._cut_at:
+                return self.limit
+            self._starting = self._starting and queued < QUEUE_LOW
+            if queued > QUEUE_HIGH:
+                self._cut(self.limit - 1)
+            elif queued < QUEUE_LOW and self._may_raise(slot):
+                self.limit, self._raised_at = self.limit + 1, self._clock()
+                self._changed.notify_all()
+            return self.limit
+
+    def _may_raise(self, slot: Slot) -> bool:
+        """The limit held while `slot` was out, and it is the first answer since the last raise to a request
+        sent after it (any answer while starting)."""
+        held = self._fills > slot.fills
+        return held and self.limit < self.ceiling and (self._starting or slot.sent_at >= self._raised_at)
+
+    def _cut(self, limit: int) -> None:
+        self.limit, self._cut_at, self._starting = max(1, limit), self._clock(), False

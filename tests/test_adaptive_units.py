@@ -1,0 +1,255 @@
+"""The sender's adaptive concurrency and `compress: auto`, on a fake clock: no sleeps, no network."""
+
+import collections
+import threading
+import time
+
+import pytest
+
+from pushagent.cluster.bulk import ChunkSender
+from pushagent.cluster.compression import PROBES, REPROBE, Compression, Encoding
+from pushagent.cluster.concurrency import ConcurrencyLimit
+from pushagent.cluster.transport import BulkResponse, TransferStats
+from pushagent.config import Config, load_config
+from pushagent.documents.builder import Doc
+from pushagent.errors import ConfigError
+from pushagent.ops.metrics import RunFacts, registry_for
+from pushagent.ops.progress import Snapshot
+from pushagent.state.ledger import Ledger
+
+pytestmark = pytest.mark.fast
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def round_trip(limit: ConcurrencyLimit, clock: Clock, seconds_for, docs: int = 1000, rejected=False) -> list:
+    """Fill every slot at once, let `seconds_for(in flight)` pass, answer them all; the limit after each answer."""
+    slots = [limit.acquire() for _ in range(limit.limit)]
+    clock.now += seconds_for(len(slots))
+    seen = []
+    for slot in slots:
+        limit.release()
+        seen.append(limit.rejected(slot) if rejected else limit.answered(slot, seconds_for(len(slots)), docs))
+    return seen
+
+
+def steady(limit: ConcurrencyLimit, clock: Clock, seconds_for, answers: int) -> list:
+    """Keep every slot busy, as the push's workers do: answer the oldest request, send new ones up to the
+    limit, and so on; `seconds_for(in flight)` is a request's time. The limit after each answer."""
+    flying, seen = collections.deque(), []     # (slot, its time)
+    for _ in range(answers):
+        while len(flying) < limit.limit:
+            flying.append((limit.acquire(), seconds_for(len(flying) + 1)))
+        slot, seconds = flying.popleft()
+        clock.now = max(clock.now, slot.sent_at + seconds)
+        limit.release()
+        seen.append(limit.answered(slot, seconds, 1000))
+    return seen
+
+
+def test_with_room_the_limit_doubles_each_round_trip_up_to_the_ceiling():
+    clock = Clock()
+    limit = ConcurrencyLimit(2, 16, clock)
+    seen = steady(limit, clock, lambda in_flight: 1.0, 16)     # a link with room: more requests, same time each
+    assert seen[:14] == list(range(3, 17)) and clock.now == 100 + 4 * 1.0, seen   # 2, 4, 8, 16 a round trip
+
+
+def test_a_bottleneck_holds_the_limit_where_one_or_two_requests_queue():
+    clock = Clock()
+    limit = ConcurrencyLimit(1, 16, clock)
+    # A link that serves one request in 1 s, behind 2 s of round trip and indexing: 3 in flight fill it,
+    # a fourth and more only queue (the time each takes grows with every request over 3).
+    bottleneck = lambda in_flight: max(3.0, in_flight * 1.0)   # noqa: E731
+    seen = steady(limit, clock, bottleneck, 80)
+    assert max(seen) <= 7 and set(seen[-20:]) <= {4, 5}, seen
+
+
+def test_after_the_first_cut_one_raise_per_round_trip():
+    clock = Clock()
+    limit = ConcurrencyLimit(8, 8, clock)
+    round_trip(limit, clock, lambda in_flight: 1.0)
+    round_trip(limit, clock, lambda in_flight: 3.0)    # three times slower at the same load: requests queue
+    assert limit.limit == 7                             # one cut for the whole burst of slow answers
+    assert round_trip(limit, clock, lambda in_flight: 1.0, rejected=True) == [3] * 7
+    started = clock.now
+    seen = steady(limit, clock, lambda in_flight: 1.0, 30)       # room again: it climbs back, slowly
+    round_trips = clock.now - started
+    assert seen[-1] >= 7 and seen[-1] - 3 <= round_trips + 1, (seen, round_trips)
+
+
+def test_rising_latency_takes_slots_back():
+    clock = Clock()
+    limit = ConcurrencyLimit(8, 8, clock)
+    round_trip(limit, clock, lambda in_flight: 1.0)
+    for _ in range(10):
+        round_trip(limit, clock, lambda in_flight: in_flight * 1.0)   # every request more only waits longer
+    assert limit.limit <= 3
+
+
+def test_a_rejection_halves_the_limit_once_per_burst_down_to_one():
+    clock = Clock()
+    limit = ConcurrencyLimit(8, 8, clock)
+    assert round_trip(limit, clock, lambda in_flight: 1.0, rejected=True) == [4] * 8
+    assert round_trip(limit, clock, lambda in_flight: 1.0, rejected=True) == [2] * 4
+    for _ in range(3):
+        round_trip(limit, clock, lambda in_flight: 1.0, rejected=True)
+    assert limit.limit == 1
+
+
+def test_a_rejection_after_a_raise_still_cuts():
+    clock = Clock()
+    limit = ConcurrencyLimit(4, 8, clock)
+    early = [limit.acquire() for _ in range(4)]
+    clock.now += 1
+    limit.release()
+    assert limit.answered(early[3], 1.0, 1000) == 5    # the request that filled the limit: a raise
+    limit.release()
+    assert limit.rejected(early[0]) == 2               # sent before the raise, answered with a 429: it counts
+
+
+def test_remnants_and_half_empty_rounds_do_not_raise():
+    clock = Clock()
+    limit = ConcurrencyLimit(2, 8, clock)
+    round_trip(limit, clock, lambda in_flight: 1.0, docs=1000)
+    assert limit.limit == 4
+    round_trip(limit, clock, lambda in_flight: 0.1, docs=10)     # a retried remnant: says nothing of load
+    assert limit.limit == 4
+    slot = limit.acquire()                                        # one of four slots taken: no limit held it
+    clock.now += 1
+    limit.release()
+    assert limit.answered(slot, 1.0, 1000) == 4
+
+
+def test_work_kept_back_by_the_limit_elsewhere_counts_as_a_held_limit():
+    clock = Clock()
+    limit = ConcurrencyLimit(4, 8, clock)
+    round_trip(limit, clock, lambda in_flight: 1.0, rejected=True)     # limit 2, no longer starting
+    slot = limit.acquire()               # one slot of two taken: a slow chunk holds the others uncommitted
+    limit.held()                         # the next chunk waits for room all the same
+    clock.now += 1
+    limit.release()
+    assert limit.answered(slot, 1.0, 1000) == 3
+
+
+def test_a_stopping_run_does_not_wait_for_a_slot():
+    limit = ConcurrencyLimit(1, 1, Clock())
+    assert limit.acquire() is not None
+    stop = threading.Event()
+    stop.set()
+    assert limit.acquire(stop) is None
+    limit.release()
+    assert limit.acquire(stop) is not None
+
+
+def probe_round(compression: Compression, seconds: dict, docs: int = 1000) -> list:
+    """Send and answer PROBES requests; `seconds` maps gzip -> time a request takes. The encodings sent."""
+    sent = [compression.pick() for _ in range(PROBES)]
+    for encoding in sent:
+        compression.answered(encoding, seconds[encoding.gzip], docs)
+    return sent
+
+
+def test_auto_alternates_its_probes_and_keeps_the_faster_encoding():
+    compression = Compression("auto")
+    sent = probe_round(compression, {True: 1.0, False: 2.2})      # a slow link: gzip'd bodies cross faster
+    assert [e.gzip for e in sent] == [True, False, True, False] and all(e.probe for e in sent)
+    assert compression.gzip is True
+    assert {compression.pick() for _ in range(REPROBE - PROBES)} == {Encoding(True, False)}
+    probe_round(compression, {True: 1.3, False: 1.1})             # now the cluster's CPU limits: plain wins
+    assert compression.gzip is False and compression.pick() == Encoding(False, False)
+    for _ in range(REPROBE - PROBES - 1):      # the rest of this round of REPROBE requests
+        compression.pick()
+    sent = probe_round(compression, {True: 1.0, False: 1.2})      # gzip a little faster: not worth its CPU
+    assert all(e.probe for e in sent) and compression.gzip is False
+    for gzip, seconds in ((False, 1.3), (True, 1.0), (False, 1.3), (True, 1.0)):   # plain clearly slower
+        compression.answered(Encoding(gzip, True), seconds, 1000)
+    assert compression.gzip is True
+
+
+def test_auto_decides_only_on_full_size_answers_of_both_encodings():
+    compression = Compression("auto")
+    first = [compression.pick() for _ in range(PROBES)]
+    compression.answered(first[0], 5.0, 1000)
+    compression.answered(first[1], 0.1, 10)        # a remnant: no probe
+    compression.answered(first[2], 5.0, 1000)
+    assert compression.gzip is True                  # one encoding measured only: nothing decided
+    compression.answered(first[3], 1.0, 1000)
+    assert compression.gzip is True                  # one plain answer is not enough either
+    compression.answered(Encoding(False, True), 1.0, 1000)
+    assert compression.gzip is False
+
+
+def test_fixed_settings_never_probe():
+    for setting in (True, False):
+        compression = Compression(setting)
+        assert {compression.pick() for _ in range(2 * REPROBE)} == {Encoding(setting, False)}
+
+
+def test_compress_and_max_concurrency_are_config_keys_and_older_configs_keep_their_concurrency(tmp_path):
+    config = load_config(environ={})
+    assert (config.compress, config.concurrency, config.max_concurrency, config.concurrency_ceiling) == \
+        ("auto", 2, 8, 8)
+    assert [load_config(environ={"PUSHAGENT_COMPRESS": value}).compress for value in ("AUTO", "false", "yes")] == \
+        ["auto", False, True]
+    with pytest.raises(ConfigError, match="bad value for compress: 'sometimes' \\(expected true, false or auto\\)"):
+        load_config(environ={"PUSHAGENT_COMPRESS": "sometimes"})
+    older = tmp_path / "pushagent.yaml"
+    older.write_text("concurrency: 12\ncompress: true\n")
+    assert load_config(str(older), environ={}).concurrency_ceiling == 12    # it asked for 12: it may have them
+    with pytest.raises(ConfigError, match="max_concurrency"):
+        load_config(environ={"PUSHAGENT_MAX_CONCURRENCY": "0"})
+
+
+class TimedTransport:
+    """A cluster whose answers take `seconds(gzip)` on the fake clock; records the encodings it got."""
+
+    def __init__(self, clock: Clock, seconds):
+        self.clock, self.seconds, self.encodings = clock, seconds, []
+
+    def post(self, body, docs=0, gzip=False):
+        self.encodings.append(gzip)
+        self.clock.now += self.seconds(gzip)
+        return BulkResponse(200, [{"index": {"status": 201}}] * docs)
+
+
+class Unlimited:
+    rate_per_minute = 100.0
+
+    def acquire(self, stop_event=None):
+        return True
+
+    def slow_down(self):
+        return self.rate_per_minute
+
+    speed_up = slow_down
+
+
+def docs(count=100):
+    return [Doc("words", f"w{n}", 1, "index", b'{"index":{}}', b"{}", "", "f", n + 1) for n in range(count)]
+
+
+def test_the_sender_measures_each_request_and_reports_what_it_settled_on():
+    clock = Clock()
+    transport = TimedTransport(clock, lambda gzip: 1.0 if gzip else 2.0)   # plain bodies take twice as long
+    stats = TransferStats()
+    sender = ChunkSender(transport, Config(concurrency=1, max_concurrency=4), stats, Unlimited(),
+                         threading.Event(), clock=clock)
+    for _ in range(8):
+        sender.resolve(docs())
+    assert transport.encodings[:PROBES] == [True, False, True, False] and transport.encodings[PROBES:] == [True] * 4
+    # One request at a time filled a limit of one, and never a limit of two: two it stays.
+    assert (stats.compress, stats.concurrency, stats.concurrency_peak) == (True, 2, 2)
+
+
+def test_the_concurrency_in_use_shows_in_progress_and_metrics():
+    line = Snapshot("b", 10, 10, 1, 2, 1, 1.0, rate_per_minute=100.0, concurrency=5).line()
+    assert line.endswith("| rate 100 req/min | 5 in flight")
+    facts = RunFacts("b", "pushing", Ledger(read=1), {}, 0, 0, 0, [], {}, 1.0, time.time(), 100.0, 5, False)
+    values = {sample.name: sample.value for family in registry_for(facts).collect() for sample in family.samples}
+    assert (values["pushagent_concurrency"], values["pushagent_compress"]) == (5, 0)
