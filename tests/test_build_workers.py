@@ -106,6 +106,7 @@ def test_dry_run_bodies_are_byte_identical_with_workers(tmp_path):
         out = tmp_path / name
         code, report, stderr = run_push("http://127.0.0.1:9", "words", tmp_path / f"state-{name}", data, env=env,
                                         extra=["--dry-run", str(out), "--chunk-docs", "300", "--concurrency", "1",
+                                               "--max-concurrency", "1",
                                                "--batch-time", "2026-01-01T00:00:00Z"])
         assert code == 3 and report["quarantined"] == 3, stderr
         bodies[name] = [path.read_bytes() for path in sorted(out.iterdir())]
