@@ -106,7 +106,7 @@ def wait_for_requests(proxy, number, timeout=120):
 def test_sigkill_at_random_points_then_rerun(cluster_url, index, state_dir, tmp_path, reliability_row):
     records, crashes = scale(20_000, 100_000), scale(3, 20)
     data = generate(tmp_path / "words.jsonl", records)
-    extra = ["--chunk-docs", str(CHUNK_DOCS), "--concurrency", str(CONCURRENCY)]
+    extra = ["--chunk-docs", str(CHUNK_DOCS), "--concurrency", str(CONCURRENCY), "--max-concurrency", str(CONCURRENCY)]
     rng = random.Random(20261123)
     with FaultProxy(cluster_url) as proxy:
         proxy.plan = lambda request: Fault.delay(rng.choice((0.01, 0.01, 0.2))) if request.ids else None
@@ -119,7 +119,7 @@ def test_sigkill_at_random_points_then_rerun(cluster_url, index, state_dir, tmp_
     assert code == 0, stderr
     assert count(cluster_url, index) == records
     assert_full_verification_passes(cluster_url, state_dir, report["batch_id"])
-    # Each run re-sends what the crash before it left uncommitted: at most concurrency x chunk_docs.
+    # Each run re-sends what the crash before it left uncommitted: at most max_concurrency x chunk_docs.
     assert max(increments[1:]) <= CONCURRENCY * CHUNK_DOCS, increments
     assert_no_version_below(cluster_url, index, data)
     row = account(cluster_url, index, state_dir, [data], resent, f"SIGKILL during push x{crashes}",
@@ -348,7 +348,8 @@ def test_sigkill_during_drain_at_random_points(cluster_url, index, tmp_path, que
     records, crashes, chunk_docs = scale(6_000, 40_000), scale(3, 20), scale(200, 1000)
     ids = fill_queue(queue_url, generate(tmp_path / "words.jsonl", records), index)
     lease = 2.0
-    env = {"PUSHAGENT_LEASE_SECONDS": str(lease), "PUSHAGENT_CHUNK_DOCS": str(chunk_docs)}
+    env = {"PUSHAGENT_LEASE_SECONDS": str(lease), "PUSHAGENT_CHUNK_DOCS": str(chunk_docs),
+           "PUSHAGENT_MAX_CONCURRENCY": str(CONCURRENCY)}
     rng = random.Random(99)
     with FaultProxy(cluster_url) as proxy:
         proxy.plan = lambda request: Fault.delay(rng.choice((0.01, 0.05, 0.3))) if request.ids else None
@@ -360,7 +361,7 @@ def test_sigkill_during_drain_at_random_points(cluster_url, index, tmp_path, que
         resent = proxy.resent()
     assert code == 0, stderr
     assert count(cluster_url, index) == records and queue_stats(queue_url)["pending"] == 0
-    # A crash leaves at most `concurrency` leased chunks to be sent again.
+    # A crash leaves at most `max_concurrency` leased chunks to be sent again.
     assert max(increments[1:]) <= CONCURRENCY * chunk_docs, increments
     backend = queue_url.split(":", 1)[0]
     row = drain_row(cluster_url, index, queue_url, ids, resent, f"SIGKILL during drain ({backend}) x{crashes}",
