@@ -159,7 +159,7 @@ def gone(pids, seconds: float = 10) -> bool:
 def test_sigkill_mid_push_with_workers_then_rerun_is_exact(cluster_url, index, state_dir, tmp_path):
     data = generate(tmp_path / "words.jsonl", 20_000)
     config = tmp_path / "pushagent.yaml"
-    config.write_text("build_workers: 3\n")
+    config.write_text("build_workers: 3\nmax_concurrency: 2\n")   # a crash re-sends at most 2 chunks
     extra = ["--chunk-docs", "1000", "--config", str(config)]
     with FaultProxy(cluster_url) as proxy:
         process = start_slow_push(proxy, index, state_dir, data, extra, until_requests=6, delay=0.2)
