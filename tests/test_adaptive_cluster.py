@@ -46,4 +46,5 @@ def test_concurrency_rises_while_answers_keep_pace_and_halves_on_429s(cluster_ur
     first_cut = next(at for at in range(1, len(limits)) if limits[at] < limits[at - 1])
     rose, fell = limits[:first_cut], limits[first_cut:]
     assert rose[0] == 2 and max(rose) >= REACHED, limits
-    assert min(fell) <= max(rose) // 2 and report["concurrency_peak"] >= max(rose), limits   # halved on the 429s
+    # halved on the 429s: from the peak, which may fall between two progress lines
+    assert report["concurrency_peak"] >= max(rose) and min(fell) <= report["concurrency_peak"] // 2, limits
