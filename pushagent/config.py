@@ -54,6 +54,7 @@ class Config:
     compress_level: int = 1
     concurrency: int = 2                    # requests in flight at the start; the sender adapts from there
     max_concurrency: int = 8                # the most it goes to (cluster/concurrency.py)
+    max_in_flight_bytes: int = 48 * 1024**2  # bodies held by chunks sent and not resolved (gzip'd ones packed)
     build_workers: int = 0                  # processes building documents; 0: by the job's cores
     requests_per_minute: float = 100
     timeout_seconds: float = 60
@@ -170,7 +171,7 @@ def _coerce(key, value):
     try:
         if value is None:
             return None
-        if key in ("chunk_bytes",):
+        if key in ("chunk_bytes", "max_in_flight_bytes"):
             return parse_size(value)
         if key in ("max_retry_delay", "lease_seconds", "outage_seconds", "grace_seconds", "progress_seconds",
                    "push_interval", "health_lag_warning", "health_lag_critical"):
@@ -233,8 +234,9 @@ def validate(config: Config) -> None:
     """Refuse settings that cannot work before anything is read or sent."""
     if not 1 <= config.chunk_docs <= 100_000:
         raise ConfigError(f"chunk_docs must be between 1 and 100000, got {config.chunk_docs}")
-    if config.chunk_bytes < 1024:
-        raise ConfigError(f"chunk_bytes must be at least 1 KiB, got {config.chunk_bytes}")
+    for key in ("chunk_bytes", "max_in_flight_bytes"):
+        if getattr(config, key) < 1024:
+            raise ConfigError(f"{key} must be at least 1 KiB, got {getattr(config, key)}")
     if config.build_workers < 0:
         raise ConfigError(f"build_workers must be 0 (one per core the job may use, less one) or more, got "
                           f"{config.build_workers}")

@@ -20,7 +20,7 @@ import time
 import orjson
 
 from pushagent.cluster.client import ClusterRequestError, ReadClient
-from pushagent.cluster.transport import BulkResponse, TransportFailure, gzip_body
+from pushagent.cluster.transport import BulkResponse, TransportFailure
 
 GZIP_MAGIC = b"\x1f\x8b"
 READ_ONLY = ("cluster_block_exception", "index [{index}] blocked by: [TOO_MANY_REQUESTS/12/disk usage exceeded "
@@ -320,16 +320,16 @@ ROUTES = {("GET", ""): "_root", ("POST", "_mget"): "_mget", ("POST", "{index}/_m
 
 
 class FakeTransport:
-    """The bulk transport of one run: gzips like HttpTransport when the sender asks (`compress`)."""
+    """The bulk transport of one run: takes what the sender encoded, gzip'd or plain, as HttpTransport does."""
 
     def __init__(self, cluster: FakeCluster, stats):
         self.cluster, self.stats = cluster, stats
 
-    def post(self, body, docs: int = 0, gzip: bool = False) -> BulkResponse:
-        payload = gzip_body(body, 1) if gzip else bytes(body)
+    def post(self, payload, docs: int = 0, gzip: bool = False, raw_bytes: int | None = None) -> BulkResponse:
         started = time.monotonic()
-        response = self.cluster.bulk(payload)
-        self.stats.record_request(response.status, len(body), len(payload), time.monotonic() - started, docs)
+        response = self.cluster.bulk(bytes(payload))
+        self.stats.record_request(response.status, raw_bytes or len(payload), len(payload),
+                                  time.monotonic() - started, docs)
         return response
 
 

@@ -212,7 +212,7 @@ class TimedTransport:
     def __init__(self, clock: Clock, seconds):
         self.clock, self.seconds, self.encodings = clock, seconds, []
 
-    def post(self, body, docs=0, gzip=False):
+    def post(self, payload, docs=0, gzip=False, raw_bytes=None):
         self.encodings.append(gzip)
         self.clock.now += self.seconds(gzip)
         return BulkResponse(200, [{"index": {"status": 201}}] * docs)

@@ -6,13 +6,14 @@ and a fake clock for the count's settling take the place of waiting.
 
 import sqlite3
 import threading
+import time
 
 import orjson
 import pytest
 from fakecluster import FakeCluster, UnexpectedRequest
 
 from pushagent.cluster import scan
-from pushagent.config import Config
+from pushagent.config import Config, parse_size
 from pushagent.documents.builder import canonical_checksum
 from pushagent.runs import checks
 from pushagent.runs.drain import DrainOptions, DrainRun
@@ -184,6 +185,34 @@ def test_an_interrupted_push_resumes_from_its_checkpoint(config, cluster, tmp_pa
     assert sum(cluster.bulk_sizes) <= 30 + config.concurrency * config.chunk_docs   # at most the uncommitted again
 
 
+def most_requests_at_once(cluster) -> list:
+    """Makes each bulk request of `cluster` last a little; the list gets the most that were out at once."""
+    out, most, lock, bulk = [0], [0], threading.Lock(), cluster.bulk
+
+    def slow_bulk(payload):
+        with lock:
+            out[0] += 1
+            most[0] = max(most[0], out[0])
+        time.sleep(0.01)
+        try:
+            return bulk(payload)
+        finally:
+            with lock:
+                out[0] -= 1
+    cluster.bulk = slow_bulk
+    return most
+
+
+@pytest.mark.parametrize("budget, most", [("1KiB", 1), ("64MiB", 4)])
+def test_max_in_flight_bytes_holds_chunks_back_one_always_goes(config, cluster, tmp_path, budget, most):
+    config.concurrency, config.max_concurrency, config.compress = 4, 4, False
+    config.max_in_flight_bytes = parse_size(budget)      # a chunk of 10 of these documents is ~2.5 KiB
+    seen = most_requests_at_once(cluster)
+    result = push(config, cluster, records(tmp_path / "a.jsonl", 200))
+    assert (result.status, result.batch.indexed) == ("verified", 200)
+    assert seen[0] == most if most == 1 else seen[0] > 1, seen
+
+
 def test_a_later_batch_supersedes_the_first_and_replaying_the_first_regresses_nothing(config, cluster, tmp_path):
     first = push(config, cluster, records(tmp_path / "a.jsonl", 25), batch_id="a")
     config.batch_time = T2
@@ -225,6 +254,19 @@ def test_incremental_sends_only_what_changed(config, cluster, tmp_path):
     assert (result.status, batch.read, batch.unchanged, batch.indexed) == ("verified", 20, 15, 5), result.report()
     assert result.verification["count"]["unchanged"] == 15 and result.stats.probes == 2
     assert {doc.version for doc in cluster.live("words").values()} == {T1_MS, T1_MS + 2_678_400_000}
+
+
+def test_incremental_chunks_that_wait_for_room_keep_their_bytes_for_the_probe(config, cluster, tmp_path):
+    push(config, cluster, records(tmp_path / "a.jsonl", 20), batch_id="a")
+    config.batch_time, config.incremental, config.compress = T2, True, True
+    config.chunk_docs, config.concurrency, config.max_concurrency = 4, 1, 1     # every chunk waits for room
+    lines = [orjson.dumps({"ipa_id": f"w{n:04d}", "word": "changed" if n % 3 == 0 else f"word {n}"})
+             for n in range(20)]
+    (tmp_path / "b.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    result = push(config, cluster, tmp_path / "b.jsonl", batch_id="b")
+    assert (result.status, result.batch.unchanged, result.batch.indexed) == ("verified", 13, 7), result.report()
+    assert sorted(n for n, doc in enumerate(sorted(words(cluster).items())) if doc[1] == "changed") == \
+        list(range(0, 20, 3))
 
 
 def test_incremental_sends_the_whole_chunk_when_the_cluster_cannot_say(config, cluster, tmp_path, caplog):

@@ -62,7 +62,7 @@ class ScriptedTransport:
         self.answers = list(answers)
         self.sent_at = []
 
-    def post(self, body, docs=0, gzip=False):
+    def post(self, payload, docs=0, gzip=False, raw_bytes=None):
         self.sent_at.append(self.time.now)
         answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
         return answer(docs)

@@ -10,6 +10,7 @@ once per kind of error (errorlog.py).
 """
 
 import dataclasses
+import functools
 import threading
 import time
 
@@ -19,8 +20,8 @@ from pushagent.cluster.compression import Compression, Encoding
 from pushagent.cluster.concurrency import ConcurrencyLimit, Slot
 from pushagent.cluster.errorlog import ErrorDigest, error_of_body
 from pushagent.cluster.outage import OutageClock, backoff_delay
-from pushagent.cluster.transport import BulkResponse, TransferStats, TransportFailure
-from pushagent.documents.chunker import bulk_body
+from pushagent.cluster.transport import BulkResponse, TransferStats, TransportFailure, gunzip_body, gzip_body
+from pushagent.documents.chunker import Chunk, bulk_body
 from pushagent.errors import AuthError, ChunkAborted, ConfigError, PushAgentError
 
 
@@ -85,28 +86,38 @@ class ChunkSender:
         self.errors = ErrorDigest()
         self.in_flight = ConcurrencyLimit(config.concurrency, config.concurrency_ceiling, clock)
         self.compression = Compression(config.compress)
+        self._gzip = functools.partial(gzip_body, level=config.compress_level)
         stats.rate_per_minute = rate_limiter.rate_per_minute
         stats.record_sending(self.in_flight.limit, self.compression.gzip)
 
-    def resolve(self, docs: list, body=None) -> Outcome:
+    def resolve(self, docs: list, chunk: Chunk | None = None) -> Outcome:
         """Send `docs` until each is indexed, current, dead, or out of in-run retries.
 
-        `body`, when given, is the NDJSON of exactly `docs` (a chunk's body):
-        the first attempt sends it as it is instead of joining the documents.
+        `chunk`, when given, holds exactly `docs`: a request for all of them
+        sends its body as it is instead of joining the documents (packed while
+        out gzip'd). The documents of the outcome that have still to go
+        somewhere (retry, dead) have their bytes.
         Answers in which the cluster took nothing are retried within the
         outage budget; items refused among accepted ones get `max_retries`.
 
         Raises AuthError on 401/403 and ChunkAborted when the run is stopping
         (a signal, or the outage budget ran out: `outage.tripped`).
         """
+        outcome = self._resolve(docs, chunk)
+        if chunk is not None and (outcome.retry or outcome.dead):
+            chunk.unpack(gunzip_body)
+        return outcome
+
+    def _resolve(self, docs: list, chunk: Chunk | None) -> Outcome:
         outcome, pending = Outcome(), docs
         streak, quiet, rounds = None, 0, 0   # start of this chunk's nothing-useful streak, its length; item rounds
         while True:
-            answer, sent = self._attempt(body if body is not None and pending is docs else bulk_body(pending),
-                                         len(pending))
+            answer, sent = self._attempt(self._body(pending, docs, chunk), len(pending))
             if isinstance(answer, RequestFailed):
                 last_error, took, retry_after = answer.reason, False, answer.retry_after
             elif answer.status == 413:
+                if chunk is not None:
+                    chunk.unpack(gunzip_body)
                 return self._split(pending, outcome)
             else:
                 pending, last_error, took = self._classify(pending, answer.items, outcome, sent)
@@ -130,7 +141,22 @@ class ChunkSender:
             self.stats.record_retry()
             self._pause(delay)
 
-    def _attempt(self, body: bytes, docs: int) -> tuple:
+    def pack_while_waiting(self, chunk: Chunk) -> None:
+        """A chunk that waits for room goes gzip'd already if gzip is in use: the wait costs the reading
+        thread nothing, and the chunk holds less (fewer bytes under max_in_flight_bytes, more in flight)."""
+        if self.compression.gzip:
+            chunk.pack(self._gzip)
+
+    @staticmethod
+    def _body(pending: list, docs: list, chunk: Chunk | None):
+        """What a request for `pending` sends: the chunk when they are all its documents, else their NDJSON."""
+        if chunk is not None:
+            if pending is docs:
+                return chunk
+            chunk.unpack(gunzip_body)     # the documents' bytes back, to join those left
+        return bulk_body(pending)
+
+    def _attempt(self, body, docs: int) -> tuple:
         """(a BulkResponse with one item per document (or a 413), else a RequestFailed saying why; what the
         answer measures, None without an answer)."""
         try:
@@ -180,10 +206,18 @@ class ChunkSender:
             raise ChunkAborted()
         encoding = self.compression.pick()
         try:
-            response = self.transport.post(body, docs, encoding.gzip)
+            payload, raw_bytes = self._encode(body, encoding.gzip)
+            response = self.transport.post(payload, docs, encoding.gzip, raw_bytes)
         finally:
             self.in_flight.release()
         return response, Sent(slot, self.outage.now() - slot.sent_at, docs, encoding)
+
+    def _encode(self, body, gzip: bool) -> tuple:
+        """(the payload of `body`, a Chunk or NDJSON bytes, gzip'd or plain; its plain length). A chunk keeps
+        the gzip'd body instead of its own while a request is out (Chunk.pack), so a retry reuses it."""
+        if isinstance(body, Chunk):
+            return (body.pack(self._gzip) if gzip else body.unpack(gunzip_body)), body.body_bytes
+        return (self._gzip(body) if gzip else body), len(body)
 
     def _pushed_back(self, sent: Sent, rejected: bool) -> None:
         """Backpressure: rejections halve the sending rate and the requests in flight; a clean answer raises

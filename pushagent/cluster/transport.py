@@ -1,6 +1,7 @@
-"""The transport of bulk requests: one `post(body, docs, gzip) -> BulkResponse` for every way a body can travel.
+"""The transport of bulk requests: one `post(payload, docs, gzip, raw_bytes) -> BulkResponse` for every way a
+body can travel; the sender encodes the payload (gzip_body here), the transport carries it.
 
-HttpTransport speaks HTTP (gzip, auth header, TLS, timeouts, one session per
+HttpTransport speaks HTTP (auth header, TLS, timeouts, one session per
 worker); DryRunTransport writes the bodies to files. ChunkSender (bulk.py)
 takes either, and tests hand it an in-memory cluster. TransferStats counts
 what went over the wire.
@@ -95,16 +96,17 @@ class HttpTransport:
         self._gzip_headers = {**self._headers, "Content-Encoding": "gzip"}
         self._sessions = queue.LifoQueue()
 
-    def post(self, body, docs: int = 0, gzip: bool = False) -> BulkResponse:
-        """POST an NDJSON body (bytes-like), gzip'd when asked (the sender decides: compression.py)."""
-        payload = gzip_body(body, self.config.compress_level) if gzip else body
+    def post(self, payload, docs: int = 0, gzip: bool = False, raw_bytes: int | None = None) -> BulkResponse:
+        """POST an NDJSON body (bytes-like), gzip'd already when `gzip` (the sender encodes: compression.py);
+        `raw_bytes` is its plain length, for the counters."""
         session = self._session()
         started = time.monotonic()
         try:
             reply = session.post(self.url, params={"filter_path": BULK_FILTER}, data=payload,
                                  headers=self._gzip_headers if gzip else self._headers,
                                  timeout=(CONNECT_TIMEOUT, self.config.timeout_seconds))
-            self.stats.record_request(reply.status_code, len(body), len(payload), time.monotonic() - started, docs)
+            self.stats.record_request(reply.status_code, raw_bytes or len(payload), len(payload),
+                                      time.monotonic() - started, docs)
             return _parse_reply(reply)
         except requests.exceptions.SSLError as error:
             if not isinstance(find_ssl_error(error), ssl.SSLCertVerificationError):
@@ -132,6 +134,11 @@ def gzip_body(body, level: int) -> bytes:
     return zlib.compress(body, level, wbits=31)
 
 
+def gunzip_body(payload) -> bytes:
+    """The plain body of a gzip_body() payload."""
+    return (isal_zlib or zlib).decompress(payload, wbits=31)
+
+
 class DryRunTransport:
     """Writes each request body to DIR instead of sending it, and answers success."""
 
@@ -142,8 +149,9 @@ class DryRunTransport:
         self._numbers = itertools.count(1)
         self._lock = threading.Lock()
 
-    def post(self, body: bytes, docs: int = 0, gzip: bool = False) -> BulkResponse:
+    def post(self, payload, docs: int = 0, gzip: bool = False, raw_bytes: int | None = None) -> BulkResponse:
         """Write the plain body, whatever the encoding: the files are there to be read."""
+        body = gunzip_body(payload) if gzip else payload
         with self._lock:
             number = next(self._numbers)
         (self.directory / f"request-{number:06d}.ndjson").write_bytes(body)

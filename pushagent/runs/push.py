@@ -308,11 +308,11 @@ class PushRun:
     def _resolve_chunk(self, chunk) -> Outcome:
         """Send a chunk (in a worker thread); with --incremental only what the cluster does not hold yet."""
         if self.probe is None:
-            return self._sender.resolve(chunk.docs, chunk.body)
+            return self._sender.resolve(chunk.docs, chunk)
         send, unchanged = self.probe.split(chunk.docs)
-        # The chunk's body holds what was sent only when every document is, as it was fed (none built since).
+        # The chunk holds what is sent only when every document is, as it was fed (none built since).
         whole = len(send) == len(chunk.docs) and all(sent is doc for sent, doc in zip(send, chunk.docs))
-        outcome = self._sender.resolve(send, chunk.body if whole else None) if send else Outcome()
+        outcome = self._sender.resolve(send, chunk if whole else None) if send else Outcome()
         outcome.unchanged = unchanged
         return outcome
 
@@ -373,18 +373,25 @@ class PushRun:
 
     def _submit(self, chunk, pump, committer) -> bool:
         """Hand a chunk to a worker once fewer chunks are uncommitted than the sender's concurrency limit
-        allows now, and after the chunks holding earlier lines of the ids it repeats.
+        allows now, their bodies leave room for its own under `max_in_flight_bytes` (one chunk always
+        goes), and after the chunks holding earlier lines of the ids it repeats.
 
         Counting uncommitted chunks, not just requests in flight, bounds memory
         and what a crash re-sends: a chunk resolved behind a slow one is not
         committed yet. Returns False when the run is stopping.
         """
         wait_for = self.repeats.mark(chunk)
-        tracker, in_flight = committer.tracker, self._sender.in_flight
-        if chunk.seq - tracker.next_seq >= in_flight.limit:
+        tracker, in_flight, budget = committer.tracker, self._sender.in_flight, self.config.max_in_flight_bytes
+
+        def no_room() -> bool:
+            over_budget = pump.in_flight and pump.held_bytes() + chunk.held_bytes > budget
+            return chunk.seq - tracker.next_seq >= in_flight.limit or over_budget
+
+        if no_room():
             in_flight.held()   # ready, and the limit keeps it back: more slots would be used
-        while not self._stopping() and (chunk.seq - tracker.next_seq >= in_flight.limit
-                                        or tracker.next_seq <= wait_for):
+            if self.probe is None:      # --incremental builds and joins what it sends from the documents' bytes
+                self._sender.pack_while_waiting(chunk)
+        while not self._stopping() and (no_room() or tracker.next_seq <= wait_for):
             committer.handle(*pump.next_result(timeout=0.5))
         if self._stopping():
             return False
@@ -465,6 +472,7 @@ class _ChunkPump:
     def __init__(self, resolve, concurrency: int):
         self.concurrency = concurrency
         self.in_flight = 0
+        self._held = {}     # seq -> chunk handed out and not taken back: the bodies the pump holds
         self._work = queue.Queue()
         self._results = queue.Queue()
         self._threads = [threading.Thread(target=self._work_loop, args=(resolve,), daemon=True,
@@ -485,7 +493,12 @@ class _ChunkPump:
 
     def submit(self, chunk) -> None:
         self.in_flight += 1
+        self._held[chunk.seq] = chunk
         self._work.put(chunk)
+
+    def held_bytes(self) -> int:
+        """The bytes of the bodies of the chunks handed out and not taken back, packed or plain as now."""
+        return sum(chunk.held_bytes for chunk in list(self._held.values()))
 
     def next_result(self, timeout: float):
         try:
@@ -493,6 +506,7 @@ class _ChunkPump:
         except queue.Empty:
             return None, None, None
         self.in_flight -= 1
+        self._held.pop(result[0].seq, None)
         return result
 
     def close(self) -> None:
