@@ -60,14 +60,14 @@ def test_with_room_the_limit_doubles_each_round_trip_up_to_the_ceiling():
     assert seen[:14] == list(range(3, 17)) and clock.now == 100 + 4 * 1.0, seen   # 2, 4, 8, 16 a round trip
 
 
-def test_a_bottleneck_holds_the_limit_where_one_or_two_requests_queue():
+def test_a_bottleneck_holds_the_limit_where_two_to_four_requests_queue():
     clock = Clock()
     limit = ConcurrencyLimit(1, 16, clock)
     # A link that serves one request in 1 s, behind 2 s of round trip and indexing: 3 in flight fill it,
     # a fourth and more only queue (the time each takes grows with every request over 3).
     bottleneck = lambda in_flight: max(3.0, in_flight * 1.0)   # noqa: E731
     seen = steady(limit, clock, bottleneck, 80)
-    assert max(seen) <= 7 and set(seen[-20:]) <= {4, 5}, seen
+    assert max(seen) <= 9 and set(seen[-20:]) <= {5, 6, 7}, seen     # 3 that fill it, 2 to 4 waiting
 
 
 def test_after_the_first_cut_one_raise_per_round_trip():
@@ -89,7 +89,7 @@ def test_rising_latency_takes_slots_back():
     round_trip(limit, clock, lambda in_flight: 1.0)
     for _ in range(10):
         round_trip(limit, clock, lambda in_flight: in_flight * 1.0)   # every request more only waits longer
-    assert limit.limit <= 3
+    assert limit.limit <= 5     # all but one of them wait: no more than 4
 
 
 def test_a_rejection_halves_the_limit_once_per_burst_down_to_one():

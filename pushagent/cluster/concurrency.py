@@ -9,7 +9,10 @@ limit held the sending back at some moment while the request was out (every
 slot taken, or a ready chunk kept waiting: `held`), not the pace at which
 chunks are built: one more slot, the bottleneck has room. More than
 QUEUE_HIGH: one fewer, more requests would only wait longer and hold
-memory. A 429 or a rejected execution halves the limit.
+memory. A 429 or a rejected execution halves the limit. The thresholds are
+Linux's tcp_vegas defaults (2 and 4): a request moving over the link while
+others are indexed is a pipeline kept full, and a bar of 1 and 2 held a WAN
+push at 3-4 in flight with its link a third idle (benchmarks/).
 
 As in TCP, the first raises come fast (one per answer: the limit doubles
 every round trip) until the first sign of a queue or the first cut; from
@@ -24,8 +27,8 @@ import dataclasses
 import threading
 import time
 
-QUEUE_LOW = 1.0         # requests waiting below which one more slot pays
-QUEUE_HIGH = 2.0        # requests waiting above which a slot is taken back
+QUEUE_LOW = 2.0         # requests waiting below which one more slot pays (Linux's tcp_vegas: alpha 2)
+QUEUE_HIGH = 4.0        # requests waiting above which a slot is taken back (beta 4)
 BASELINE_SECONDS = 300  # the lowest latency is taken over this long: it follows a link or cluster that changes
 SMOOTHING = 0.5         # weight of the newest answer in the latency now: one slow answer alone moves little
 REMNANT = 4             # a request this many times smaller than the largest (a retried remnant) says nothing

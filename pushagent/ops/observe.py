@@ -9,7 +9,6 @@ import logging
 import sys
 
 from pushagent.ops import logs
-from pushagent.ops.metrics import MetricsExporter
 from pushagent.ops.progress import progress_for
 
 
@@ -22,6 +21,9 @@ def observers_for(config, stream=None) -> list:
         observers.append(progress_for(stream, config.progress_seconds))
     observers.append(logs.ChunkLog(logging.INFO if settings.fmt == "json" else logging.DEBUG))
     if config.metrics_file or config.pushgateway_url:
+        # prometheus_client loads only when asked for: a run without metrics keeps its ~8 MiB.
+        from pushagent.ops.metrics import MetricsExporter
+
         observers.append(MetricsExporter(config))
     return observers
 

@@ -12,8 +12,6 @@ import struct
 import threading
 import time
 
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 log = logging.getLogger("pushagent.progress")
 GZIP_SIZE_WRAP = 2**32
@@ -246,6 +244,10 @@ class TerminalProgress:
         self._redirect = None
 
     def started(self, run, state) -> None:
+        # tqdm loads only for a terminal: an sbatch job's log lines need none of its ~4 MiB.
+        from tqdm import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
         self.tracker.started(run, state)
         snapshot = self.tracker.snapshot()
         width, height = self._screen()
