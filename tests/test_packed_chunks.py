@@ -129,3 +129,27 @@ def test_a_chunk_waiting_for_room_is_packed_while_it_waits_if_gzip_is_in_use(com
     assert (chunk.packed is not None, chunk.held_bytes < len(body)) == (packed, packed)
     chunk_sender.resolve(chunk.docs, chunk)
     assert transport.bodies == [body] and transport.encodings == [compress]
+
+
+def test_a_waiting_chunk_stays_plain_when_a_probe_of_compress_auto_is_due():
+    clock = [0.0]
+
+    class Slow(Recording):
+        """Plain requests take twice as long: a link that gzip pays on."""
+
+        def post(self, payload, docs=0, gzip=False, raw_bytes=None):
+            clock[0] += 1.0 if gzip else 2.0
+            return super().post(payload, docs, gzip, raw_bytes)
+    transport = Slow(lambda docs: [201] * docs)
+    config = Config(compress="auto", retry_backoff_seconds=0.0, max_backoff_seconds=0.0)
+    chunk_sender = ChunkSender(transport, config, TransferStats(), Unlimited(), threading.Event(),
+                               clock=lambda: clock[0])
+    due = chunk_of(5)
+    chunk_sender.pack_while_waiting(due)                 # the first requests of a push are probes
+    assert due.packed is None
+    for _ in range(4):
+        chunk = chunk_of(5)
+        chunk_sender.resolve(chunk.docs, chunk)
+    later = chunk_of(5)
+    chunk_sender.pack_while_waiting(later)               # probes done, gzip kept: it goes gzip'd
+    assert later.packed is not None and transport.encodings == [True, False, True, False]

@@ -143,8 +143,10 @@ class ChunkSender:
 
     def pack_while_waiting(self, chunk: Chunk) -> None:
         """A chunk that waits for room goes gzip'd already if gzip is in use: the wait costs the reading
-        thread nothing, and the chunk holds less (fewer bytes under max_in_flight_bytes, more in flight)."""
-        if self.compression.gzip:
+        thread nothing, and the chunk holds less (fewer bytes under max_in_flight_bytes, more in flight).
+        Not when a probe of `compress: auto` is due: a plain probe would unpack it again, past the budget
+        it was let in under."""
+        if self.compression.gzip and not self.compression.probe_due():
             chunk.pack(self._gzip)
 
     @staticmethod

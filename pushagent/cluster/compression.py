@@ -48,6 +48,11 @@ class Compression:
             self._sent += 1
         return Encoding(turn % 2 == 0, True) if turn < PROBES else Encoding(self.gzip, False)
 
+    def probe_due(self) -> bool:
+        """The next request is a probe (of either encoding)."""
+        with self._lock:
+            return self.auto and self._sent % REPROBE < PROBES
+
     def answered(self, encoding: Encoding, seconds: float, docs: int) -> None:
         """A clean answer to a request of `docs` documents after `seconds` (compression included)."""
         if not encoding.probe:
