@@ -6,6 +6,7 @@ import threading
 
 import orjson
 import pytest
+from test_adaptive_units import Unlimited
 
 from pushagent.cluster.bulk import ChunkSender
 from pushagent.cluster.transport import BulkResponse, TransferStats, gunzip_body, gzip_body
@@ -41,18 +42,6 @@ class Recording:
         return BulkResponse(200, [{"index": {"status": status, **({"error": {"type": "x", "reason": "x"}}
                                                                     if status >= 300 else {})}}
                                   for status in statuses(docs)])
-
-
-class Unlimited:
-    rate_per_minute = 100.0
-
-    def acquire(self, stop_event=None):
-        return True
-
-    def slow_down(self):
-        return self.rate_per_minute
-
-    speed_up = slow_down
 
 
 def sender(transport, compress=True):
