@@ -47,7 +47,7 @@ def client_table(quick: bool) -> list:
     table = [
         ("pushagent default", "pushagent", True, {}, both),
         ("pushagent best", "pushagent", False, {**FAST, "PUSHAGENT_COMPRESS": "false"}, both),
-        ("pushagent best gzip", "pushagent", True, FAST, sink),
+        ("pushagent best gzip", "pushagent", True, {**FAST, "PUSHAGENT_COMPRESS": "true"}, sink),
         ("opensearch-py streaming_bulk", "os-streaming", False, {}, both),
         ("opensearch-py parallel_bulk", "os-parallel", False, {}, both),
         ("elasticsearch-py streaming_bulk", "es-streaming", False, {}, sink),
