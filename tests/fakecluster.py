@@ -325,11 +325,10 @@ class FakeTransport:
     def __init__(self, cluster: FakeCluster, stats):
         self.cluster, self.stats = cluster, stats
 
-    def post(self, payload, docs: int = 0, gzip: bool = False, raw_bytes: int | None = None) -> BulkResponse:
+    def post(self, payload, docs: int, gzip: bool, raw_bytes: int) -> BulkResponse:
         started = time.monotonic()
         response = self.cluster.bulk(bytes(payload))
-        self.stats.record_request(response.status, raw_bytes or len(payload), len(payload),
-                                  time.monotonic() - started, docs)
+        self.stats.record_request(response.status, raw_bytes, len(payload), time.monotonic() - started, docs)
         return response
 
 

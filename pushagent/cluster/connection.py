@@ -17,7 +17,8 @@ class HttpCluster:
         self.config = config
 
     def transport(self, stats: TransferStats) -> HttpTransport:
-        """A run's bulk transport, `post(body, docs, gzip) -> BulkResponse`, counting what it sends into `stats`."""
+        """A run's bulk transport, `post(payload, docs, gzip, raw_bytes) -> BulkResponse`, counting what it
+        sends into `stats`."""
         return HttpTransport(self.config, authorization_header(self.config), stats)
 
     def client(self) -> ClusterClient:

@@ -96,7 +96,7 @@ class HttpTransport:
         self._gzip_headers = {**self._headers, "Content-Encoding": "gzip"}
         self._sessions = queue.LifoQueue()
 
-    def post(self, payload, docs: int = 0, gzip: bool = False, raw_bytes: int | None = None) -> BulkResponse:
+    def post(self, payload, docs: int, gzip: bool, raw_bytes: int) -> BulkResponse:
         """POST an NDJSON body (bytes-like), gzip'd already when `gzip` (the sender encodes: compression.py);
         `raw_bytes` is its plain length, for the counters."""
         session = self._session()
@@ -105,8 +105,7 @@ class HttpTransport:
             reply = session.post(self.url, params={"filter_path": BULK_FILTER}, data=payload,
                                  headers=self._gzip_headers if gzip else self._headers,
                                  timeout=(CONNECT_TIMEOUT, self.config.timeout_seconds))
-            self.stats.record_request(reply.status_code, raw_bytes or len(payload), len(payload),
-                                      time.monotonic() - started, docs)
+            self.stats.record_request(reply.status_code, raw_bytes, len(payload), time.monotonic() - started, docs)
             return _parse_reply(reply)
         except requests.exceptions.SSLError as error:
             if not isinstance(find_ssl_error(error), ssl.SSLCertVerificationError):
@@ -149,7 +148,7 @@ class DryRunTransport:
         self._numbers = itertools.count(1)
         self._lock = threading.Lock()
 
-    def post(self, payload, docs: int = 0, gzip: bool = False, raw_bytes: int | None = None) -> BulkResponse:
+    def post(self, payload, docs: int, gzip: bool, raw_bytes: int) -> BulkResponse:
         """Write the plain body, whatever the encoding: the files are there to be read."""
         body = gunzip_body(payload) if gzip else payload
         with self._lock:

@@ -471,7 +471,6 @@ class _ChunkPump:
 
     def __init__(self, resolve, concurrency: int):
         self.concurrency = concurrency
-        self.in_flight = 0
         self._held = {}     # seq -> chunk handed out and not taken back: the bodies the pump holds
         self._work = queue.Queue()
         self._results = queue.Queue()
@@ -491,22 +490,25 @@ class _ChunkPump:
             self._results.put(result)
             del chunk, result  # do not hold a resolved chunk's body while waiting for the next one
 
+    @property
+    def in_flight(self) -> int:
+        """Chunks handed out whose results have not been taken back."""
+        return len(self._held)
+
     def submit(self, chunk) -> None:
-        self.in_flight += 1
         self._held[chunk.seq] = chunk
         self._work.put(chunk)
 
     def held_bytes(self) -> int:
         """The bytes of the bodies of the chunks handed out and not taken back, packed or plain as now."""
-        return sum(chunk.held_bytes for chunk in list(self._held.values()))
+        return sum(chunk.held_bytes for chunk in self._held.values())
 
     def next_result(self, timeout: float):
         try:
             result = self._results.get(timeout=timeout)
         except queue.Empty:
             return None, None, None
-        self.in_flight -= 1
-        self._held.pop(result[0].seq, None)
+        del self._held[result[0].seq]
         return result
 
     def close(self) -> None:
