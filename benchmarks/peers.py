@@ -109,11 +109,12 @@ def sample(client, profile: str, url: str, cluster, proxy, path: Path, docs: int
 
 
 def setting_reached(report: dict | None) -> str | None:
-    """What pushagent's adaptive sender settled on: its peak and final concurrency, and its encoding."""
+    """What pushagent's adaptive sender settled on: its peak and final limit, the most requests it had out at
+    once (the memory budget or the reading may keep them under the limit), and its encoding."""
     if not report or "concurrency" not in report:
         return None
-    return (f"{report['concurrency_peak']} peak / {report['concurrency']} end in flight, "
-            f"{'gzip' if report['compress'] else 'plain'}")
+    return (f"{report['concurrency_peak']} peak / {report['concurrency']} end allowed, "
+            f"{report.get('requests_out_peak', '?')} out at most, {'gzip' if report['compress'] else 'plain'}")
 
 
 def summarize(client, profile: str, docs: int, samples: list) -> dict:

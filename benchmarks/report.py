@@ -221,7 +221,8 @@ def write_peers_report(results: dict, path: Path) -> None:
               "every run. Bound is read from those figures: the link when it is 75% full, the client when it "
               "uses a whole core, the shared cores when 85% of them are busy, "
               "otherwise waiting on round trips. pushagent settled on: the peak and final requests in flight "
-              "its adaptive sender reached in each run, and the encoding `compress: auto` kept.", ""]
+              "its adaptive sender allowed in each run, the most it had out at once, and the encoding "
+              "`compress: auto` kept.", ""]
     goals = peer_targets(results)
     if goals:
         lines += ["## Targets (issue 19)", "", "| target | measured | met |", "| --- | --- | --- |"]

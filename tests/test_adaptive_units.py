@@ -248,8 +248,29 @@ def test_the_sender_measures_each_request_and_reports_what_it_settled_on():
 
 
 def test_the_concurrency_in_use_shows_in_progress_and_metrics():
-    line = Snapshot("b", 10, 10, 1, 2, 1, 1.0, rate_per_minute=100.0, concurrency=5).line()
-    assert line.endswith("| rate 100 req/min | 5 in flight")
-    facts = RunFacts("b", "pushing", Ledger(read=1), {}, 0, 0, 0, [], {}, 1.0, time.time(), 100.0, 5, False)
+    line = Snapshot("b", 10, 10, 1, 2, 1, 1.0, rate_per_minute=100.0, concurrency=5, requests_out=3).line()
+    assert line.endswith("| rate 100 req/min | 3 of 5 in flight")
+    facts = RunFacts("b", "pushing", Ledger(read=1), {}, 0, 0, 0, [], {}, 1.0, time.time(), 100.0, 5, False, 3)
     values = {sample.name: sample.value for family in registry_for(facts).collect() for sample in family.samples}
-    assert (values["pushagent_concurrency"], values["pushagent_compress"]) == (5, 0)
+    assert (values["pushagent_concurrency"], values["pushagent_requests_in_flight"],
+            values["pushagent_compress"]) == (5, 3, 0)
+
+
+def test_the_requests_out_are_counted_apart_from_the_limit_that_allows_them():
+    """One request at a time under a limit of 4 (the reading or the memory budget held the others back):
+    one out, not four, while it is out; none once it is answered."""
+    stats = TransferStats()
+    seen_while_out = []
+
+    class Watching(TimedTransport):
+        def post(self, payload, docs=0, gzip=False, raw_bytes=None):
+            seen_while_out.append(stats.requests_out)
+            return super().post(payload, docs, gzip, raw_bytes)
+
+    clock = Clock()
+    sender = ChunkSender(Watching(clock, lambda gzip: 1.0), Config(concurrency=4, max_concurrency=4,
+                         compress=False), stats, Unlimited(), threading.Event(), clock=clock)
+    for _ in range(3):
+        sender.resolve(docs())
+    assert seen_while_out == [1, 1, 1] and stats.concurrency == 4
+    assert (stats.requests_out, stats.requests_out_peak) == (0, 1)

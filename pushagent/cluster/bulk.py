@@ -207,10 +207,12 @@ class ChunkSender:
         if slot is None:
             raise ChunkAborted()
         encoding = self.compression.pick()
+        self.stats.record_out(+1)
         try:
             payload, raw_bytes = self._encode(body, encoding.gzip)
             response = self.transport.post(payload, docs, encoding.gzip, raw_bytes)
         finally:
+            self.stats.record_out(-1)
             self.in_flight.release()
         return response, Sent(slot, self.outage.now() - slot.sent_at, docs, encoding)
 

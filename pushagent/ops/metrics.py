@@ -48,6 +48,7 @@ class RunFacts:
     rate_per_minute: float | None = None   # the sender's rate now, lowered by backpressure
     concurrency: int | None = None         # requests the sender allows in flight now
     compress: bool | None = None           # whether its requests go gzip'd now
+    requests_out: int | None = None        # requests out now (memory or reading may keep them under the limit)
     extra: list = dataclasses.field(default_factory=list)  # (batch_id, extra documents, over max_delete_fraction)
 
 
@@ -91,6 +92,9 @@ class RunCollector:
             yield GaugeMetricFamily("pushagent_concurrency", "Bulk requests the sender allows in flight now "
                                     "(it raises them while answers keep their pace, cuts them on 429s or delay).",
                                     facts.concurrency)
+            yield GaugeMetricFamily("pushagent_requests_in_flight", "Bulk requests out now, at most "
+                                    "pushagent_concurrency (max_in_flight_bytes or reading may hold them under it).",
+                                    facts.requests_out or 0)
             yield GaugeMetricFamily("pushagent_compress", "1 when the requests go gzip'd now (compress: auto "
                                     "measures which is faster), else 0.", int(bool(facts.compress)))
         if facts.extra:
@@ -181,7 +185,7 @@ class MetricsExporter:
                         stats.bytes_raw, stats.bytes_sent, list(zip(stats.latencies, stats.request_docs)),
                         self._queue(), time.monotonic() - self._started if duration_s is None else duration_s,
                         self._last_success(), stats.rate_per_minute, stats.concurrency, stats.compress,
-                        extra_documents(self.config.state_path, self.config.max_delete_fraction))
+                        stats.requests_out, extra_documents(self.config.state_path, self.config.max_delete_fraction))
 
     def _queue(self) -> dict:
         if self._run.options.dry_run:

@@ -87,6 +87,7 @@ class Snapshot:
     dead: int = 0
     rate_per_minute: float | None = None   # requests a minute the sender allows itself now (backpressure)
     concurrency: int | None = None         # requests the sender allows in flight now (it adapts)
+    requests_out: int | None = None        # requests out now: fewer than allowed while memory or reading binds
 
     @property
     def percent(self) -> float:
@@ -118,7 +119,10 @@ class Snapshot:
                 f"{human_bytes(self.bytes_total)} {self.percent:.1f}% | {self.docs_per_s:,.0f} docs/s | "
                 f"ETA {human_duration(self.eta_s)} | retries {self.retries} queued {self.queued} dead {self.dead}"
                 + (f" | rate {self.rate_per_minute:,.0f} req/min" if self.rate_per_minute is not None else "")
-                + (f" | {self.concurrency} in flight" if self.concurrency is not None else ""))
+                + (f" | {self._in_flight()} in flight" if self.concurrency is not None else ""))
+
+    def _in_flight(self) -> str:
+        return str(self.concurrency) if self.requests_out is None else f"{self.requests_out} of {self.concurrency}"
 
     def fields(self) -> dict:
         """The same facts for a JSON log line."""
@@ -128,7 +132,7 @@ class Snapshot:
                 "docs_per_s": round(self.docs_per_s, 1),
                 "eta_s": None if self.eta_s is None else round(self.eta_s), "retries": self.retries,
                 "queued": self.queued, "dead": self.dead, "rate_per_minute": self.rate_per_minute,
-                "concurrency": self.concurrency}
+                "concurrency": self.concurrency, "requests_out": self.requests_out}
 
 
 def human_bytes(count: int) -> str:
@@ -186,7 +190,8 @@ class _Tracker:
             return Snapshot(self._run.batch_id, counters.read, counters.read - self._first_records,
                             done, total, done - self._first_bytes, time.monotonic() - self._started,
                             self._run.stats.retries, counters.queued, counters.dead,
-                            self._run.stats.rate_per_minute, self._run.stats.concurrency)
+                            self._run.stats.rate_per_minute, self._run.stats.concurrency,
+                            self._run.stats.requests_out)
 
 
 class LogProgress:

@@ -85,7 +85,8 @@ class PushResult:
                   "docs_per_s": round(self.this_run.read / self.duration_s, 1) if self.duration_s else 0.0,
                   "position": self.position._asdict(), "statuses": self.stats.statuses,
                   "rate_per_minute": self.stats.rate_per_minute, "concurrency": self.stats.concurrency,
-                  "concurrency_peak": self.stats.concurrency_peak, "compress": self.stats.compress}
+                  "concurrency_peak": self.stats.concurrency_peak, "requests_out_peak": self.stats.requests_out_peak,
+                  "compress": self.stats.compress}
         report.update({key: value for key, value in (("shard", self.shard), ("slurm", self.slurm)) if value})
         if self.error:
             report["error"] = str(self.error)
