@@ -7,7 +7,9 @@ Each round starts a fresh index on our own local OpenSearch (1 GiB heap,
 scripts/dev-cluster.sh, stopped at the end), pushes the first snapshot into it
 (untimed), then times `push --incremental` of the regenerated snapshot and,
 on the same index, the full push of it (the unchanged 99% are then indexed
-again, as a full push of a new batch time does). The incremental push goes
+again, as a full push of a new batch time does). Before each timed push the
+index is refreshed and the node's merges finish, as hours or a day would
+see them finish between two snapshots. The incremental push goes
 first: after the full push every document would be unchanged. Reports the
 median wall time, requests, probe requests and bytes sent of each, their
 ratios against the issue's targets (<= 15% of the wall time, <= 5% of the
@@ -20,9 +22,11 @@ import random
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import orjson
+import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import RESULTS, ROOT, Cluster, run_once  # noqa: E402
@@ -31,6 +35,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import generate_data  # noqa: E402
 
 FAST = {"PUSHAGENT_REQUESTS_PER_MINUTE": "100000"}   # the rate limit is a quota policy, not a cost
+SETTLE_SECONDS = 600                                  # the longest a timed push waits for the node's merges
 CHANGED_EVERY = 100                                   # 1% of the records change between the snapshots
 
 
@@ -58,13 +63,29 @@ def push(cluster: Cluster, index: str, path: Path, state: Path, day: int, *extra
                                                                       "unchanged", "indexed")}}
 
 
+def settle(cluster: Cluster, index: str) -> None:
+    """The index as the next snapshot finds it, hours or a day after the last push: refreshed, and the node done
+    merging what that push wrote (a merge left running would take the shared cores from the timed push)."""
+    requests.post(f"{cluster.url}/{index}/_refresh").raise_for_status()
+    deadline = time.monotonic() + SETTLE_SECONDS
+    while time.monotonic() < deadline:
+        stats = requests.get(f"{cluster.url}/{index}/_stats/merge").json()
+        if not stats["_all"]["total"]["merges"]["current"]:
+            return
+        time.sleep(1)
+
+
 def round_of(cluster: Cluster, first: Path, second: Path, work: Path, number: int) -> dict:
     index = f"bench-incremental-{number}"
     cluster.fresh_index(index)
     state = work / f"state-{number}"
     push(cluster, index, first, state, 1)
-    return {"incremental": push(cluster, index, second, state, 2, "--incremental"),
-            "full": push(cluster, index, second, state, 3)}
+    settle(cluster, index)
+    incremental = push(cluster, index, second, state, 2, "--incremental")
+    settle(cluster, index)
+    full = push(cluster, index, second, state, 3)
+    requests.delete(f"{cluster.url}/{index}")     # the next round's node holds only its own index
+    return {"incremental": incremental, "full": full}
 
 
 def median_of(rounds: list, kind: str) -> dict:
@@ -81,7 +102,9 @@ def write(results: dict) -> None:
         f"Produced by `python benchmarks/incremental.py --count {results['count']} --dims {results['dims']}` "
         f"({results['runs']} rounds, medians) against a local OpenSearch {results['cluster']} on the same "
         "2 cores. Each round pushes the first snapshot into a fresh index, then the regenerated one with "
-        "`--incremental`, then the regenerated one as a full push onto the same index.",
+        "`--incremental`, then the regenerated one as a full push onto the same index. Before each timed push "
+        "the index is refreshed and the node's merges are let finish: a regenerated snapshot comes hours or a "
+        "day after the one before, and a merge of the last push left running would take the shared cores.",
         "",
         "| push | wall s | requests | probe requests (_mget) | bytes sent | unchanged | indexed |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",

@@ -54,7 +54,7 @@ class Config:
     compress_level: int = 1
     concurrency: int = 2                    # requests in flight at the start; the sender adapts from there
     max_concurrency: int = 8                # the most it goes to (cluster/concurrency.py)
-    max_in_flight_bytes: int = 48 * 1024**2  # bodies held by chunks sent and not resolved (gzip'd ones packed)
+    max_in_flight_bytes: int = 48 * 1024**2  # bodies (gzip'd ones packed) and unbuilt lines of chunks out
     build_workers: int = 0                  # processes building documents; 0: by the job's cores
     requests_per_minute: float = 100
     timeout_seconds: float = 60

@@ -142,3 +142,17 @@ def test_a_waiting_chunk_stays_plain_when_a_probe_of_compress_auto_is_due():
     later = chunk_of(5)
     chunk_sender.pack_while_waiting(later)               # probes done, gzip kept: it goes gzip'd
     assert later.packed is not None and transport.encodings == [True, False, True, False]
+
+
+def test_the_lines_of_documents_not_built_yet_count_in_what_a_chunk_holds():
+    """push --incremental keeps the input line of a document an earlier batch built until the cluster says
+    whether to send it: those bytes are held too, under max_in_flight_bytes, and counted once after a rewrite."""
+    builder, chunker = Builder(SETTINGS), Chunker(chunk_docs=10, chunk_bytes=1 << 30)
+    lines = [orjson.dumps({"id": f"w{n}", "embedding": [n / 7] * 64}) for n in range(10)]
+    for n, raw in enumerate(lines):
+        chunker.feed(builder.known(raw, "f", n + 1, b"digest", "words", f"w{n}", "checksum"), Position(0, n, n + 1))
+    chunk = chunker.flush()
+    lines_bytes = sum(map(len, lines))
+    assert chunk.held_bytes == len(chunk.body) + lines_bytes and len(chunk.body) < lines_bytes
+    chunk.rewrite()
+    assert chunk.held_bytes == len(chunk.body) + lines_bytes

@@ -40,6 +40,7 @@ class Chunk:
     body: bytes | bytearray | None = dataclasses.field(default_factory=bytearray)
     packed: bytes | None = None  # the body gzip'd, held instead of it while packed
     body_bytes: int = 0          # the length of the body, packed or not
+    lines_bytes: int = 0         # input lines its documents not built yet hold (Builder.known), outside the body
     _spans: array.array = dataclasses.field(default_factory=lambda: array.array("Q"))
     seconds: float = 0.0         # time its worker spent resolving it, for logs and metrics
 
@@ -50,8 +51,8 @@ class Chunk:
     @property
     def held_bytes(self) -> int:
         """The bytes of its body as it holds it now, packed or plain (read by another thread than packs it:
-        pack sets `packed` before it drops `body`, unpack sets `body` first)."""
-        return len(self.packed or self.body or b"")
+        pack sets `packed` before it drops `body`, unpack sets `body` first), and of its unbuilt lines."""
+        return len(self.packed or self.body or b"") + self.lines_bytes
 
     def add(self, item: Doc | Rejected, size: int) -> None:
         if isinstance(item, Doc):
@@ -60,6 +61,8 @@ class Chunk:
             self._spans.append(len(body))
             if item.source:
                 body += item.source
+            elif item.raw:
+                self.lines_bytes += len(item.raw)
             self._spans.append(len(body))
             item.action = item.source = None  # the body holds them now
             self.docs.append(item)
@@ -70,7 +73,7 @@ class Chunk:
     def rewrite(self) -> None:
         """Build the body again after documents changed their action lines (see Doc.win_equal_version)."""
         docs, nbytes = self.docs, self.nbytes
-        self.docs, self.body, self._spans = [], bytearray(), array.array("Q")
+        self.docs, self.body, self._spans, self.lines_bytes = [], bytearray(), array.array("Q"), 0
         for doc in docs:
             doc.action, doc.source = bytes(doc.action), doc.source and bytes(doc.source)
             self.add(doc, 0)

@@ -73,16 +73,20 @@ class PriorWrites:
     def known_lines(self, lines: list) -> dict:
         """{digest: (index, id, checksum)} of the (likely id, digest) lines that an earlier batch built under the
         same settings: its row for that id names the same line digest (newest batch first)."""
-        found, ids = {}, [doc_id for doc_id, _ in lines]
+        found = {}
         with self._lock:
             for db in self._same_build:
+                # An older table is asked only about the lines the newer ones did not know.
+                left = [(doc_id, digest) for doc_id, digest in lines if digest not in found]
+                if not left:
+                    break
                 try:
                     rows = rows_with_ids(db, "SELECT id, checksum, digest FROM docs WHERE op = 'index' AND idx = ?",
-                                         self._index, ids)
+                                         self._index, [doc_id for doc_id, _ in left])
                     recorded = {doc_id: (checksum, digest) for doc_id, checksum, digest in rows}
                 except sqlite3.Error:
                     continue    # a table of an older shape: it knows no lines
-                for doc_id, digest in lines:
+                for doc_id, digest in left:
                     checksum, line = recorded.get(doc_id, (None, None))
                     if line == digest and digest not in found:
                         found[digest] = (self._index, doc_id, checksum)
