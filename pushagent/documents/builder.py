@@ -174,12 +174,10 @@ class Builder:
         return Doc(index, doc_id, version, op, action, source, checksum, file, line, digest=line_digest(raw))
 
     def known(self, raw: bytes, file: str, line: int, digest: bytes, index: str, doc_id: str, checksum: str) -> Doc:
-        """The document an earlier batch built from this very line (same settings), not built again: it has its
-        action line, and its source only once `complete` builds it, for it must be sent after all."""
-        version = self.settings.batch_version
-        before_id, after_id = self._action_around_id("index", index, version)
-        return Doc(index, doc_id, version, "index", b"".join((before_id, orjson.dumps(doc_id), after_id)), None,
-                   checksum, file, line, digest=digest, raw=raw)
+        """The document an earlier batch built from this very line (same settings), not built again: its action
+        line and source come only when `complete` builds it, for it must be sent after all (most never are)."""
+        return Doc(index, doc_id, self.settings.batch_version, "index", b"", None, checksum, file, line,
+                   digest=digest, raw=raw)
 
     def complete(self, doc: Doc) -> Doc:
         """A `known` document built from its line, as `build` makes it; a later line of a repeated id stays one."""
