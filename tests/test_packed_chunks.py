@@ -150,7 +150,7 @@ def test_the_lines_of_documents_not_built_yet_count_in_what_a_chunk_holds():
     builder, chunker = Builder(SETTINGS), Chunker(chunk_docs=10, chunk_bytes=1 << 30)
     lines = [orjson.dumps({"id": f"w{n}", "embedding": [n / 7] * 64}) for n in range(10)]
     for n, raw in enumerate(lines):
-        chunker.feed(builder.known(raw, "f", n + 1, b"digest", "words", f"w{n}", "checksum"), Position(0, n, n + 1))
+        chunker.feed(builder.known(raw, "f", n + 1, b"digest", "words", f"w{n}", "checksum", 1), Position(0, n, n + 1))
     chunk = chunker.flush()
     lines_bytes = sum(map(len, lines))
     assert chunk.held_bytes == len(chunk.body) + lines_bytes and len(chunk.body) < lines_bytes

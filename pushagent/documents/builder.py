@@ -31,6 +31,7 @@ class Doc:
     version_type: str = "external"   # external_gte for a later line repeating an id of its batch
     digest: bytes | None = None      # line_digest of its input line, recorded for the next incremental push
     raw: bytes | None = None         # the input line of a document not built yet (Builder.known)
+    recorded_version: int | None = None  # the version an earlier batch recorded for the document of this line
 
     @property
     def size(self) -> int:
@@ -173,11 +174,13 @@ class Builder:
                                b'"}\n'))
         return Doc(index, doc_id, version, op, action, source, checksum, file, line, digest=line_digest(raw))
 
-    def known(self, raw: bytes, file: str, line: int, digest: bytes, index: str, doc_id: str, checksum: str) -> Doc:
-        """The document an earlier batch built from this very line (same settings), not built again: its action
-        line and source come only when `complete` builds it, for it must be sent after all (most never are)."""
+    def known(self, raw: bytes, file: str, line: int, digest: bytes, index: str, doc_id: str, checksum: str,
+              recorded_version: int) -> Doc:
+        """The document an earlier batch built from this very line (same settings) and wrote at
+        `recorded_version`, not built again: its action line and source come only when `complete` builds it,
+        for it must be sent after all (most never are)."""
         return Doc(index, doc_id, self.settings.batch_version, "index", b"", None, checksum, file, line,
-                   digest=digest, raw=raw)
+                   digest=digest, raw=raw, recorded_version=recorded_version)
 
     def complete(self, doc: Doc) -> Doc:
         """A `known` document built from its line, as `build` makes it; a later line of a repeated id stays one."""

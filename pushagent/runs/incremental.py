@@ -71,8 +71,8 @@ class PriorWrites:
         return found
 
     def known_lines(self, lines: list) -> dict:
-        """{digest: (index, id, checksum)} of the (likely id, digest) lines that an earlier batch built under the
-        same settings: its row for that id names the same line digest (newest batch first)."""
+        """{digest: (index, id, checksum, version)} of the (likely id, digest) lines that an earlier batch built
+        under the same settings: its row for that id names the same line digest (newest batch first)."""
         found = {}
         with self._lock:
             for db in self._same_build:
@@ -81,15 +81,15 @@ class PriorWrites:
                 if not left:
                     break
                 try:
-                    rows = rows_with_ids(db, "SELECT id, checksum, digest FROM docs WHERE op = 'index' AND idx = ?",
-                                         self._index, [doc_id for doc_id, _ in left])
-                    recorded = {doc_id: (checksum, digest) for doc_id, checksum, digest in rows}
+                    rows = rows_with_ids(db, "SELECT id, digest, checksum, version FROM docs WHERE op = 'index' "
+                                             "AND idx = ?", self._index, [doc_id for doc_id, _ in left])
+                    recorded = {doc_id: (line, checksum, version) for doc_id, line, checksum, version in rows}
                 except sqlite3.Error:
                     continue    # a table of an older shape: it knows no lines
                 for doc_id, digest in left:
-                    checksum, line = recorded.get(doc_id, (None, None))
+                    line, checksum, version = recorded.get(doc_id, (None, None, None))
                     if line == digest and digest not in found:
-                        found[digest] = (self._index, doc_id, checksum)
+                        found[digest] = (self._index, doc_id, checksum, version)
         return found
 
     def close(self) -> None:
@@ -181,11 +181,14 @@ class ChangeProbe:
         if not self.rate_limiter.acquire(self.stop_event):
             raise ChunkAborted()
         self.stats.record_probe()
-        settings, hints = self.settings, {}
-        for index in {doc.index for doc in docs}:
-            found = self.prior.lookup(index, [doc.doc_id for doc in docs if doc.index == index])
+        settings = self.settings
+        # A known line's document brings the version its batch recorded; the others are looked up.
+        hints = {(doc.index, doc.doc_id): doc.recorded_version for doc in docs if doc.recorded_version is not None}
+        built = [doc for doc in docs if doc.recorded_version is None]
+        for index in {doc.index for doc in built}:
+            found = self.prior.lookup(index, [doc.doc_id for doc in built if doc.index == index])
             # A hint only where an earlier batch recorded this very content.
-            hints.update(((index, doc.doc_id), found[doc.doc_id][0]) for doc in docs
+            hints.update(((index, doc.doc_id), found[doc.doc_id][0]) for doc in built
                          if doc.index == index and found.get(doc.doc_id, (None, None))[1] == doc.checksum)
         stamps = [settings.checksum_field, settings.embedding_version_field, settings.timestamp_field]
         asked = [{"_index": doc.index, "_id": doc.doc_id,
