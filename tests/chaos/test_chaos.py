@@ -19,7 +19,7 @@ from conftest import FULL, scale
 from faultproxy import Fault, FaultProxy
 from redisserver import RedisServer, drain_killed_mid_way
 from support import (agent_env, cli_command, count, fill_queue, generate, interrupt_after, push_command, queue_stats,
-                     queued_ids, run_cli, run_push, stored_checksums)
+                     queued_ids, run_cli, run_push, stored_checksums, wait_for)
 
 from pushagent.inputs.reader import BOM
 
@@ -247,10 +247,17 @@ def test_full_disk_stops_cleanly_and_the_rerun_completes(cluster_url, index, sma
     data = generate(tmp_path / "words.jsonl", records)
     state_dir = small_disk / "state"
     extra = ["--chunk-docs", "250"]
+
+    def fill_once_checkpointed(process):
+        # The adaptive sender may send a third request before the first chunk's commit: filling the disk at
+        # that moment would leave no checkpoint at all, a start over rather than the mid-run case tested here.
+        wait_for(lambda: any((state_dir / "runs").glob("*.json")) or process.poll() is not None)
+        fill(small_disk)
+
     with FaultProxy(cluster_url) as proxy:
         proxy.plan = lambda request: Fault.delay(0.1) if request.ids else None
         code, _, stderr = interrupt_after(proxy, push_command(proxy.url, index, state_dir, data, extra=extra),
-                                          timeout=300, interrupt=lambda process: fill(small_disk))
+                                          timeout=300, interrupt=fill_once_checkpointed)
     assert code == 1, stderr
     assert str(state_dir) in stderr and "No space left on device" in stderr
     (checkpoint,) = (state_dir / "runs").glob("*.json")
