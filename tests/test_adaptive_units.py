@@ -256,7 +256,7 @@ def test_the_concurrency_in_use_shows_in_progress_and_metrics():
             values["pushagent_compress"]) == (5, 3, 0)
 
 
-def test_the_requests_out_are_counted_apart_from_the_limit_that_allows_them():
+def test_the_requests_out_are_the_slots_taken_not_the_limit_that_allows_them():
     """One request at a time under a limit of 4 (the reading or the memory budget held the others back):
     one out, not four, while it is out; none once it is answered."""
     stats = TransferStats()

@@ -87,7 +87,7 @@ class ChunkSender:
         self.in_flight = ConcurrencyLimit(config.concurrency, config.concurrency_ceiling, clock)
         self.compression = Compression(config.compress)
         self._gzip = functools.partial(gzip_body, level=config.compress_level)
-        stats.rate_per_minute = rate_limiter.rate_per_minute
+        stats.rate_per_minute, stats.sending_limit = rate_limiter.rate_per_minute, self.in_flight
         stats.record_sending(self.in_flight.limit, self.compression.gzip)
 
     def resolve(self, docs: list, chunk: Chunk | None = None) -> Outcome:
@@ -207,12 +207,10 @@ class ChunkSender:
         if slot is None:
             raise ChunkAborted()
         encoding = self.compression.pick()
-        self.stats.record_out(+1)
         try:
             payload, raw_bytes = self._encode(body, encoding.gzip)
             response = self.transport.post(payload, docs, encoding.gzip, raw_bytes)
         finally:
-            self.stats.record_out(-1)
             self.in_flight.release()
         return response, Sent(slot, self.outage.now() - slot.sent_at, docs, encoding)
 

@@ -77,7 +77,7 @@ class ConcurrencyLimit:
         self.ceiling = max(1, ceiling)
         self.limit = min(max(1, start), self.ceiling)
         self._clock = clock
-        self._in_flight = 0
+        self.taken = self.taken_peak = 0    # slots taken now (requests out), and the most at once
         self._fills = 0             # how many times a request took the last free slot
         self._cut_at = self._raised_at = float("-inf")
         self._starting = True       # no queue seen yet: one raise per answer
@@ -87,18 +87,19 @@ class ConcurrencyLimit:
     def acquire(self, stop_event: threading.Event | None = None) -> Slot | None:
         """Wait for a slot; None if `stop_event` was set while waiting."""
         with self._changed:
-            while self._in_flight >= self.limit:
+            while self.taken >= self.limit:
                 if stop_event is not None and stop_event.is_set():
                     return None
                 self._changed.wait(0.5)
             slot = Slot(self._clock(), self._fills)
-            self._in_flight += 1
-            self._fills += self._in_flight >= self.limit
+            self.taken += 1
+            self.taken_peak = max(self.taken_peak, self.taken)
+            self._fills += self.taken >= self.limit
             return slot
 
     def release(self) -> None:
         with self._changed:
-            self._in_flight -= 1
+            self.taken -= 1
             self._changed.notify_all()
 
     def held(self) -> None:

@@ -58,7 +58,7 @@ class TransferStats:
         self.rate_per_minute = None   # the rate the token bucket sends at now (backpressure lowers it)
         self.concurrency = None       # requests the sender allows in flight now (it finds the level itself)
         self.concurrency_peak = 0
-        self.requests_out = self.requests_out_peak = 0   # sent and not answered (the limit may allow more)
+        self.sending_limit = None     # the ConcurrencyLimit whose slots are the requests out
         self.compress = None          # whether the requests go gzip'd now (compress: auto measures it)
 
     def record_request(self, status, raw, sent, seconds, docs=0):
@@ -75,11 +75,14 @@ class TransferStats:
             self.concurrency, self.compress = concurrency, compress
             self.concurrency_peak = max(self.concurrency_peak, concurrency)
 
-    def record_out(self, change: int):
-        """A request left (+1) or was answered (-1)."""
-        with self._lock:
-            self.requests_out += change
-            self.requests_out_peak = max(self.requests_out_peak, self.requests_out)
+    @property
+    def requests_out(self) -> int:
+        """Requests sent and not answered now (the limit may allow more)."""
+        return 0 if self.sending_limit is None else self.sending_limit.taken
+
+    @property
+    def requests_out_peak(self) -> int:
+        return 0 if self.sending_limit is None else self.sending_limit.taken_peak
 
     def record_retry(self):
         with self._lock:
