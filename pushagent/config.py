@@ -69,6 +69,7 @@ class Config:
     max_retry_delay: float = 6 * 3600
     lease_seconds: float = 900              # how long a drainer holds taken items before others may take them
     sample_size: int = 100
+    count_settle_seconds: float = 5         # a count off the expected one is final once unchanged this long
     grace_seconds: float = 60
     progress_seconds: float = 30
     metrics_file: str | None = None
@@ -174,7 +175,7 @@ def _coerce(key, value):
         if key in ("chunk_bytes", "max_in_flight_bytes"):
             return parse_size(value)
         if key in ("max_retry_delay", "lease_seconds", "outage_seconds", "grace_seconds", "progress_seconds",
-                   "push_interval", "health_lag_warning", "health_lag_critical"):
+                   "count_settle_seconds", "push_interval", "health_lag_warning", "health_lag_critical"):
             return parse_duration(value)
         if key == "compress":
             return _parse_compress(value)
@@ -244,8 +245,8 @@ def validate(config: Config) -> None:
         raise ConfigError("concurrency, max_concurrency and requests_per_minute must be positive")
     if config.max_retries < 0 or config.outage_seconds < 0:
         raise ConfigError("max_retries and outage_seconds must not be negative")
-    if config.progress_seconds <= 0 or config.push_interval <= 0:
-        raise ConfigError("progress_seconds and push_interval must be positive durations")
+    if config.progress_seconds <= 0 or config.push_interval <= 0 or config.count_settle_seconds <= 0:
+        raise ConfigError("progress_seconds, push_interval and count_settle_seconds must be positive durations")
     _validate_url("url", config.url, config.insecure)
     if config.s3_endpoint_url:
         _validate_url("s3_endpoint_url", config.s3_endpoint_url, config.insecure)

@@ -62,7 +62,9 @@ def agent_env(extra=None) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHAGENT_")}
     # `python -m pushagent` must run this checkout, not an installed copy.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env.update({"PUSHAGENT_REQUESTS_PER_MINUTE": "6000", "PUSHAGENT_RETRY_BACKOFF_SECONDS": "0.05"})
+    # A count that differs from the expected one settles within 2 refresh intervals of the test nodes' 1 s.
+    env.update({"PUSHAGENT_REQUESTS_PER_MINUTE": "6000", "PUSHAGENT_RETRY_BACKOFF_SECONDS": "0.05",
+                "PUSHAGENT_COUNT_SETTLE_SECONDS": "2"})
     env.update(extra or {})
     return env
 

@@ -262,3 +262,26 @@ def test_verify_refuses_a_sharded_batch_until_every_shard_of_one_split_has_finis
     store.save(RunState("b", [], {}, status="pushed", key="b.shard-0-of-2"))
     with pytest.raises(PushAgentError, match="pushed in 2 and in 3 shards"):
         check_finished("b", shard_states(tmp_path, "b"))
+
+
+def test_a_count_off_the_expected_one_is_final_once_unchanged_for_count_settle_seconds():
+    """The count is polled until it equals the expectation, or until it has not moved for the configured
+    settle time (several refresh intervals of the index), not a fixed 5 s."""
+    from pushagent.config import load_config
+    from pushagent.runs.checks import settled_count
+
+    class Counting:
+        def __init__(self, counts):
+            self.counts, self.asked = list(counts), 0
+
+        def request(self, method, path, body):
+            self.asked += 1
+            return {"count": self.counts.pop(0) if len(self.counts) > 1 else self.counts[0]}
+
+    assert load_config(environ={"PUSHAGENT_COUNT_SETTLE_SECONDS": "30s"}).count_settle_seconds == 30
+    moving = Counting([7, 8, 9, 10])
+    assert settled_count(moving, "i", {"match_all": {}}, 10, settle_seconds=60) == 10 and moving.asked == 4
+    stuck = Counting([9])
+    assert settled_count(stuck, "i", {"match_all": {}}, 10, settle_seconds=0.2) == 9 and stuck.asked <= 3
+    with pytest.raises(PushAgentError, match="count_settle_seconds must be positive"):
+        load_config(environ={"PUSHAGENT_COUNT_SETTLE_SECONDS": "0"})

@@ -21,7 +21,6 @@ from pushagent.state.doctable import DocTable, deletions_in
 
 LIST_LIMIT = 20             # ids listed per problem in a report
 FULL_LIST_LIMIT = 1000      # ids listed per category by --full (all of them go to --enqueue-missing)
-COUNT_SETTLE_SECONDS = 5.0  # several default refresh intervals (1 s): a busy node refreshes late
 COUNT_TIMEOUT_SECONDS = 60.0
 LOAD_BATCH = 5_000
 MGET_PAGE = 1_000           # ids per _mget when the count falls short and the ids are asked for one by one
@@ -41,6 +40,7 @@ class VerifySpec:
     batch_field: str = "sync_batch"
     snapshot: bool = False          # the batch is the whole index: the embedding version's count decides too
     runs_dir: Path | None = None    # where the tables of the other batches are (their deletes supersede ours)
+    settle_seconds: float = 5.0     # count_settle_seconds: several refresh intervals (1 s by default)
 
     @property
     def stamped_fields(self) -> tuple:
@@ -70,8 +70,8 @@ def version_query(client, index: str, spec: VerifySpec) -> dict:
     return exact_match(client, index, spec.embedding_version_field, spec.embedding_version)
 
 
-def settled_count(client, index: str, query: dict, expected: int) -> int:
-    """_count, polled until it equals `expected` or stops changing.
+def settled_count(client, index: str, query: dict, expected: int, settle_seconds: float) -> int:
+    """_count, polled until it equals `expected` or has not changed for `settle_seconds`.
 
     A search only sees refreshed segments. `_refresh` would need the
     maintenance privilege, and `refresh=wait_for` belongs on the last bulk
@@ -89,7 +89,7 @@ def settled_count(client, index: str, query: dict, expected: int) -> int:
             return value
         if value != last:
             last, since = value, time.monotonic()
-        elif time.monotonic() - since >= COUNT_SETTLE_SECONDS:
+        elif time.monotonic() - since >= settle_seconds:
             return value
         time.sleep(0.5)
 
@@ -108,7 +108,8 @@ def check_count(client, table: DocTable, spec: VerifySpec, indices: list) -> dic
     expected, result = counts["per_index"], _empty_count_result(counts)
     for index in indices:
         want = expected.get(index, 0)
-        present = settled_count(client, index, exact_match(client, index, spec.batch_field, spec.batch_id), want)
+        present = settled_count(client, index, exact_match(client, index, spec.batch_field, spec.batch_id), want,
+                                spec.settle_seconds)
         result["per_index"][index] = present
         result["actual"] += present
         if present < want:
@@ -117,7 +118,7 @@ def check_count(client, table: DocTable, spec: VerifySpec, indices: list) -> dic
             _check_deleted(client, table, spec, index, result)
         if spec.embedding_version is not None:
             result["embedding_version_count"] += settled_count(client, index, version_query(client, index, spec),
-                                                               want)
+                                                               want, spec.settle_seconds)
     explained = result["actual"] + result["superseded"] + result["unchanged"]
     result["ok"] = (explained == result["expected"] and result["actual"] <= result["expected"]
                     and not (result["missing_ids"] or result["replaced_ids"] or result["still_present_ids"]))
@@ -138,8 +139,8 @@ def _count_by_version(client, table: DocTable, spec: VerifySpec, indices: list) 
         return {"ok": True, "skipped": "no embedding_version to count by (push with --embedding-version)"}
     counts = table.counts()
     expected = counts["per_index"] if spec.expected_count is None else {indices[0]: spec.expected_count}
-    actual = {index: settled_count(client, index, version_query(client, index, spec), expected.get(index, 0))
-              for index in indices}
+    actual = {index: settled_count(client, index, version_query(client, index, spec), expected.get(index, 0),
+                                   spec.settle_seconds) for index in indices}
     return {"ok": actual == {i: expected.get(i, 0) for i in indices}, "by": "embedding_version",
             "expected": sum(expected.values()), "actual": sum(actual.values()), "duplicates": counts["duplicates"],
             "per_index": actual}
@@ -263,7 +264,7 @@ def check_timestamp(client, indices: list, spec: VerifySpec) -> dict:
         query = {"bool": {"filter": [{"range": {spec.timestamp_field: {"lt": spec.expected_date}}},
                                      _timestamp_scope(client, index, spec)]}}
         # Settled like the count: the documents this batch just re-stamped may not be searchable yet.
-        found = settled_count(client, index, query, 0)
+        found = settled_count(client, index, query, 0, spec.settle_seconds)
         older += found
         if found:
             hits = client.request("POST", f"/{index}/_search", {"query": query, "size": LIST_LIMIT, "_source": False})
@@ -323,7 +324,7 @@ def add_full_scan(client, result: dict, table: DocTable, indices: list, spec: Ve
         # shard refresh (it skips scheduled refreshes until searched), and waits out a count that moves.
         expected = table.counts()["per_index"]
         for index in indices:
-            settled_count(client, index, {"match_all": {}}, expected.get(index, 0))
+            settled_count(client, index, {"match_all": {}}, expected.get(index, 0), spec.settle_seconds)
         full = full_scan(client, table, indices, client.info().get("distribution"), checksum, FULL_LIST_LIMIT,
                          spec.batch_id, lambda index, versions: deleted_by_later_batches(spec, index, versions))
         # Documents of other batches are the index's business, unless this batch is the whole index.

@@ -21,7 +21,7 @@ from pushagent.state.records import AuditLog, SyncStateStore, runtime_fields, ut
 log = logging.getLogger(__name__)
 
 
-def spec_for(settings: BuildSettings, state_path, expected_date=None, snapshot: bool = False) -> VerifySpec:
+def spec_for(settings: BuildSettings, config, expected_date=None, snapshot: bool = False) -> VerifySpec:
     """Documents last updated before the batch time are stale: the batch's own (a re-stamp missed), or, for a
     snapshot, any of its embedding version. Without a batch stamp or an embedding version the index may hold
     other batches, so only an explicit date is checked."""
@@ -30,7 +30,7 @@ def spec_for(settings: BuildSettings, state_path, expected_date=None, snapshot: 
     return VerifySpec(settings.embedding_version, expected_date or default_date,
                       settings.embedding_version_field, settings.timestamp_field, settings.checksum_field,
                       batch_id=settings.batch_id, batch_field=settings.batch_field, snapshot=snapshot,
-                      runs_dir=Path(state_path) / "runs")
+                      runs_dir=Path(config.state_path) / "runs", settle_seconds=config.count_settle_seconds)
 
 
 def settings_from_record(record: dict) -> BuildSettings:
@@ -69,7 +69,7 @@ class BatchRecorder:
             log.warning("the inputs hold no records: nothing was sent, there is nothing to verify")
         elif result.status == "pushed" and self.verify and self._ready_to_verify(state):
             self.write(state, "pushed")
-            spec = spec_for(self.settings, self.config.state_path, snapshot=self.config.snapshot)
+            spec = spec_for(self.settings, self.config, snapshot=self.config.snapshot)
             result.verification = run_checks(self.client, self.table, spec, self.indices(), self.table.sample())
             result.status = "verified" if result.verification["ok"] else "verification_failed"
             if not result.verification["ok"] and result.exit_code == EXIT_OK:

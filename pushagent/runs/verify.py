@@ -63,7 +63,7 @@ def _verify_recorded(config, cluster, options: VerifyOptions) -> dict:
     table = _batch_table(config, record)
     log.info("verifying batch %s: count, sample and timestamp checks", record["batch_id"])
     try:
-        spec = spec_for(settings, config.state_path, options.expected_date, record.get("snapshot") or options.snapshot)
+        spec = spec_for(settings, config, options.expected_date, record.get("snapshot") or options.snapshot)
         with cluster.client() as client:
             result = run_checks(client, table, spec, record["indices"], table.sample())
         _note_queued(config, record["batch_id"], result)
@@ -146,7 +146,8 @@ def _verify_unrecorded(config, cluster, options: VerifyOptions) -> dict:
         expected_date = options.expected_date or (settings.batch_time_iso if options.sources else None)
         spec = VerifySpec(options.embedding_version, expected_date, settings.embedding_version_field,
                           settings.timestamp_field, settings.checksum_field,
-                          None if options.sources else options.expected_count)
+                          None if options.sources else options.expected_count,
+                          settle_seconds=config.count_settle_seconds)
         with cluster.client() as client:
             result = run_checks(client, table, spec, [options.index], table.sample())
         added = _full(config, cluster, options, result, settings, table, [options.index])
@@ -171,7 +172,7 @@ def _full(config, cluster, options: VerifyOptions, result: dict, settings, table
     (--enqueue-missing, --repair) or delete what is extra (--delete-extra). Returns what the report adds."""
     if not options.full:
         return {}
-    spec = spec_for(settings, config.state_path, snapshot=snapshot or options.snapshot)
+    spec = spec_for(settings, config, snapshot=snapshot or options.snapshot)
     with cluster.client() as client:
         add_full_scan(client, result, table, indices, spec, options.recompute)
     batch_id = options.batch_id or f"verify-{settings.embedding_version}"
