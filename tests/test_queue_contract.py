@@ -238,6 +238,19 @@ def test_resolve_removes_queued_and_dead_items_of_that_version_or_older_only(que
     assert queue.stats()["dead"] == 1
 
 
+def test_resolve_looks_no_further_in_an_empty_queue_and_finds_every_kind_of_item_otherwise(queue, open_test_queue):
+    """A push resolves every document it sends: an empty queue must answer at once, and a queue holding
+    anything (pending, leased by another drainer, or dead) must still be searched."""
+    assert queue._empty() and queue.resolve([Acked(0, 200)]) == 0
+    queue.put([doc_item(0, version=100)])
+    assert len(open_test_queue().take(1)) == 1       # leased by another drainer
+    assert not queue._empty() and queue.resolve([Acked(0, 200)]) == 1 and queue._empty()
+    queue.dead_letter([doc_item(1, version=100, kind="permanent")])
+    assert not queue._empty() and queue.resolve([Acked(1, 100)]) == 1 and queue._empty()
+    queue.put([doc_item(2, version=100)])
+    assert queue.resolve([Acked(2, 100)]) == 1 and queue._empty()
+
+
 def test_a_409_leaves_a_repair_of_that_version_queued(queue):
     repair = doc_item(5, version=100, kind="repair")
     repair.version_type = "external_gte"

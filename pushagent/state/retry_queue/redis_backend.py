@@ -18,7 +18,7 @@ import redis
 
 from pushagent.errors import QueueError
 from pushagent.state.retry_queue.base import (DEAD, PENDING, QUARANTINED, QueueItem, RetryQueue, new_lease_token, now,
-                                              redact_url, resolvable, retry_delay)
+                                              redact_url, retry_delay)
 
 PREFIX = "pushagent:"
 PAGE = 500
@@ -217,8 +217,11 @@ class RedisQueue(RetryQueue):
     def make_due(self, batch_id=None) -> int:
         return self._script("make_due", [repr(now()), batch_id or ""])
 
-    def resolve(self, docs, conflict=False) -> int:
-        rows = resolvable(docs, conflict)
+    def _empty(self) -> bool:
+        # An item is in one of the sorted sets, and Redis keeps no empty one.
+        return self._call(self._redis.exists, *self._keys[1:]) == 0
+
+    def _resolve(self, rows) -> int:
         return sum(self._script("resolve", [value for row in rows[start:start + PAGE] for value in row])
                    for start in range(0, len(rows), PAGE))
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pushagent.errors import QueueError
 from pushagent.state.retry_queue.base import (DEAD, PENDING, QUARANTINED, QueueItem, RetryQueue, new_lease_token, now,
-                                              resolvable, retry_delay)
+                                              retry_delay)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -177,9 +177,12 @@ class SqliteQueue(RetryQueue):
         params = {"now": now(), "batch": batch_id}
         return self._transaction(lambda db: db.execute(MAKE_DUE, params).rowcount)
 
-    def resolve(self, docs, conflict=False) -> int:
-        rows = resolvable(docs, conflict)
-        return self._write(RESOLVE, rows) if rows else 0
+    def _empty(self) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT NOT EXISTS (SELECT 1 FROM items)").fetchone()[0] == 1
+
+    def _resolve(self, rows) -> int:
+        return self._write(RESOLVE, rows)
 
     def purge(self, batch_id=None, reason=None, older_than=None) -> int:
         params = {"batch": batch_id, "reason": reason, "before": None if older_than is None else now() - older_than}
