@@ -81,7 +81,7 @@ def settled_count(client, index: str, query: dict, expected: int, settle_seconds
     (refresh_interval -1) never settles to the truth; the report says so.
     Each search also wakes a search-idle shard, which refreshes only then.
     """
-    deadline = time.monotonic() + COUNT_TIMEOUT_SECONDS
+    deadline = time.monotonic() + COUNT_TIMEOUT_SECONDS + settle_seconds   # a count still moving: give up
     last, since = None, time.monotonic()
     while True:
         value = client.request("POST", f"/{index}/_count", {"query": query})["count"]
