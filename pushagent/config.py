@@ -245,8 +245,10 @@ def validate(config: Config) -> None:
         raise ConfigError("concurrency, max_concurrency and requests_per_minute must be positive")
     if config.max_retries < 0 or config.outage_seconds < 0:
         raise ConfigError("max_retries and outage_seconds must not be negative")
-    if config.progress_seconds <= 0 or config.push_interval <= 0 or config.count_settle_seconds <= 0:
-        raise ConfigError("progress_seconds, push_interval and count_settle_seconds must be positive durations")
+    if config.progress_seconds <= 0 or config.push_interval <= 0:
+        raise ConfigError("progress_seconds and push_interval must be positive durations")
+    if config.count_settle_seconds <= 0:
+        raise ConfigError(f"count_settle_seconds must be a positive duration, got {config.count_settle_seconds}")
     _validate_url("url", config.url, config.insecure)
     if config.s3_endpoint_url:
         _validate_url("s3_endpoint_url", config.s3_endpoint_url, config.insecure)

@@ -283,5 +283,5 @@ def test_a_count_off_the_expected_one_is_final_once_unchanged_for_count_settle_s
     assert settled_count(moving, "i", {"match_all": {}}, 10, settle_seconds=60) == 10 and moving.asked == 4
     stuck = Counting([9])
     assert settled_count(stuck, "i", {"match_all": {}}, 10, settle_seconds=0.2) == 9 and stuck.asked <= 3
-    with pytest.raises(PushAgentError, match="count_settle_seconds must be positive"):
+    with pytest.raises(PushAgentError, match="count_settle_seconds must be a positive duration, got 0"):
         load_config(environ={"PUSHAGENT_COUNT_SETTLE_SECONDS": "0"})
