@@ -45,6 +45,7 @@ def test_concurrency_rises_while_answers_keep_pace_and_halves_on_429s(cluster_ur
     assert seen_by_cluster[:2] == [1, 2] and max(seen_by_cluster) >= REACHED, seen_by_cluster   # from 2, up to 6
     first_cut = next(at for at in range(1, len(limits)) if limits[at] < limits[at - 1])
     rose, fell = limits[:first_cut], limits[first_cut:]
-    assert rose[0] == 2 and max(rose) >= REACHED, limits
+    # Risen in the progress lines, up to REACHED in the report: a raise and the next can fall between two lines.
+    assert rose[0] == 2 and max(rose) > 2 and report["concurrency_peak"] >= REACHED, limits
     # halved on the 429s: from the peak, which may fall between two progress lines
     assert report["concurrency_peak"] >= max(rose) and min(fell) <= report["concurrency_peak"] // 2, limits
