@@ -13,9 +13,10 @@ from click.testing import CliRunner
 from pushagent.cli import cli
 from pushagent.cluster.client import ClusterClient
 from pushagent.cluster.scan import stamped_checksum
-from pushagent.config import Config
+from pushagent.config import Config, load_config
 from pushagent.documents.builder import Builder, BuildSettings
 from pushagent.errors import PushAgentError
+from pushagent.runs.checks import settled_count
 from pushagent.runs.fullscan import full_scan
 from pushagent.runs.sharded import check_finished, shard_states
 from pushagent.state.checkpoint import CheckpointStore, RunState
@@ -267,9 +268,6 @@ def test_verify_refuses_a_sharded_batch_until_every_shard_of_one_split_has_finis
 def test_a_count_off_the_expected_one_is_final_once_unchanged_for_count_settle_seconds():
     """The count is polled until it equals the expectation, or until it has not moved for the configured
     settle time (several refresh intervals of the index), not a fixed 5 s."""
-    from pushagent.config import load_config
-    from pushagent.runs.checks import settled_count
-
     class Counting:
         def __init__(self, counts):
             self.counts, self.asked = list(counts), 0

@@ -40,7 +40,7 @@ class VerifySpec:
     batch_field: str = "sync_batch"
     snapshot: bool = False          # the batch is the whole index: the embedding version's count decides too
     runs_dir: Path | None = None    # where the tables of the other batches are (their deletes supersede ours)
-    settle_seconds: float = 5.0     # count_settle_seconds: several refresh intervals (1 s by default)
+    settle_seconds: float = dataclasses.field(kw_only=True)   # config's count_settle_seconds
 
     @property
     def stamped_fields(self) -> tuple:
