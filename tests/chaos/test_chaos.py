@@ -93,8 +93,21 @@ def kill_at_random_points(proxy, command, env, crashes, rng, max_requests, pause
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=60)
         time.sleep(pause)
+        quiet_proxy(proxy)
         increments.append(proxy.resent() - before)
     return increments
+
+
+def quiet_proxy(proxy, quiet=0.5, timeout=10):
+    """Wait until no request has reached `proxy` for `quiet` seconds: one the killed process wrote just before
+    its end may be recorded a moment after, and must count for its own run, not the next."""
+    deadline = time.monotonic() + timeout
+    seen = len(proxy.requests)
+    while time.monotonic() < deadline:
+        time.sleep(quiet)
+        if len(proxy.requests) == seen:
+            return
+        seen = len(proxy.requests)
 
 
 def wait_for_requests(proxy, number, timeout=120):
