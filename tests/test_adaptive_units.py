@@ -8,11 +8,11 @@ import pytest
 
 from pushagent.cluster.bulk import ChunkSender
 from pushagent.cluster.compression import PROBES, REPROBE, Compression, Encoding
-from pushagent.cluster.concurrency import ConcurrencyLimit
+from pushagent.cluster.concurrency import ConcurrencyLimit, SendingOrder
 from pushagent.cluster.transport import BulkResponse, TransferStats
 from pushagent.config import Config, load_config
 from pushagent.documents.builder import Doc
-from pushagent.errors import ConfigError
+from pushagent.errors import ChunkAborted, ConfigError
 from pushagent.ops.metrics import RunFacts, registry_for
 from pushagent.ops.progress import Snapshot
 from pushagent.state.ledger import Ledger
@@ -147,6 +147,24 @@ def test_a_stopping_run_does_not_wait_for_a_slot():
     assert limit.acquire(stop) is not None
 
 
+def test_first_requests_take_their_turn_and_a_chunk_done_early_is_skipped_when_its_turn_comes():
+    order, stop = SendingOrder(), threading.Event()
+    first, second, third = order.ticket(), order.ticket(), order.ticket()
+    assert order.wait(first, stop)
+    order.passed(second)        # nothing to send: done before its turn
+    waiting = threading.Thread(target=order.wait, args=(third, stop))
+    waiting.start()
+    waiting.join(0.2)
+    assert waiting.is_alive()   # the first has not taken its slot yet
+    order.passed(first)
+    waiting.join(2)
+    assert not waiting.is_alive()
+    order.passed(first)         # again (the worker's own pass after the sender's): no harm
+    fourth = order.ticket()
+    stop.set()
+    assert order.wait(fourth, stop) is False
+
+
 def probe_round(compression: Compression, seconds: dict, docs: int = 1000) -> list:
     """Send and answer PROBES requests; `seconds` maps gzip -> time a request takes. The encodings sent."""
     sent = [compression.pick() for _ in range(PROBES)]
@@ -245,6 +263,15 @@ def test_the_sender_measures_each_request_and_reports_what_it_settled_on():
     assert transport.encodings[:PROBES] == [True, False, True, False] and transport.encodings[PROBES:] == [True] * 4
     # One request at a time filled a limit of one, and never a limit of two: two it stays.
     assert (stats.compress, stats.concurrency, stats.concurrency_peak) == (True, 2, 2)
+
+
+def test_nothing_leaves_once_the_run_stops_though_a_token_and_a_slot_are_free():
+    transport, stop = TimedTransport(Clock(), lambda gzip: 1.0), threading.Event()
+    sender = ChunkSender(transport, Config(concurrency=2), TransferStats(), Unlimited(), stop)
+    stop.set()
+    with pytest.raises(ChunkAborted):
+        sender.resolve(docs())
+    assert transport.encodings == []
 
 
 def test_the_concurrency_in_use_shows_in_progress_and_metrics():

@@ -6,7 +6,8 @@ splits a chunk answered with 413, rides out outages within `outage_seconds`
 (see outage.py) and stops the whole run past it, slows the token bucket down
 when the cluster pushes back, tells the concurrency limit (concurrency.py)
 and the choice of encoding (compression.py) how each answer went, and warns
-once per kind of error (errorlog.py).
+once per kind of error (errorlog.py). A push's chunks send their first
+request in the order they were handed out (concurrency.SendingOrder).
 """
 
 import dataclasses
@@ -17,7 +18,7 @@ import time
 from pushagent.cluster.classifier import (CURRENT, INDEXED, MISSING_INDEX, REJECTED_EXECUTION, RETRYABLE, classify_item,
                                           item_error, request_outcome)
 from pushagent.cluster.compression import Compression, Encoding
-from pushagent.cluster.concurrency import ConcurrencyLimit, Slot
+from pushagent.cluster.concurrency import ConcurrencyLimit, SendingOrder, Slot
 from pushagent.cluster.errorlog import ErrorDigest, error_of_body
 from pushagent.cluster.outage import OutageClock, backoff_delay
 from pushagent.cluster.transport import BulkResponse, TransferStats, TransportFailure, gunzip_body, gzip_body
@@ -85,34 +86,38 @@ class ChunkSender:
         self.outage = OutageClock(config.outage_seconds, clock)
         self.errors = ErrorDigest()
         self.in_flight = ConcurrencyLimit(config.concurrency, config.concurrency_ceiling, clock)
+        self.order = SendingOrder()
         self.compression = Compression(config.compress)
         self._gzip = functools.partial(gzip_body, level=config.compress_level)
         stats.rate_per_minute, stats.sending_limit = rate_limiter.rate_per_minute, self.in_flight
         stats.record_sending(self.in_flight.limit, self.compression.gzip)
 
-    def resolve(self, docs: list, chunk: Chunk | None = None) -> Outcome:
+    def resolve(self, docs: list, chunk: Chunk | None = None, turn: int | None = None) -> Outcome:
         """Send `docs` until each is indexed, current, dead, or out of in-run retries.
 
         `chunk`, when given, holds exactly `docs`: a request for all of them
         sends its body as it is instead of joining the documents (packed while
         out gzip'd). The documents of the outcome that have still to go
-        somewhere (retry, dead) have their bytes.
+        somewhere (retry, dead) have their bytes. `turn`, a ticket of
+        `order`, makes the first request wait for the chunks handed out
+        before this one to leave (SendingOrder).
         Answers in which the cluster took nothing are retried within the
         outage budget; items refused among accepted ones get `max_retries`.
 
         Raises AuthError on 401/403 and ChunkAborted when the run is stopping
         (a signal, or the outage budget ran out: `outage.tripped`).
         """
-        outcome = self._resolve(docs, chunk)
+        outcome = self._resolve(docs, chunk, turn)
         if chunk is not None and (outcome.retry or outcome.dead):
             chunk.unpack(gunzip_body)
         return outcome
 
-    def _resolve(self, docs: list, chunk: Chunk | None) -> Outcome:
+    def _resolve(self, docs: list, chunk: Chunk | None, turn: int | None) -> Outcome:
         outcome, pending = Outcome(), docs
         streak, quiet, rounds = None, 0, 0   # start of this chunk's nothing-useful streak, its length; item rounds
         while True:
-            answer, sent = self._attempt(self._body(pending, docs, chunk), len(pending))
+            answer, sent = self._attempt(self._body(pending, docs, chunk), len(pending), turn)
+            turn = None     # only the first request keeps the order
             if isinstance(answer, RequestFailed):
                 last_error, took, retry_after = answer.reason, False, answer.retry_after
             elif answer.status == 413:
@@ -158,11 +163,11 @@ class ChunkSender:
             chunk.unpack(gunzip_body)     # the documents' bytes back, to join those left
         return bulk_body(pending)
 
-    def _attempt(self, body, docs: int) -> tuple:
+    def _attempt(self, body, docs: int, turn: int | None) -> tuple:
         """(a BulkResponse with one item per document (or a 413), else a RequestFailed saying why; what the
         answer measures, None without an answer)."""
         try:
-            response, sent = self._post(body, docs)
+            response, sent = self._post(body, docs, turn)
         except TransportFailure as error:
             self.errors.seen("request", "-", str(error).split(":")[0], str(error))
             return RequestFailed(str(error)), None
@@ -198,12 +203,11 @@ class ChunkSender:
         return backoff_delay(quiet, self.config.retry_backoff_seconds, self.config.max_backoff_seconds,
                              retry_after, left)
 
-    def _post(self, body: bytes, docs: int) -> tuple:
+    def _post(self, body: bytes, docs: int, turn: int | None) -> tuple:
         """(the answer, what it measures). A token of the rate limit first, then a slot in flight: a request
-        held back by the rate takes no slot, so a full set of slots means the concurrency limit holds."""
-        if self.outage.tripped.is_set() or not self.rate_limiter.acquire(self.stop_event):
-            raise ChunkAborted()
-        slot = self.in_flight.acquire(self.stop_event)
+        held back by the rate takes no slot, so a full set of slots means the concurrency limit holds. Its
+        turn, if it has one, before both; nothing leaves once the run stops."""
+        slot = self._take_slot(turn)
         if slot is None:
             raise ChunkAborted()
         encoding = self.compression.pick()
@@ -213,6 +217,18 @@ class ChunkSender:
         finally:
             self.in_flight.release()
         return response, Sent(slot, self.outage.now() - slot.sent_at, docs, encoding)
+
+    def _take_slot(self, turn: int | None) -> Slot | None:
+        """A rate token and a slot in flight, after the turn if there is one; None when the run stops."""
+        try:
+            if turn is not None and not self.order.wait(turn, self.stop_event):
+                return None
+            if self.stop_event.is_set() or self.outage.tripped.is_set():
+                return None
+            return self.in_flight.acquire(self.stop_event) if self.rate_limiter.acquire(self.stop_event) else None
+        finally:
+            if turn is not None:
+                self.order.passed(turn)
 
     def _encode(self, body, gzip: bool) -> tuple:
         """(the payload of `body`, a Chunk or NDJSON bytes, gzip'd or plain; its plain length). A chunk keeps

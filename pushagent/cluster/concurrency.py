@@ -138,3 +138,46 @@ class ConcurrencyLimit:
 
     def _cut(self, limit: int) -> None:
         self.limit, self._cut_at, self._starting = max(1, limit), self._clock(), False
+
+
+class SendingOrder:
+    """The first requests of chunks take their rate token and slot in the order the chunks were handed out.
+
+    Workers pick chunks up in order but reach the rate limit and the slots in
+    any order. Were a later chunk to leave first, a stop could hold back an
+    earlier one still waiting: the checkpoint cannot pass the earlier one, so
+    the next run would send the later one again. In order, everything out at
+    a stop comes before everything the stop held back. Retries are not
+    ordered: their chunk left once already.
+    """
+
+    def __init__(self):
+        self._changed = threading.Condition()
+        self._issued = self._next = 0
+        self._passed = set()    # tickets done ahead of their turn: skipped when it comes
+
+    def ticket(self) -> int:
+        """The next chunk's place in the order; take one per chunk, in the order they are handed out."""
+        with self._changed:
+            self._issued += 1
+            return self._issued - 1
+
+    def wait(self, ticket: int, stop_event: threading.Event) -> bool:
+        """Wait until every earlier ticket has passed; False if `stop_event` was set first."""
+        with self._changed:
+            while self._next < ticket:
+                if stop_event.is_set():
+                    return False
+                self._changed.wait(0.5)
+            return True
+
+    def passed(self, ticket: int) -> None:
+        """The ticket's chunk took its slot, or will send nothing (given up, nothing to send); idempotent."""
+        with self._changed:
+            if ticket < self._next:
+                return
+            self._passed.add(ticket)
+            while self._next in self._passed:
+                self._passed.remove(self._next)
+                self._next += 1
+            self._changed.notify_all()

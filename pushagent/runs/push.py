@@ -284,7 +284,7 @@ class PushRun:
         if self.config.incremental and not self.options.dry_run:
             self.probe = ChangeProbe(self.config, self.cluster, self.build_settings, limiter, self.stop_event,
                                      self.stats)
-        pump = _ChunkPump(self._resolve_chunk, self.config.concurrency_ceiling)
+        pump = _ChunkPump(self._resolve_chunk, self.config.concurrency_ceiling, sender.order)
         self.repeats = RepeatedIds(self.recorder.table.earlier_lines if self.recorder else lambda index, ids: {})
         committer = self._committer(state, queue, this_run)
         start = state.position
@@ -306,14 +306,15 @@ class PushRun:
         filing = None if queue is None else _Filing(self.batch_id, queue, self.recorder.resolved)
         return _Committer(state, this_run, hooks, filing, self.repeats)
 
-    def _resolve_chunk(self, chunk) -> Outcome:
-        """Send a chunk (in a worker thread); with --incremental only what the cluster does not hold yet."""
+    def _resolve_chunk(self, chunk, turn: int) -> Outcome:
+        """Send a chunk (in a worker thread) in its `turn`; with --incremental only what the cluster does not
+        hold yet."""
         if self.probe is None:
-            return self._sender.resolve(chunk.docs, chunk)
+            return self._sender.resolve(chunk.docs, chunk, turn)
         send, unchanged = self.probe.split(chunk.docs)
         # The chunk holds what is sent only when every document is, as it was fed (none built since).
         whole = len(send) == len(chunk.docs) and all(sent is doc for sent, doc in zip(send, chunk.docs))
-        outcome = self._sender.resolve(send, chunk if whole else None) if send else Outcome()
+        outcome = self._sender.resolve(send, chunk if whole else None, turn) if send else Outcome()
         outcome.unchanged = unchanged
         return outcome
 
@@ -466,12 +467,15 @@ class PushRun:
 class _ChunkPump:
     """`max_concurrency` daemon workers resolving chunks; results come back in completion order.
 
-    Daemon threads, so that a request still hanging when the grace period
-    ends cannot keep the process from exiting with its checkpoint saved.
+    Each chunk gets a ticket of `order` as it is handed out, and resolve(chunk,
+    ticket) sends its first request in that turn. Daemon threads, so that a
+    request still hanging when the grace period ends cannot keep the process
+    from exiting with its checkpoint saved.
     """
 
-    def __init__(self, resolve, concurrency: int):
+    def __init__(self, resolve, concurrency: int, order):
         self.concurrency = concurrency
+        self._order = order
         self._held = {}     # seq -> chunk handed out and not taken back: the bodies the pump holds
         self._work = queue.Queue()
         self._results = queue.Queue()
@@ -481,12 +485,14 @@ class _ChunkPump:
             thread.start()
 
     def _work_loop(self, resolve) -> None:
-        for chunk in iter(self._work.get, None):
+        for chunk, turn in iter(self._work.get, None):
             started = time.monotonic()
             try:
-                result = (chunk, resolve(chunk) if chunk.docs else None, None)
+                result = (chunk, resolve(chunk, turn) if chunk.docs else None, None)
             except BaseException as error:  # handed to the main thread, which decides
                 result = (chunk, None, error)
+            finally:
+                self._order.passed(turn)    # if its request never asked: nothing to send, or given up
             chunk.seconds = time.monotonic() - started
             self._results.put(result)
             del chunk, result  # do not hold a resolved chunk's body while waiting for the next one
@@ -498,7 +504,7 @@ class _ChunkPump:
 
     def submit(self, chunk) -> None:
         self._held[chunk.seq] = chunk
-        self._work.put(chunk)
+        self._work.put((chunk, self._order.ticket()))
 
     def held_bytes(self) -> int:
         """The bytes of the bodies of the chunks handed out and not taken back, packed or plain as now."""
