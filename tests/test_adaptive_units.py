@@ -34,7 +34,7 @@ def round_trip(limit: ConcurrencyLimit, clock: Clock, seconds_for, docs: int = 1
     clock.now += seconds_for(len(slots))
     seen = []
     for slot in slots:
-        limit.release()
+        limit.release(slot)
         seen.append(limit.rejected(slot) if rejected else limit.answered(slot, seconds_for(len(slots)), docs))
     return seen
 
@@ -48,7 +48,7 @@ def steady(limit: ConcurrencyLimit, clock: Clock, seconds_for, answers: int) -> 
             flying.append((limit.acquire(), seconds_for(len(flying) + 1)))
         slot, seconds = flying.popleft()
         clock.now = max(clock.now, slot.sent_at + seconds)
-        limit.release()
+        limit.release(slot)
         seen.append(limit.answered(slot, seconds, 1000))
     return seen
 
@@ -107,9 +107,9 @@ def test_a_rejection_after_a_raise_still_cuts():
     limit = ConcurrencyLimit(4, 8, clock)
     early = [limit.acquire() for _ in range(4)]
     clock.now += 1
-    limit.release()
+    limit.release(early[3])
     assert limit.answered(early[3], 1.0, 1000) == 5    # the request that filled the limit: a raise
-    limit.release()
+    limit.release(early[0])
     assert limit.rejected(early[0]) == 2               # sent before the raise, answered with a 429: it counts
 
 
@@ -122,7 +122,7 @@ def test_remnants_and_half_empty_rounds_do_not_raise():
     assert limit.limit == 4
     slot = limit.acquire()                                        # one of four slots taken: no limit held it
     clock.now += 1
-    limit.release()
+    limit.release(slot)
     assert limit.answered(slot, 1.0, 1000) == 4
 
 
@@ -133,17 +133,30 @@ def test_work_kept_back_by_the_limit_elsewhere_counts_as_a_held_limit():
     slot = limit.acquire()               # one slot of two taken: a slow chunk holds the others uncommitted
     limit.held()                         # the next chunk waits for room all the same
     clock.now += 1
-    limit.release()
+    limit.release(slot)
     assert limit.answered(slot, 1.0, 1000) == 3
+
+
+def test_a_request_owns_its_share_of_each_second_it_was_out_with_others():
+    clock = Clock()
+    limit = ConcurrencyLimit(2, 2, clock)
+    first = limit.acquire()
+    clock.now += 1                      # alone
+    second = limit.acquire()
+    clock.now += 2                      # the two out together
+    assert limit.release(first) == pytest.approx(2.0)
+    clock.now += 1                      # the second alone
+    assert limit.release(second) == pytest.approx(2.0)
 
 
 def test_a_stopping_run_does_not_wait_for_a_slot():
     limit = ConcurrencyLimit(1, 1, Clock())
-    assert limit.acquire() is not None
+    slot = limit.acquire()
+    assert slot is not None
     stop = threading.Event()
     stop.set()
     assert limit.acquire(stop) is None
-    limit.release()
+    limit.release(slot)
     assert limit.acquire(stop) is not None
 
 
@@ -272,6 +285,26 @@ def test_nothing_leaves_once_the_run_stops_though_a_token_and_a_slot_are_free():
     with pytest.raises(ChunkAborted):
         sender.resolve(docs())
     assert transport.encodings == []
+
+
+def test_auto_judges_each_probe_by_its_own_share_not_by_how_much_else_was_out():
+    """As the limit rises in a push's first requests, a plain probe may go out with more requests beside it
+    than a gzip'd one and take longer for that alone (loopback, where plain is the faster)."""
+    clock = Clock()
+    sender = ChunkSender(None, Config(concurrency=4, max_concurrency=4), TransferStats(), Unlimited(),
+                         threading.Event(), clock=clock)
+
+    class CrowdedPlain(TimedTransport):
+        def post(self, payload, docs=0, gzip=False, raw_bytes=None):
+            others = [] if gzip else [sender.in_flight.acquire() for _ in range(3)]
+            answer = super().post(payload, docs, gzip, raw_bytes)
+            for slot in others:
+                sender.in_flight.release(slot)
+            return answer
+    sender.transport = CrowdedPlain(clock, lambda gzip: 1.0 if gzip else 2.0)    # plain: half of 4 x 1 s alone
+    for _ in range(PROBES):
+        sender.resolve(docs())
+    assert sender.transport.encodings == [True, False, True, False] and sender.compression.gzip is False
 
 
 def test_the_concurrency_in_use_shows_in_progress_and_metrics():

@@ -36,10 +36,12 @@ class RequestFailed:
 
 @dataclasses.dataclass
 class Sent:
-    """What an answer measures: the request's slot in flight, its time (compression included), its size."""
+    """What an answer measures: the request's slot in flight, its time (compression included) and its own
+    share of it (ConcurrencyLimit.own_seconds), its size."""
 
     slot: Slot
     seconds: float
+    own_seconds: float
     docs: int
     encoding: Encoding
 
@@ -215,8 +217,8 @@ class ChunkSender:
             payload, raw_bytes = self._encode(body, encoding.gzip)
             response = self.transport.post(payload, docs, encoding.gzip, raw_bytes)
         finally:
-            self.in_flight.release()
-        return response, Sent(slot, self.outage.now() - slot.sent_at, docs, encoding)
+            own_seconds = self.in_flight.release(slot)
+        return response, Sent(slot, self.outage.now() - slot.sent_at, own_seconds, docs, encoding)
 
     def _take_slot(self, turn: int | None) -> Slot | None:
         """A rate token and a slot in flight, after the turn if there is one; None when the run stops."""
@@ -246,7 +248,7 @@ class ChunkSender:
             limit = self.in_flight.rejected(sent.slot)
         else:
             limit = self.in_flight.answered(sent.slot, sent.seconds, sent.docs, sent.encoding.gzip)
-            self.compression.answered(sent.encoding, sent.seconds, sent.docs)
+            self.compression.answered(sent.encoding, sent.own_seconds, sent.docs)
         self.stats.record_sending(limit, self.compression.gzip)
 
     @staticmethod

@@ -3,9 +3,12 @@
 gzip makes an embeddings body about 2.4x smaller and costs CPU on both
 sides: it pays when the link is what limits the push and loses when the
 cluster's CPU is. `auto` sends PROBES requests alternately gzip'd and plain,
-side by side under the same load, then keeps gzip if the plain requests took
-more than GZIP_GAIN times as long per document (the time counts the
-compression too), else plain. The margin stands for what a request's own
+side by side, then keeps gzip if the plain requests took more than GZIP_GAIN
+times as long per document (the time counts the compression too), else
+plain. The time is each request's own share of its life with the others out
+(ConcurrencyLimit._share): the first requests of a push go out as the limit
+rises, and a probe sent later waits behind more (the last plain one, timed
+as it came, made gzip look faster on loopback, where it is slower). The margin stands for what a request's own
 time does not show: the CPU that gzip takes on both sides from every other
 request, which on a CPU-bound cluster costs more than it saves. What limits
 a push can change (other traffic on the link, other load on the cluster), so
@@ -54,7 +57,7 @@ class Compression:
             return self.auto and self._sent % REPROBE < PROBES
 
     def answered(self, encoding: Encoding, seconds: float, docs: int) -> None:
-        """A clean answer to a request of `docs` documents after `seconds` (compression included)."""
+        """A clean answer to a request of `docs` documents after its own `seconds` (compression included)."""
         if not encoding.probe:
             return
         with self._lock:

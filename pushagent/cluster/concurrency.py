@@ -36,11 +36,12 @@ REMNANT = 4             # a request this many times smaller than the largest (a 
 
 @dataclasses.dataclass(frozen=True)
 class Slot:
-    """A request's place in flight: when it left, and how many times every slot had been taken before (a
-    later count tells that the limit held while it was out)."""
+    """A request's place in flight: when it left, how many times every slot had been taken before (a later
+    count tells that the limit held while it was out), and the limit's shared time then (own_seconds)."""
 
     sent_at: float
     fills: int
+    shared_at: float
 
 
 class LatencyTrack:
@@ -82,6 +83,7 @@ class ConcurrencyLimit:
         self._cut_at = self._raised_at = float("-inf")
         self._starting = True       # no queue seen yet: one raise per answer
         self._tracks = collections.defaultdict(LatencyTrack)
+        self._shared, self._shared_since = 0.0, clock()    # see own_seconds
         self._changed = threading.Condition()
 
     def acquire(self, stop_event: threading.Event | None = None) -> Slot | None:
@@ -91,16 +93,35 @@ class ConcurrencyLimit:
                 if stop_event is not None and stop_event.is_set():
                     return None
                 self._changed.wait(0.5)
-            slot = Slot(self._clock(), self._fills)
+            slot = Slot(self._clock(), self._fills, self._share())
             self.taken += 1
             self.taken_peak = max(self.taken_peak, self.taken)
             self._fills += self.taken >= self.limit
             return slot
 
-    def release(self) -> None:
+    def release(self, slot: Slot) -> float:
+        """The request of `slot` was answered (or failed); returns its own seconds (own_seconds)."""
         with self._changed:
+            own = self._share() - slot.shared_at
             self.taken -= 1
             self._changed.notify_all()
+            return own
+
+    def _share(self) -> float:
+        """The shared time up to now, before `taken` changes.
+
+        Own seconds: while n requests are out, each is given 1/n of every
+        second, as requests that share one bottleneck (the cluster's cores,
+        the link) each get. The sum over a request's life is what it would
+        have taken alone. A request's plain time depends on what else was out
+        meanwhile: in the first requests of a push, as the limit rises, the
+        later ones wait behind more.
+        """
+        now = self._clock()
+        if self.taken:
+            self._shared += (now - self._shared_since) / self.taken
+        self._shared_since = now
+        return self._shared
 
     def held(self) -> None:
         """Work waited for room under the limit outside the slots (a push's chunks resolved behind a slow one
