@@ -37,7 +37,7 @@ class RequestFailed:
 @dataclasses.dataclass
 class Sent:
     """What an answer measures: the request's slot in flight, its time (compression included) and its own
-    share of it (ConcurrencyLimit.own_seconds), its size."""
+    share of it (ConcurrencyLimit.release), its size."""
 
     slot: Slot
     seconds: float

@@ -8,11 +8,12 @@ times as long per document (the time counts the compression too), else
 plain. The time is each request's own share of its life with the others out
 (ConcurrencyLimit._share): the first requests of a push go out as the limit
 rises, and a probe sent later waits behind more (the last plain one, timed
-as it came, made gzip look faster on loopback, where it is slower). The margin stands for what a request's own
-time does not show: the CPU that gzip takes on both sides from every other
-request, which on a CPU-bound cluster costs more than it saves. What limits
-a push can change (other traffic on the link, other load on the cluster), so
-every REPROBE requests it measures again the same way.
+as it came, made gzip look faster on loopback, where it is slower). The
+margin stands for what a request's own time does not show: the CPU that
+gzip takes on both sides from every other request, which on a CPU-bound
+cluster costs more than it saves. What limits a push can change (other
+traffic on the link, other load on the cluster), so every REPROBE requests
+it measures again the same way.
 """
 
 import statistics

@@ -37,7 +37,7 @@ REMNANT = 4             # a request this many times smaller than the largest (a 
 @dataclasses.dataclass(frozen=True)
 class Slot:
     """A request's place in flight: when it left, how many times every slot had been taken before (a later
-    count tells that the limit held while it was out), and the limit's shared time then (own_seconds)."""
+    count tells that the limit held while it was out), and the limit's shared time then (_share)."""
 
     sent_at: float
     fills: int
@@ -83,7 +83,7 @@ class ConcurrencyLimit:
         self._cut_at = self._raised_at = float("-inf")
         self._starting = True       # no queue seen yet: one raise per answer
         self._tracks = collections.defaultdict(LatencyTrack)
-        self._shared, self._shared_since = 0.0, clock()    # see own_seconds
+        self._shared, self._shared_since = 0.0, clock()    # see _share
         self._changed = threading.Condition()
 
     def acquire(self, stop_event: threading.Event | None = None) -> Slot | None:
@@ -108,14 +108,14 @@ class ConcurrencyLimit:
             return own
 
     def _share(self) -> float:
-        """The shared time up to now, before `taken` changes.
+        """The shared time up to now; called before `taken` changes.
 
-        Own seconds: while n requests are out, each is given 1/n of every
-        second, as requests that share one bottleneck (the cluster's cores,
-        the link) each get. The sum over a request's life is what it would
-        have taken alone. A request's plain time depends on what else was out
-        meanwhile: in the first requests of a push, as the limit rises, the
-        later ones wait behind more.
+        A request's own seconds are the shared time over its life: while n
+        requests are out, each is given 1/n of every second, as requests that
+        share one bottleneck (the cluster's cores, the link) each get, and
+        the sum is about what it would have taken alone. Its plain time
+        depends on what else was out meanwhile: in the first requests of a
+        push, as the limit rises, the later ones wait behind more.
         """
         now = self._clock()
         if self.taken:
