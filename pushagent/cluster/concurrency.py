@@ -100,7 +100,7 @@ class ConcurrencyLimit:
             return slot
 
     def release(self, slot: Slot) -> float:
-        """The request of `slot` was answered (or failed); returns its own seconds (own_seconds)."""
+        """The request of `slot` was answered (or failed); returns its own seconds (see _share)."""
         with self._changed:
             own = self._share() - slot.shared_at
             self.taken -= 1
