@@ -1,13 +1,14 @@
 """The sender's adaptive concurrency and `compress: auto`, on a fake clock: no sleeps, no network."""
 
 import collections
+import logging
 import threading
 import time
 
 import pytest
 
 from pushagent.cluster.bulk import ChunkSender
-from pushagent.cluster.compression import PROBES, REPROBE, Compression, Encoding
+from pushagent.cluster.compression import CONFIRM, PROBES, REPROBE, Compression, Encoding
 from pushagent.cluster.concurrency import ConcurrencyLimit, SendingOrder
 from pushagent.cluster.transport import BulkResponse, TransferStats
 from pushagent.config import Config, load_config
@@ -194,13 +195,56 @@ def test_auto_alternates_its_probes_and_keeps_the_faster_encoding():
     assert {compression.pick() for _ in range(REPROBE - PROBES)} == {Encoding(True, False)}
     probe_round(compression, {True: 1.3, False: 1.1})             # now the cluster's CPU limits: plain wins
     assert compression.gzip is False and compression.pick() == Encoding(False, False)
-    for _ in range(REPROBE - PROBES - 1):      # the rest of this round of REPROBE requests
+    for _ in range(CONFIRM - 1):               # a switch is measured again sooner than REPROBE requests later
         compression.pick()
-    sent = probe_round(compression, {True: 1.0, False: 1.2})      # gzip a little faster: not worth its CPU
+    sent = probe_round(compression, {True: 1.0, False: 1.2})      # gzip a little faster: plain stays
     assert all(e.probe for e in sent) and compression.gzip is False
     for gzip, seconds in ((False, 1.3), (True, 1.0), (False, 1.3), (True, 1.0)):   # plain clearly slower
         compression.answered(Encoding(gzip, True), seconds, 1000)
     assert compression.gzip is True
+
+
+def test_auto_keeps_the_encoding_in_use_when_plain_probes_are_neither_clearly_slower_nor_faster(caplog):
+    """In the middle of a push over a WAN, with the node the bound, plain probes took 1.11-1.17x as long per
+    document as gzip'd ones: plain was taken, and its bodies filled the link until the next measurement."""
+    compression = Compression("auto")
+    probe_round(compression, {True: 1.0, False: 2.2})
+    assert compression.gzip is True
+    for _ in range(REPROBE - PROBES):
+        compression.pick()
+    with caplog.at_level(logging.DEBUG, logger="pushagent.cluster.compression"):
+        probe_round(compression, {True: 1.0, False: 1.17})
+    assert compression.gzip is True
+    assert caplog.records[-1].levelno == logging.DEBUG and "1.17x" in caplog.records[-1].getMessage()
+    for _ in range(REPROBE - PROBES):
+        compression.pick()
+    with caplog.at_level(logging.INFO, logger="pushagent.cluster.compression"):
+        probe_round(compression, {True: 1.0, False: 0.8})              # plain faster: the cluster's CPU limits
+    assert compression.gzip is False
+    assert caplog.records[-1].levelno == logging.INFO and "switching to plain" in caplog.records[-1].getMessage()
+    for _ in range(CONFIRM):
+        compression.pick()
+    probe_round(compression, {True: 1.0, False: 1.17})
+    assert compression.gzip is False                                  # and the same in-between keeps plain
+
+
+def test_a_switch_is_measured_again_soon_and_undone_when_the_link_shows_it_was_wrong():
+    """Over a WAN in the middle of a push, the node the bound: a plain probe once looked faster (0.79x);
+    with plain, the link became the bound, and the next measurement said so (1.87x)."""
+    compression = Compression("auto")
+    probe_round(compression, {True: 1.0, False: 2.0})
+    assert [compression.pick().probe for _ in range(REPROBE - PROBES)] == [False] * (REPROBE - PROBES)
+    probe_round(compression, {True: 1.0, False: 0.79})
+    assert compression.gzip is False
+    assert [compression.pick() for _ in range(CONFIRM)] == [Encoding(False, False)] * CONFIRM
+    sent = probe_round(compression, {True: 1.0, False: 1.87})
+    assert all(encoding.probe for encoding in sent) and compression.gzip is True
+    assert not compression.probe_due()
+    assert [compression.pick() for _ in range(CONFIRM)] == [Encoding(True, False)] * CONFIRM
+    probe_round(compression, {True: 1.0, False: 1.9})                # the switch back holds
+    assert compression.gzip is True
+    assert [compression.pick().probe for _ in range(REPROBE - PROBES)] == [False] * (REPROBE - PROBES)
+    assert compression.probe_due()
 
 
 def test_auto_goes_by_each_encodings_fastest_probe_as_what_gets_in_the_way_only_adds_time():
