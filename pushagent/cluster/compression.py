@@ -5,8 +5,9 @@ sides: it pays when the link is what limits the push and loses when the
 cluster's CPU is. `auto` sends PROBES requests alternately gzip'd and plain,
 side by side, then takes gzip if the fastest plain request took more than
 GZIP_GAIN times as long per document as the fastest gzip'd one (the time
-counts the compression too), plain if it took less than PLAIN_GAIN times,
-and in between keeps the encoding in use. The time is each request's own
+counts the compression too), else plain; later measurements take plain
+only if it took less than PLAIN_GAIN times, and in between keep the
+encoding in use. The time is each request's own
 share of its life with the others out (ConcurrencyLimit._share): the first
 requests of a push go out as the limit rises, and a probe sent later waits
 behind more (the last plain one, timed as it came, made gzip look faster on
@@ -15,8 +16,10 @@ takes the lowest round trip: what gets in a probe's way only adds time (a
 node still cold at the first pair made both encodings look alike over a
 WAN, and plain was kept). The margin stands for what a request's own time
 does not show: the CPU that gzip takes on both sides from every other
-request, which on a CPU-bound cluster costs more than it saves. A plain
-probe no faster than a gzip'd one does not show either that plain pays:
+request, which on a CPU-bound cluster costs more than it saves. The first
+measurement is taken as the first requests cross the link together, so a
+plain probe there pays for its bytes as every plain request would. Later,
+a plain probe no faster than a gzip'd one does not show that plain pays:
 in the middle of a push over a WAN, with the node the bound and the link
 gzip'd traffic leaves room in, plain probes took 1.11-1.17x as long, plain
 was taken, its 2.4x the bytes filled the link, and the push slowed to the
@@ -56,6 +59,7 @@ class Compression:
         self.gzip = setting is not False   # auto starts gzip'd: most pushes cross a network
         self._sent = 0
         self._window = 0                   # the number of the request that starts the next measurement
+        self._measured = False             # a measurement has decided (the first decides alone)
         self._largest = 0
         self._probes = {True: [], False: []}
         self._lock = threading.Lock()
@@ -94,7 +98,9 @@ class Compression:
     def _decide(self, ratio: float) -> None:
         """gzip or plain from how much longer the plain probes took per document than the gzip'd ones; a change
         is logged at info, as it changes the push's rate."""
-        gzip = True if ratio > GZIP_GAIN else False if ratio < PLAIN_GAIN else self.gzip
+        in_between = PLAIN_GAIN <= ratio <= GZIP_GAIN and self._measured
+        gzip = self.gzip if in_between else ratio > GZIP_GAIN
+        self._measured = True
         switch = gzip != self.gzip
         (log.info if switch else log.debug)(
             "compress: auto: plain requests took %.2fx as long per document as gzip'd ones: %s %s",
